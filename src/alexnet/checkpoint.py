@@ -1,0 +1,77 @@
+"""Checkpoints: atomic save, safe load (weights_only), and reading weights for fine-tuning."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message says which and why."""
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    """Write `state` to `path` atomically: a temporary file in the same folder, flushed and fsynced,
+    then renamed over the target, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a file with `weights_only=True`: tensors and plain types only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain types, so it was not "
+                              f"loaded (it may run code when unpickled): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} could not be read (truncated or not a PyTorch file): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """Load one of our checkpoints, checking that it is one."""
+    state = load(path)
+    if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this tool (it lacks format_version and model); "
+                              "to start from plain weights use --weights")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {state['format_version']}; this version reads "
+                              f"up to {FORMAT_VERSION}: upgrade the package")
+    return state
+
+
+def weights_from(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint of ours or in a plain state_dict file (torchvision's)."""
+    state = load(path)
+    if isinstance(state, dict) and "format_version" in state and "model" in state:
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is neither a checkpoint of ours nor a state_dict of tensors")
+    return state

@@ -1,0 +1,104 @@
+"""The `alexnet` command: parsing only; each subcommand calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from . import __version__
+from .config import ConfigError, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
+    for f in fields(cls):
+        meta = f.metadata
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if not meta.get("flag", True):
+            parser.add_argument(f.name, nargs="+", help=meta["help"])
+            continue
+        name = "--" + f.name.replace("_", "-")
+        shown = ",".join(str(v) for v in default) if isinstance(default, list) else default
+        help_text = f"{meta['help']} (default: {shown})"
+        kw = {"default": argparse.SUPPRESS} if suppress else {"default": default}
+        if isinstance(default, bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text, **kw)
+        else:
+            parser.add_argument(name, metavar=f.name.upper(), help=help_text,
+                                choices=meta.get("choices"), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alexnet", description="Train, evaluate and predict with AlexNet.")
+    parser.add_argument("--version", action="version", version=f"alexnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    train = sub.add_parser("train", help="train a model (no --data: the built-in generated dataset)",
+                           description="Train AlexNet. Settings: defaults < --config YAML < flags.")
+    _add_fields(train, TrainConfig, suppress=True)
+
+    ev = sub.add_parser("eval", help="loss, top-1 and top-5 of a checkpoint on a validation split")
+    _add_fields(ev, EvalConfig, suppress=False)
+
+    pr = sub.add_parser("predict", help="top-k classes of images with a checkpoint")
+    _add_fields(pr, PredictConfig, suppress=False)
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dsub.required = True
+    stats = dsub.add_parser("stats", help="per-channel mean and std of a dataset's images, for --mean/--std")
+    stats.add_argument("dir", help="ImageFolder root (with train/) or a split folder")
+    stats.add_argument("--split", default="train", help="split to measure (default: train)")
+    stats.add_argument("--max-images", type=int, default=0, help="sample at most this many images (0: all)")
+    return parser
+
+
+def _checkpoint_config(path: str) -> dict:
+    from .checkpoint import load_run
+    return load_run(path)["config"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    log = logging.getLogger("alexnet").info
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    try:
+        if args.command == "train":
+            from .train import fit
+            flags = {k: v for k, v in vars(args).items() if k != "command"}
+            cfg, _ = resolve_train(flags, _checkpoint_config)
+            fit(cfg, log=log)
+        elif args.command == "eval":
+            from .evaluate import run
+            cfg = build(EvalConfig, {k: v for k, v in vars(args).items() if k != "command"})
+            if not cfg.checkpoint:
+                raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
+            run(cfg, log=log)
+        elif args.command == "predict":
+            from .predict import run
+            cfg = build(PredictConfig, {k: v for k, v in vars(args).items() if k != "command"})
+            if not cfg.checkpoint:
+                raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
+            run(cfg)
+        elif args.command == "data" and args.data_command == "stats":
+            from pathlib import Path
+            from .stats import channel_stats
+            root, split = Path(args.dir), args.split
+            if not (root / split).is_dir() and root.is_dir():
+                root, split = root.parent, root.name
+            s = channel_stats(root, split, args.max_images)
+            print(f"# {s['images']} images of {root / split}")
+            print(f"mean: [{', '.join(map(str, s['mean']))}]")
+            print(f"std: [{', '.join(map(str, s['std']))}]")
+            print(f"# as flags: --mean {','.join(map(str, s['mean']))} --std {','.join(map(str, s['std']))}")
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"alexnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

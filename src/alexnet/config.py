@@ -1,0 +1,259 @@
+"""Settings: one dataclass per command, each field with its default and a line of help.
+
+Precedence: defaults, then the built-in dataset's own defaults (only when no --data is given), then a
+YAML file (--config), then command-line flags. Validation runs before any work starts and names the
+setting and what is allowed. The resolved config is saved in every run folder and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .models import ARCHITECTURES, MIN_INPUT_SIZE
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names it and says what is allowed."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True):
+    kw = {"default_factory": (lambda d=default: list(d))} if isinstance(default, (list, tuple)) else {"default": default}
+    return field(metadata={"help": help, "choices": choices, "flag": flag}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = opt(None, "ImageFolder root with train/<class>/ and val/<class>/; none: the built-in generated dataset")
+    synthetic_seed: int = opt(0, "seed of the built-in generated dataset")
+    cache_dir: str | None = opt(None, "where the built-in dataset is generated (default $ALEXNET_CACHE or ~/.cache/alexnet)")
+    # model
+    arch: str = opt("alexnet", "model: alexnet (torchvision's variant) or alexnet2012 (the paper's)", ARCHITECTURES)
+    fc_width: int = opt(4096, "width of the two hidden fully connected layers")
+    dropout: float = opt(0.5, "dropout probability before the hidden fully connected layers")
+    weights: str | None = opt(None, "start from these weights: a checkpoint of ours or a torchvision AlexNet state_dict file")
+    # augmentation
+    resize: str = opt("256", "resize: N for the shorter side to N (keeping the aspect ratio), or WxH for exactly that size")
+    crop: int = opt(224, "crop size: random for training, centre for evaluation")
+    random_resized_crop: bool = opt(False, "training crop as torchvision's RandomResizedCrop instead of resize + random crop")
+    rrc_min_scale: float = opt(0.08, "smallest area fraction for --random-resized-crop")
+    hflip: float = opt(0.5, "probability of a horizontal flip in training")
+    brightness: float = opt(0.0, "colour jitter: brightness factor drawn from [1-b, 1+b]")
+    contrast: float = opt(0.0, "colour jitter: contrast factor drawn from [1-c, 1+c]")
+    saturation: float = opt(0.0, "colour jitter: saturation factor drawn from [1-s, 1+s]")
+    hue: float = opt(0.0, "colour jitter: hue shift drawn from [-h, h], at most 0.5")
+    rotation: float = opt(0.0, "random rotation in degrees, drawn from [-r, r]")
+    mean: list = opt(IMAGENET_MEAN, "normalisation mean per channel (ImageNet's by default; `alexnet data stats` computes a dataset's)")
+    std: list = opt(IMAGENET_STD, "normalisation standard deviation per channel")
+    # optimisation
+    epochs: int = opt(90, "number of training epochs")
+    batch_size: int = opt(128, "images per step")
+    lr: float = opt(0.01, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    schedule: str = opt("step", "learning-rate schedule", ("step", "plateau", "cosine", "constant"))
+    step_size: int = opt(30, "step schedule: epochs between divisions")
+    gamma: float = opt(0.1, "step and plateau schedules: factor applied to the learning rate")
+    patience: int = opt(2, "plateau schedule: epochs without a lower validation loss before dividing")
+    warmup_epochs: float = opt(0.0, "linear warm-up from lr/100 over this many epochs")
+    # running
+    out: str | None = opt(None, "run folder (default runs/<arch>-<date>-<time>)")
+    resume: str | None = opt(None, "continue from this checkpoint")
+    device: str = opt("auto", "device: auto (cuda when present), cpu, cuda or cuda:N")
+    workers: int = opt(2, "data loader worker processes (0: load in the main process)")
+    seed: int = opt(0, "seed of weights, shuffling and augmentation")
+    deterministic: bool = opt(False, "reproducible to the bit: fp32, deterministic algorithms, a fixed thread count")
+    threads: int = opt(0, "CPU threads for the model (0: torch's default; 1 under --deterministic)")
+    channels_last: bool = opt(True, "channels-last memory layout (faster convolutions on most hardware)")
+    log_every: int = opt(20, "steps between progress lines when the output is not a terminal")
+    quiet: bool = opt(False, "no progress display; epoch lines only")
+    config: str | None = opt(None, "YAML file of settings; flags override it", flag=True)
+
+
+# The built-in dataset is small images: these fill in what the user did not set, so that the default
+# run is a quick demonstration rather than a 90-epoch ImageNet schedule.
+SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "epochs": 8, "fc_width": 1024, "lr": 0.02,
+                      "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64}
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt(None, "checkpoint (.pt) to evaluate")
+    data: str | None = opt(None, "ImageFolder root whose val/ split is evaluated (default: the data the model was trained on)")
+    batch_size: int = opt(128, "images per batch")
+    workers: int = opt(2, "data loader worker processes")
+    device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
+    cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
+    json: bool = opt(False, "print the metrics as JSON")
+
+
+@dataclass
+class PredictConfig:
+    images: list = opt((), "image files or folders", flag=False)
+    checkpoint: str = opt(None, "checkpoint (.pt) to predict with")
+    topk: int = opt(5, "number of classes shown per image")
+    batch_size: int = opt(64, "images per batch")
+    device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
+    json: bool = opt(False, "print the predictions as JSON")
+
+
+def fields(cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p} must hold a mapping of settings, not {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn a YAML or flag value into the field's type, or raise ConfigError naming the setting."""
+    name = "--" + f.name.replace("_", "-")
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kind = type(default) if default is not None else None
+    if f.type in ("str | None",) or (default is None and f.type.startswith("str")):
+        return None if value is None else str(value)
+    if value is None:
+        raise ConfigError(f"{name}: a value is required")
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, list):
+            items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value).strip())
+            return [float(v) for v in items if v != ""]
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        what = "a list of numbers" if isinstance(default, list) else (
+            "true or false" if isinstance(default, bool) else (kind.__name__ if kind else "a value"))
+        raise ConfigError(f"{name}: {value!r} is not {what}") from None
+
+
+def build(cls, values: dict[str, Any]):
+    """Make a config of class `cls` from `values`, refusing unknown keys and badly typed values."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
+
+
+def parse_resize(text: str) -> tuple[int, int] | int:
+    """'256' -> 256 (shorter side), '256x320' -> (256, 320) as (height, width)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise ConfigError(f"--resize: {text!r} is not N or WxH (for example 256 or 256x256)")
+    if m.group(2) is None:
+        return int(m.group(1))
+    w, h = int(m.group(1)), int(m.group(2))
+    return (h, w)
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    def need(ok: bool, setting: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"--{setting}: {msg}")
+
+    for f in fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            need(False, f.name.replace("_", "-"), f"{getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
+    size = parse_resize(cfg.resize)
+    smallest = min(size) if isinstance(size, tuple) else size
+    need(cfg.crop >= MIN_INPUT_SIZE, "crop", f"{cfg.crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
+    need(cfg.random_resized_crop or cfg.crop <= smallest, "crop",
+         f"{cfg.crop} is larger than the resized image ({cfg.resize}); use a crop of at most {smallest}")
+    need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")
+    need(0 <= cfg.hflip <= 1, "hflip", "must be a probability in [0, 1]")
+    for name in ("brightness", "contrast", "saturation"):
+        need(getattr(cfg, name) >= 0, name, "must be 0 or more")
+    need(0 <= cfg.hue <= 0.5, "hue", "must be in [0, 0.5]")
+    need(0 <= cfg.rotation <= 180, "rotation", "must be in [0, 180] degrees")
+    need(len(cfg.mean) == 3, "mean", "needs 3 numbers, one per RGB channel")
+    need(len(cfg.std) == 3 and all(s > 0 for s in cfg.std), "std", "needs 3 positive numbers, one per RGB channel")
+    need(cfg.fc_width >= 1, "fc-width", "must be at least 1")
+    need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
+    need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.batch_size >= 1, "batch-size", "must be at least 1")
+    need(cfg.lr > 0, "lr", "must be positive")
+    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "needs a positive --momentum")
+    need(cfg.weight_decay >= 0, "weight-decay", "must be 0 or more")
+    need(0 <= cfg.label_smoothing < 1, "label-smoothing", "must be in [0, 1)")
+    need(cfg.step_size >= 1, "step-size", "must be at least 1")
+    need(0 < cfg.gamma <= 1, "gamma", "must be in (0, 1]")
+    need(cfg.patience >= 0, "patience", "must be 0 or more")
+    need(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup-epochs", f"must be in [0, epochs={cfg.epochs}]")
+    need(cfg.workers >= 0, "workers", "must be 0 or more")
+    need(cfg.threads >= 0, "threads", "must be 0 or more")
+    need(cfg.log_every >= 1, "log-every", "must be at least 1")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
+         f"{cfg.device!r} is not auto, cpu, cuda or cuda:N")
+    for name in ("data", "weights", "resume"):
+        value = getattr(cfg, name)
+        need(value is None or Path(value).exists(), name, f"{value!r} does not exist")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainConfig, set[str]]:
+    """Layer the settings: defaults < built-in dataset defaults < resumed run < YAML < flags.
+
+    `checkpoint_config(path)` returns the saved config of a checkpoint (for --resume). Returns the
+    validated config and the names of the settings the user gave."""
+    given = dict(flags)
+    from_file = load_yaml(given["config"]) if given.get("config") else {}
+    explicit = {**from_file, **given}
+    values: dict[str, Any] = {}
+    resume = explicit.get("resume")
+    if resume and checkpoint_config is not None:
+        if not Path(str(resume)).exists():
+            raise ConfigError(f"--resume: {resume!r} does not exist")
+        values.update(checkpoint_config(resume))
+        values.pop("config", None)
+    values.update(explicit)
+    data = values.get("data")
+    if data is None:
+        for k, v in SYNTHETIC_DEFAULTS.items():
+            if k not in values:
+                values[k] = v
+    cfg = build(TrainConfig, values)
+    validate_train(cfg)
+    return cfg, set(explicit)

@@ -1,0 +1,9 @@
+"""Datasets, transforms and loaders."""
+
+from .folder import DataError, ImageFolder, open_splits
+from .images import load_rgb, to_rgb
+from .loader import EpochSampler, make_loader
+from .transforms import eval_transform, train_transform
+
+__all__ = ["DataError", "ImageFolder", "open_splits", "load_rgb", "to_rgb", "EpochSampler", "make_loader",
+           "eval_transform", "train_transform"]

@@ -1,0 +1,84 @@
+"""ImageFolder datasets: DIR/<split>/<class>/<image>, checked at start with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import is_image_name, load_rgb
+from .transforms import Compose, sample_generator
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message says what is wrong and where."""
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} does not exist; expected the layout DIR/train/<class>/ and DIR/val/<class>/")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    return classes
+
+
+def scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    samples = []
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        if not folder.is_dir():
+            continue
+        found = [os.path.join(root, f) for root, _, files in os.walk(folder, followlinks=True)
+                 for f in files if is_image_name(f)]
+        if not found:
+            raise DataError(f"class folder {folder} holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
+        samples += [(p, label) for p in sorted(found)]
+    return samples
+
+
+class ImageFolder(Dataset):
+    """One split of an ImageFolder tree. Items are fetched by index, or by (epoch, index) so that the
+    random augmentation of a sample depends only on (seed, epoch, index)."""
+
+    def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
+                 classes: list[str] | None = None) -> None:
+        self.root, self.split = Path(root), split
+        split_dir = self.root / split
+        own = find_classes(split_dir)
+        if classes is None:
+            classes = own
+        else:
+            extra = sorted(set(own) - set(classes))
+            if extra:
+                raise DataError(f"{split_dir} has classes the model does not know: {', '.join(extra[:5])}"
+                                + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+        self.classes = list(classes)
+        self.samples = scan(split_dir, self.classes)
+        if not self.samples:
+            raise DataError(f"{split_dir} holds no images")
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return self.transform(img, sample_generator(self.seed, epoch, index)), label
+
+
+def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int):
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    train = ImageFolder(root, "train", train_transform, seed)
+    val_classes = find_classes(root / "val")
+    missing = sorted(set(val_classes) - set(train.classes))
+    if missing:
+        raise DataError(f"{root / 'val'} has classes that {root / 'train'} lacks: {', '.join(missing[:5])}")
+    val = ImageFolder(root, "val", eval_transform, seed, classes=train.classes)
+    return train, val

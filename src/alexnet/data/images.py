@@ -1,0 +1,51 @@
+"""Reading image files as 8-bit RGB with the right pixel values, whatever their mode."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(EXTENSIONS)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    - 16- and 32-bit integer greyscale (PNG 'I;16', 'I'): scaled down to 8 bits, not clipped (a plain
+      convert would turn most of a 16-bit image white).
+    - float ('F'): taken as [0, 1] when its maximum is at most 1, else as 8-bit values.
+    - transparency (RGBA, LA, palette with transparency): composited onto white, as a viewer shows it.
+    - CMYK, YCbCr, palette, greyscale, 1-bit: PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if mode == "I" and a.max(initial=0) > 65535:
+            a = a >> 24 if a.max() > 2**24 else a >> 16
+        elif mode != "I" or a.max(initial=0) > 255:
+            a = a >> 8
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info or mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)

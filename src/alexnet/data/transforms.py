@@ -1,0 +1,199 @@
+"""Augmentation whose random draws come from an explicit generator.
+
+Each sample's generator is seeded from (seed, epoch, index) alone, so the draws do not depend on the
+number of loader workers or on which worker loads the sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+
+from ..config import TrainConfig, parse_resize
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+class Compose:
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def __call__(self, img, g: torch.Generator | None = None):
+        for step in self.steps:
+            img = step(img, g)
+        return img
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(s) for s in self.steps) + ")"
+
+
+class Resize:
+    """An int: the shorter side to that size, keeping the aspect ratio; (h, w): exactly that size."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img: Image.Image, g=None) -> Image.Image:
+        if isinstance(self.size, int):
+            w, h = img.size
+            s = self.size / min(w, h)
+            target = (max(self.size, round(w * s)), max(self.size, round(h * s)))
+        else:
+            target = (self.size[1], self.size[0])
+        if target == img.size:
+            return img
+        return img.resize(target, Image.BILINEAR, reducing_gap=None)
+
+    def __repr__(self):
+        return f"Resize({self.size})"
+
+
+class RandomCrop:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        w, h = img.size
+        top = int(torch.randint(0, h - self.size + 1, (), generator=g))
+        left = int(torch.randint(0, w - self.size + 1, (), generator=g))
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self):
+        return f"RandomCrop({self.size})"
+
+
+class CenterCrop:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image, g=None) -> Image.Image:
+        w, h = img.size
+        top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self):
+        return f"CenterCrop({self.size})"
+
+
+class RandomResizedCrop:
+    """torchvision's RandomResizedCrop (scale (s, 1), ratio (3/4, 4/3)), drawing from the generator."""
+
+    def __init__(self, size: int, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)):
+        self.size, self.min_scale, self.ratio = size, min_scale, ratio
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        w, h = img.size
+        area = w * h
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * _uniform(g, self.min_scale, 1.0)
+            aspect = math.exp(_uniform(g, *log_r))
+            cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (), generator=g))
+                left = int(torch.randint(0, w - cw + 1, (), generator=g))
+                break
+        else:  # fall back to a centre crop of the allowed aspect ratio
+            in_ratio = w / h
+            cw, ch = (w, int(round(w / self.ratio[0]))) if in_ratio < self.ratio[0] else (
+                (int(round(h * self.ratio[1])), h) if in_ratio > self.ratio[1] else (w, h))
+            top, left = (h - ch) // 2, (w - cw) // 2
+        return img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+
+    def __repr__(self):
+        return f"RandomResizedCrop({self.size}, min_scale={self.min_scale})"
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        if torch.rand((), generator=g).item() < self.p:
+            return img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip({self.p})"
+
+
+class ColorJitter:
+    """Brightness, contrast, saturation and hue, applied in a random order, factors from the generator."""
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
+        self.b, self.c, self.s, self.h = brightness, contrast, saturation, hue
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        ops = []
+        if self.b:
+            ops.append((F.adjust_brightness, _uniform(g, max(0.0, 1 - self.b), 1 + self.b)))
+        if self.c:
+            ops.append((F.adjust_contrast, _uniform(g, max(0.0, 1 - self.c), 1 + self.c)))
+        if self.s:
+            ops.append((F.adjust_saturation, _uniform(g, max(0.0, 1 - self.s), 1 + self.s)))
+        if self.h:
+            ops.append((F.adjust_hue, _uniform(g, -self.h, self.h)))
+        for i in torch.randperm(len(ops), generator=g).tolist():
+            fn, factor = ops[i]
+            img = fn(img, factor)
+        return img
+
+    def __repr__(self):
+        return f"ColorJitter(b={self.b}, c={self.c}, s={self.s}, h={self.h})"
+
+
+class RandomRotation:
+    def __init__(self, degrees: float):
+        self.degrees = degrees
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        return img.rotate(_uniform(g, -self.degrees, self.degrees), resample=Image.BILINEAR)
+
+    def __repr__(self):
+        return f"RandomRotation({self.degrees})"
+
+
+class ToTensorNormalize:
+    """uint8 HWC image -> float CHW tensor, (x/255 - mean) / std."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image, g=None) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+    def __repr__(self):
+        return f"ToTensorNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def train_transform(cfg: TrainConfig) -> Compose:
+    steps = []
+    if cfg.random_resized_crop:
+        steps.append(RandomResizedCrop(cfg.crop, cfg.rrc_min_scale))
+    else:
+        steps += [Resize(parse_resize(cfg.resize)), RandomCrop(cfg.crop)]
+    if cfg.hflip > 0:
+        steps.append(RandomHorizontalFlip(cfg.hflip))
+    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
+        steps.append(ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
+    if cfg.rotation > 0:
+        steps.append(RandomRotation(cfg.rotation))
+    steps.append(ToTensorNormalize(cfg.mean, cfg.std))
+    return Compose(steps)
+
+
+def eval_transform(resize: str, crop: int, mean, std) -> Compose:
+    return Compose([Resize(parse_resize(resize)), CenterCrop(crop), ToTensorNormalize(mean, std)])

@@ -1,0 +1,68 @@
+"""Evaluation: loss, top-1 and top-5 as sums and counts; the `alexnet eval` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import EvalConfig
+from .data import make_loader, eval_transform, ImageFolder
+from .data.synthetic import ensure_dataset
+from .models import create_model
+from .runtime import resolve_device
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
+    kmax = min(max(ks), logits.shape[1])
+    pred = logits.topk(kmax, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return [int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict[str, float]:
+    model.eval()
+    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
+    for images, target in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = target.to(device, non_blocking=True)
+        logits = model(images).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        c1, c5 = topk_correct(logits, target)
+        correct1, correct5, count = correct1 + c1, correct5 + c5, count + target.numel()
+    return {"loss": loss_sum / max(count, 1), "acc1": correct1 / max(count, 1),
+            "acc5": correct5 / max(count, 1), "count": count}
+
+
+def model_from_checkpoint(state: dict) -> nn.Module:
+    cfg = state["config"]
+    model = create_model(cfg["arch"], len(state["classes"]), cfg["dropout"], cfg["fc_width"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def run(cfg: EvalConfig, log=print) -> dict[str, float]:
+    state = checkpoint.load_run(cfg.checkpoint)
+    tcfg = state["config"]
+    device = resolve_device(cfg.device)
+    data = cfg.data or tcfg["data"]
+    if data is None:
+        data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"], log=log)
+    transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"])
+    val = ImageFolder(data, "val", transform, classes=state["classes"])
+    loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda")
+    model = model_from_checkpoint(state).to(device)
+    metrics = evaluate(model, loader, device)
+    if cfg.json:
+        json.dump(metrics, sys.stdout)
+        print()
+    else:
+        print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images): loss {metrics['loss']:.4f}  "
+              f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}")
+    return metrics

@@ -1,0 +1,155 @@
+"""AlexNet models: torchvision's variant (same module names, so its weights load) and the 2012 paper's.
+
+Pure torch: nothing here knows about devices, files or configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+MIN_INPUT_SIZE = 63
+
+
+class AlexNet(nn.Module):
+    """torchvision's AlexNet (the 2014 "one weird trick" variant), with a configurable hidden width."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(256 * 6 * 6, fc_width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(fc_width, fc_width),
+            nn.ReLU(inplace=True),
+            nn.Linear(fc_width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class PaperLRN(nn.LocalResponseNorm):
+    """Local response normalisation as written in the 2012 paper (section 3.3):
+
+        b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2) ^ beta
+
+    `nn.LocalResponseNorm` divides alpha by the window size n, so it is given n * alpha.
+    """
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
+        super().__init__(size=size, alpha=alpha * size, beta=beta, k=k)
+        self.paper_alpha = alpha
+
+
+class AlexNet2012(nn.Module):
+    """The network of Krizhevsky, Sutskever and Hinton (2012): 96-256-384-384-256 convolutions, two
+    groups on conv2, conv4 and conv5 (the two GPU towers), LRN after conv1 and conv2, overlapping
+    max-pooling, dropout on the two hidden fully connected layers, and the paper's initialisation."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),  # conv1
+            nn.ReLU(inplace=True),
+            PaperLRN(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(96, 256, kernel_size=5, padding=2, groups=2),  # conv2
+            nn.ReLU(inplace=True),
+            PaperLRN(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(256, 384, kernel_size=3, padding=1),  # conv3: connected to both towers
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, kernel_size=3, padding=1, groups=2),  # conv4
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1, groups=2),  # conv5
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(256 * 6 * 6, fc_width),  # fc6
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(fc_width, fc_width),  # fc7
+            nn.ReLU(inplace=True),
+            nn.Linear(fc_width, num_classes),  # fc8
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Paper section 5: weights from N(0, 0.01); biases 1 on conv2, conv4, conv5 and the hidden
+        fully connected layers (to give ReLUs positive inputs early on), 0 elsewhere."""
+        f, c = self.features, self.classifier
+        ones = {id(f[4]), id(f[10]), id(f[12]), id(c[1]), id(c[4])}
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                nn.init.constant_(m.bias, 1.0 if id(m) in ones else 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"alexnet": AlexNet, "alexnet2012": AlexNet2012}
+ARCHITECTURES = tuple(_REGISTRY)
+
+
+def create_model(arch: str, num_classes: int, dropout: float = 0.5, fc_width: int = 4096) -> nn.Module:
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return _REGISTRY[arch](num_classes=num_classes, dropout=dropout, fc_width=fc_width)
+
+
+def head(model: nn.Module) -> nn.Linear:
+    """The last (classification) layer."""
+    return model.classifier[-1]
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load `state` into `model`; when the head's shape differs (another number of classes, for
+    fine-tuning), keep the model's fresh head. Returns the names of the keys that were not loaded."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError("the weights do not fit this architecture: "
+                         + (f"missing {', '.join(missing[:4])}" if missing else "")
+                         + ("; " if missing and unexpected else "")
+                         + (f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""))
+    head_keys = {k for k in own if k.startswith("classifier.6.")}
+    skipped = []
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            if k not in head_keys:
+                raise ValueError(f"the weights do not fit this model: {k} has shape {tuple(v.shape)}, "
+                                 f"the model needs {tuple(own[k].shape)} (check --arch and --fc-width)")
+            skipped.append(k)
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from alexnet import checkpoint
+from conftest import TINY, run_cli
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_sec", "epoch_seconds"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    p = run_cli("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2", "--workers", "2", "--no-quiet",
+                "--log-every", "1")
+    return out, p
+
+
+def test_train_leaves_the_run_folder(trained, tiny_data):
+    out, p = trained
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"] == str(tiny_data) and cfg["fc_width"] == 32 and cfg["epochs"] == 2 and cfg["out"] == str(out)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert METRIC_KEYS <= set(m)
+        assert 0 <= m["val_acc1"] <= m["val_acc5"] <= 1
+        assert m["images_per_sec"] > 0 and m["epoch_seconds"] > 0
+    # progress was shown while it ran (plain lines: the output is a pipe)
+    assert "epoch 1/2 1/3" in p.stderr and "\r" not in p.stderr
+
+
+def test_checkpoint_holds_classes_and_config(trained):
+    out, _ = trained
+    state = checkpoint.load_run(out / "checkpoints" / "last.pt")
+    assert state["classes"] == ["circle", "ring", "square"]
+    assert state["config"]["arch"] == "alexnet" and state["epoch"] == 2
+    assert state["model"]["classifier.6.weight"].shape == (3, 32)
+
+
+def test_eval_prints_loss_top1_top5(trained, tiny_data):
+    out, _ = trained
+    p = run_cli("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data, "--json",
+                "--workers", "0")
+    m = json.loads(p.stdout.strip().splitlines()[-1])
+    assert m["count"] == 12 and 0 <= m["acc1"] <= m["acc5"] <= 1
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert m["acc1"] == pytest.approx(last["val_acc1"]) and m["loss"] == pytest.approx(last["val_loss"], rel=1e-4)
+    p = run_cli("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data)
+    assert "top-1" in p.stdout and "top-5" in p.stdout
+
+
+def test_predict_prints_top_classes(trained, tiny_data):
+    out, _ = trained
+    images = sorted((tiny_data / "val").rglob("*.jpg"))[:2]
+    p = run_cli("predict", "--checkpoint", out / "checkpoints" / "best.pt", *images)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, img in zip(lines, images):
+        assert line.startswith(str(img))
+        names = [part.split()[0] for part in line.split(": ", 1)[1].split(", ")]
+        assert sorted(names) == ["circle", "ring", "square"]  # top-5 capped at the 3 classes
+    p = run_cli("predict", "--checkpoint", out / "checkpoints" / "best.pt", "--json", "--topk", "1",
+                tiny_data / "val")
+    rows = [json.loads(x) for x in p.stdout.strip().splitlines()]
+    assert len(rows) == 12 and all(len(r["top"]) == 1 and 0 < r["top"][0]["prob"] <= 1 for r in rows)
+
+
+def test_predict_missing_image(trained, tmp_path):
+    out, _ = trained
+    p = run_cli("predict", "--checkpoint", out / "checkpoints" / "best.pt", tmp_path / "nope.jpg", check=False)
+    assert p.returncode == 2 and "is not a file or folder" in p.stderr
+
+
+def test_resume_continues_the_run(trained, tiny_data, tmp_path):
+    out, _ = trained
+    import shutil
+    copy = tmp_path / "r"
+    shutil.copytree(out, copy)
+    run_cli("train", "--resume", copy / "checkpoints" / "last.pt", "--out", copy, "--epochs", "3")
+    lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert checkpoint.load_run(copy / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+def test_deterministic_runs_give_identical_weights(tiny_data, tmp_path):
+    args = [*TINY, "--data", tiny_data, "--deterministic", "--epochs", "2", "--workers", "2"]
+    run_cli("train", *args, "--out", tmp_path / "a")
+    run_cli("train", *args, "--out", tmp_path / "b")
+    run_cli("train", *args, "--out", tmp_path / "c", "--seed", "1")
+    a, b, c = (checkpoint.load_run(tmp_path / x / "checkpoints" / "last.pt")["model"] for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # control: another seed differs
+
+
+def test_fine_tune_from_torchvision_weights(tiny_data, tmp_path):
+    tv = torchvision.models.alexnet(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    run_cli("train", *TINY, "--fc-width", "4096", "--lr", "1e-9", "--weights", tmp_path / "tv.pth",
+            "--data", tiny_data, "--out", tmp_path / "ft")
+    state = checkpoint.load_run(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
+    assert state["classifier.6.weight"].shape == (3, 4096)
+    assert torch.allclose(state["features.0.weight"], tv.state_dict()["features.0.weight"], atol=1e-6)
+
+
+def test_data_stats(tiny_data):
+    p = run_cli("data", "stats", tiny_data)
+    mean = yaml.safe_load([l for l in p.stdout.splitlines() if l.startswith("mean:")][0])["mean"]
+    std = yaml.safe_load([l for l in p.stdout.splitlines() if l.startswith("std:")][0])["std"]
+    assert len(mean) == 3 and all(0 < m < 1 for m in mean) and all(0 < s < 0.5 for s in std)
+    assert "--mean" in p.stdout
+
+
+def test_version_and_help():
+    assert "alexnet" in run_cli("--version").stdout
+    assert "--fc-width" in run_cli("train", "--help").stdout

@@ -1,0 +1,95 @@
+import pytest
+
+from alexnet.config import ConfigError, SYNTHETIC_DEFAULTS, TrainConfig, resolve_train
+from conftest import TINY, run_cli
+
+
+def test_defaults_are_the_paper_and_torchvision_augmentation(tmp_path):
+    cfg, _ = resolve_train({"data": str(tmp_path)})
+    assert (cfg.resize, cfg.crop, cfg.hflip) == ("256", 224, 0.5)
+    assert cfg.mean == [0.485, 0.456, 0.406] and cfg.std == [0.229, 0.224, 0.225]
+
+
+def test_builtin_dataset_defaults_fill_only_unset_values():
+    cfg, _ = resolve_train({})
+    assert cfg.crop == SYNTHETIC_DEFAULTS["crop"] and cfg.epochs == SYNTHETIC_DEFAULTS["epochs"]
+    cfg, _ = resolve_train({"epochs": "2"})
+    assert cfg.epochs == 2 and cfg.crop == SYNTHETIC_DEFAULTS["crop"]
+
+
+def test_yaml_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlr: 0.5\nbatch-size: 16\n")
+    cfg, explicit = resolve_train({"config": str(f), "lr": "0.1"})
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (7, 0.1, 16)
+    assert {"epochs", "lr", "batch_size"} <= explicit
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"batch_size": "0"}, "--batch-size: must be at least 1"),
+    ({"batch_size": "many"}, "--batch-size: 'many' is not int"),
+    ({"arch": "resnet"}, "--arch: 'resnet' is not one of alexnet, alexnet2012"),
+    ({"crop": "300", "resize": "256"}, "--crop: 300 is larger than the resized image"),
+    ({"crop": "32"}, "--crop: 32 is below AlexNet's smallest input, 63"),
+    ({"resize": "big"}, "--resize: 'big' is not N or WxH"),
+    ({"data": "/no/such/folder"}, "--data: '/no/such/folder' does not exist"),
+    ({"lr": "-1"}, "--lr: must be positive"),
+    ({"mean": "0.5,0.5"}, "--mean: needs 3 numbers"),
+    ({"hue": "0.9"}, "--hue: must be in [0, 0.5]"),
+    ({"device": "tpu"}, "--device: 'tpu' is not auto, cpu, cuda or cuda:N"),
+    ({"warmup_epochs": "20", "epochs": "5"}, "--warmup-epochs"),
+    ({"deterministic": "maybe"}, "--deterministic: 'maybe' is not true or false"),
+])
+def test_invalid_values_name_the_setting(flags, message):
+    with pytest.raises(ConfigError) as e:
+        resolve_train(flags)
+    assert message in str(e.value)
+
+
+def test_unknown_yaml_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'epochz'"):
+        resolve_train({"config": str(f)})
+
+
+def test_yaml_not_a_mapping(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        resolve_train({"config": str(f)})
+
+
+def test_exact_resize_accepted():
+    cfg, _ = resolve_train({"resize": "256x256"})
+    assert cfg.resize == "256x256"
+
+
+def test_cli_errors_are_clear_and_fail_before_work(tmp_path):
+    for args, message in [
+        (["--data", tmp_path / "missing"], "--data: "),
+        (["--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["--crop", "300", "--resize", "256"], "--crop: 300 is larger than the resized image"),
+    ]:
+        p = run_cli("train", *args, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", check=False,
+                    timeout=60)
+        assert p.returncode == 2, p.stderr
+        assert message in p.stderr and "Traceback" not in p.stderr
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    p = run_cli("train", "--arch", "vgg", check=False, timeout=60)
+    assert p.returncode == 2 and "invalid choice: 'vgg'" in p.stderr
+
+
+def test_data_folder_without_splits(tmp_path):
+    (tmp_path / "d" / "cats").mkdir(parents=True)
+    p = run_cli("train", "--data", tmp_path / "d", "--out", tmp_path / "run", *TINY, check=False, timeout=60)
+    assert p.returncode == 2 and "train does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_empty_class_folder(tmp_path, tiny_data):
+    import shutil
+    d = tmp_path / "d"
+    shutil.copytree(tiny_data, d)
+    (d / "train" / "empty").mkdir()
+    p = run_cli("train", "--data", d, "--out", tmp_path / "run", *TINY, check=False, timeout=60)
+    assert p.returncode == 2 and "holds no images" in p.stderr and "empty" in p.stderr
