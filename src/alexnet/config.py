@@ -83,7 +83,7 @@ class TrainConfig:
 
 # The built-in dataset is small images: these fill in what the user did not set, so that the default
 # run is a quick demonstration rather than a 90-epoch ImageNet schedule.
-SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "epochs": 8, "fc_width": 1024, "lr": 0.02,
+SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "epochs": 9, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
                       "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64}
 
 
@@ -144,6 +144,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                     return False
                 raise ValueError
             return bool(value)
+        if isinstance(default, list) and not default:  # a list of names (paths)
+            return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         if isinstance(default, list):
             items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value).strip())
             return [float(v) for v in items if v != ""]

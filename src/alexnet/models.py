@@ -43,6 +43,18 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(fc_width, num_classes),
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He (Kaiming) normal initialisation for the ReLU layers, a small normal for the last layer,
+        zero biases. torchvision leaves AlexNet at PyTorch's default initialisation, whose shrinking
+        activations stall training from scratch for epochs without normalisation layers; the weights
+        of a torchvision checkpoint load all the same."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier[-1].weight, mean=0.0, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 CLASSES = ("circle", "ring", "square", "frame", "triangle", "star", "plus", "cross", "crescent", "bars")
-VERSION = 2
+VERSION = 3
 IMAGE_SIZE = 72
 TRAIN_PER_CLASS = 500
 VAL_PER_CLASS = 100
@@ -141,17 +141,15 @@ def make_image(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> tup
     mask = Image.new("L", (big, big), 0)
     # A few distractor blobs of random colours, smaller than the shape.
     for _ in range(int(rng.integers(0, 3))):
-        rr = rng.uniform(0.03, 0.06) * big
+        rr = rng.uniform(0.025, 0.05) * big
         x, y = rng.uniform(0, big, 2)
         draw.ellipse([x - rr, y - rr, x + rr, y + rr], fill=_colour(rng))
-    r = rng.uniform(0.22, 0.40) * big
+    r = rng.uniform(0.25, 0.42) * big
     cx, cy = rng.uniform(r, big - r, 2)
     rot = rng.uniform(-0.35, 0.35)
     _draw_shape(ImageDraw.Draw(mask), CLASSES[label], cx, cy, r, rot)
     img.paste(Image.new("RGB", (big, big), fill), (0, 0), mask)
     img = img.resize((size, size), Image.BILINEAR)
-    if rng.uniform() < 0.2:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     return img, label
 
 
