@@ -93,3 +93,11 @@ def test_empty_class_folder(tmp_path, tiny_data):
     (d / "train" / "empty").mkdir()
     p = run_cli("train", "--data", d, "--out", tmp_path / "run", *TINY, check=False, timeout=60)
     assert p.returncode == 2 and "holds no images" in p.stderr and "empty" in p.stderr
+
+
+def test_unwritable_output_folder(tmp_path, tiny_data):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    p = run_cli("train", "--data", tiny_data, "--out", blocker / "run", *TINY, check=False, timeout=120)
+    assert p.returncode == 1 and "error: Not a directory" in p.stderr and str(blocker) in p.stderr
+    assert "Traceback" not in p.stderr

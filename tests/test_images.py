@@ -74,3 +74,34 @@ def test_greyscale_and_upper_case_jpeg(tmp_path):
     x = np.full((16, 16), 90, dtype=np.uint8)
     out = np.asarray(load_rgb(save(tmp_path, Image.fromarray(x, "L"), "G.JPEG", format="JPEG", quality=100)))
     assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - 90).max() <= 2
+
+
+def _png_rgb16(path, arr16: np.ndarray) -> None:
+    """Write a 48-bit RGB PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+    h, w, _ = arr16.shape
+    data = arr16.astype(">u2")
+    raw = b"".join(b"\x00" + data[y].tobytes() for y in range(h))
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16bit_rgb_png(tmp_path):
+    x = np.zeros((2, 3, 3), dtype=np.uint16)
+    x[..., 0], x[..., 1], x[..., 2] = 40000, 1000, 65535
+    p = tmp_path / "rgb48.png"
+    _png_rgb16(p, x)
+    out = np.asarray(load_rgb(p))
+    assert out.dtype == np.uint8 and tuple(out[1, 2]) == (40000 >> 8, 1000 >> 8, 255)
+
+
+def test_dark_16bit_greyscale_stays_dark(tmp_path):
+    x = np.full((4, 4), 200, dtype=np.uint16)  # nearly black in 16 bits
+    p = tmp_path / "dark.png"
+    Image.fromarray(x).save(p)
+    assert int(np.asarray(load_rgb(p)).max()) == 0

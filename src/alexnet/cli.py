@@ -8,7 +8,8 @@ import logging
 import sys
 
 from . import __version__
-from .config import ConfigError, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train
+from .config import (ConfigError, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
+                     validate_eval, validate_predict)
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
@@ -75,14 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .evaluate import run
             cfg = build(EvalConfig, {k: v for k, v in vars(args).items() if k != "command"})
-            if not cfg.checkpoint:
-                raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
+            validate_eval(cfg)
             run(cfg, log=log)
         elif args.command == "predict":
             from .predict import run
             cfg = build(PredictConfig, {k: v for k, v in vars(args).items() if k != "command"})
-            if not cfg.checkpoint:
-                raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
+            validate_predict(cfg)
             run(cfg)
         elif args.command == "data" and args.data_command == "stats":
             from pathlib import Path
@@ -98,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable run folder, a full disk, an unreadable file
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"alexnet {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"alexnet {args.command}: interrupted", file=sys.stderr)
         return 130

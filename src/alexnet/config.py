@@ -83,7 +83,7 @@ class TrainConfig:
 
 # The built-in dataset is small images: these fill in what the user did not set, so that the default
 # run is a quick demonstration rather than a 90-epoch ImageNet schedule.
-SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "epochs": 9, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
+SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "epochs": 10, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
                       "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64}
 
 
@@ -150,7 +150,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value).strip())
             return [float(v) for v in items if v != ""]
         if kind is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if kind is float:
@@ -194,7 +194,9 @@ def validate_train(cfg: TrainConfig) -> None:
     size = parse_resize(cfg.resize)
     smallest = min(size) if isinstance(size, tuple) else size
     need(cfg.crop >= MIN_INPUT_SIZE, "crop", f"{cfg.crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
-    need(cfg.random_resized_crop or cfg.crop <= smallest, "crop",
+    # Evaluation always resizes then centre-crops, so the crop must fit the resize even with
+    # --random-resized-crop.
+    need(cfg.crop <= smallest, "crop",
          f"{cfg.crop} is larger than the resized image ({cfg.resize}); use a crop of at most {smallest}")
     need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")
     need(0 <= cfg.hflip <= 1, "hflip", "must be a probability in [0, 1]")
@@ -220,11 +222,37 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.workers >= 0, "workers", "must be 0 or more")
     need(cfg.threads >= 0, "threads", "must be 0 or more")
     need(cfg.log_every >= 1, "log-every", "must be at least 1")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device",
-         f"{cfg.device!r} is not auto, cpu, cuda or cuda:N")
+    _check_device(cfg.device)
     for name in ("data", "weights", "resume"):
         value = getattr(cfg, name)
         need(value is None or Path(value).exists(), name, f"{value!r} does not exist")
+
+
+def _check_device(device: str) -> None:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
+        raise ConfigError(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    if not cfg.checkpoint:
+        raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
+    if cfg.batch_size < 1:
+        raise ConfigError("--batch-size: must be at least 1")
+    if cfg.workers < 0:
+        raise ConfigError("--workers: must be 0 or more")
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise ConfigError(f"--data: {cfg.data!r} does not exist")
+    _check_device(cfg.device)
+
+
+def validate_predict(cfg: PredictConfig) -> None:
+    if not cfg.checkpoint:
+        raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
+    if cfg.batch_size < 1:
+        raise ConfigError("--batch-size: must be at least 1")
+    if cfg.topk < 1:
+        raise ConfigError("--topk: must be at least 1")
+    _check_device(cfg.device)
 
 
 def to_dict(cfg) -> dict:
@@ -249,7 +277,9 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
         if not Path(str(resume)).exists():
             raise ConfigError(f"--resume: {resume!r} does not exist")
         values.update(checkpoint_config(resume))
+        # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
+        values.pop("weights", None)
     values.update(explicit)
     data = values.get("data")
     if data is None:

@@ -8,13 +8,16 @@ import random
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(f"--device: {name!r} asks for CUDA, which is not available on this machine; "
+                          "use --device cpu or auto")
     return device
 
 

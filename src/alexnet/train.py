@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -98,11 +99,27 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_writable(folder: Path) -> None:
+    """Fail now, with the path in the message, if `folder` cannot be created or written."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(existing))
+
+
 def fit(cfg: TrainConfig, log=print) -> dict:
     threads = configure(cfg.deterministic, cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     main = is_main()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
+    ckpt_dir = out / "checkpoints"
+    if main:
+        check_writable(out)  # before any work, without leaving an empty folder behind on a later error
 
     data_root = cfg.data
     if data_root is None:
@@ -116,7 +133,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
 
     model = create_model(cfg.arch, len(classes), cfg.dropout, cfg.fc_width)
     if cfg.weights:
-        replaced = load_pretrained(model, checkpoint.weights_from(cfg.weights))
+        try:
+            replaced = load_pretrained(model, checkpoint.weights_from(cfg.weights))
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"--weights {cfg.weights}: {e}") from None
         log(f"weights from {cfg.weights}" + (f"; new head for {len(classes)} classes" if replaced else ""))
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -125,19 +145,21 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     start_epoch, global_step, best_acc1 = 0, 0, -1.0
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.resume:
         state = checkpoint.load_run(cfg.resume)
         if list(state["classes"]) != classes:
             raise checkpoint.CheckpointError(f"{cfg.resume} was trained on other classes than {data_root}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise checkpoint.CheckpointError(
+                f"--resume {cfg.resume}: the checkpoint does not fit this model (was --arch or --fc-width "
+                f"changed?): {str(e).splitlines()[0]}") from None
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, global_step, best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
         log(f"resumed from {cfg.resume} at epoch {start_epoch}, step {global_step}")
-    cfg.out = str(out)
-    ckpt_dir = out / "checkpoints"
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")

@@ -26,9 +26,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img).astype(np.int64)
-        if mode == "I" and a.max(initial=0) > 65535:
+        if mode == "I" and img.format not in ("PNG", None) and a.max(initial=0) <= 255:
+            pass  # 32-bit integer storage of 8-bit values (some TIFFs)
+        elif mode == "I" and a.max(initial=0) > 65535:
             a = a >> 24 if a.max() > 2**24 else a >> 16
-        elif mode != "I" or a.max(initial=0) > 255:
+        else:  # 16-bit samples, PNG's deep greyscale among them, even when the image is dark
             a = a >> 8
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
