@@ -125,3 +125,35 @@ def test_paper_initialisation():
     assert all(torch.all(layer.bias == 0) for layer in zeros)
     drops = [x for x in m.classifier if isinstance(x, nn.Dropout)]
     assert len(drops) == 2 and all(d.p == 0.5 for d in drops)
+
+
+def test_initialisation_schemes():
+    torch.manual_seed(0)
+    fan_out = AlexNet(num_classes=10)  # the default
+    conv1 = fan_out.features[0]
+    assert abs(conv1.weight.std().item() - (2 / (64 * 11 * 11)) ** 0.5) < 0.002
+    assert all(abs(m.weight.std().item() - 0.01) < 0.001 for m in fan_out.classifier if isinstance(m, nn.Linear))
+    fan_in = AlexNet(num_classes=10, init="fan-in")
+    assert abs(fan_in.features[0].weight.std().item() - (2 / (3 * 11 * 11)) ** 0.5) < 0.005
+    assert abs(fan_in.classifier[1].weight.std().item() - (2 / 9216) ** 0.5) < 0.001
+    assert abs(fan_in.classifier[6].weight.std().item() - 0.01) < 0.001
+    for m in (fan_out, fan_in):
+        assert all(torch.all(layer.bias == 0) for layer in m.modules() if isinstance(layer, (nn.Conv2d, nn.Linear)))
+    # "pytorch" is torchvision's own: the same draws as torchvision.models.alexnet under the same seed
+    torch.manual_seed(3)
+    ours = AlexNet(num_classes=1000, init="pytorch")
+    torch.manual_seed(3)
+    tv = torchvision.models.alexnet(weights=None)
+    ours_sd, tv_sd = ours.state_dict(), tv.state_dict()
+    assert abs(ours_sd["features.0.weight"].std() - tv_sd["features.0.weight"].std()) < 1e-3
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        AlexNet(init="zeros")
+
+
+def test_default_initialisation_starts_near_chance_loss_at_224():
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=10, fc_width=1024).eval()
+    x = torch.randn(8, 3, 224, 224)
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+    assert abs(loss.item() - torch.log(torch.tensor(10.0)).item()) < 0.3

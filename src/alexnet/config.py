@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .models import ARCHITECTURES, MIN_INPUT_SIZE
+from .models import ARCHITECTURES, INIT_SCHEMES, MIN_INPUT_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +39,8 @@ class TrainConfig:
     # model
     arch: str = opt("alexnet", "model: alexnet (torchvision's variant) or alexnet2012 (the paper's)", ARCHITECTURES)
     fc_width: int = opt(4096, "width of the two hidden fully connected layers")
+    init: str = opt("auto", "weight initialisation: auto (fan-out for alexnet, paper for alexnet2012), fan-out, "
+                    "fan-in, pytorch or paper", ("auto",) + INIT_SCHEMES)
     dropout: float = opt(0.5, "dropout probability before the hidden fully connected layers")
     weights: str | None = opt(None, "start from these weights: a checkpoint of ours or a torchvision AlexNet state_dict file")
     # augmentation
@@ -83,7 +85,7 @@ class TrainConfig:
 
 # The built-in dataset is small images: these fill in what the user did not set, so that the default
 # run is a quick demonstration rather than a 90-epoch ImageNet schedule.
-SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "epochs": 10, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
+SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "init": "fan-in", "epochs": 10, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
                       "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64}
 
 

@@ -16,7 +16,8 @@ MIN_INPUT_SIZE = 63
 class AlexNet(nn.Module):
     """torchvision's AlexNet (the 2014 "one weird trick" variant), with a configurable hidden width."""
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096,
+                 init: str = "fan-out") -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
@@ -43,18 +44,7 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(fc_width, num_classes),
         )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """He (Kaiming) normal initialisation for the ReLU layers, a small normal for the last layer,
-        zero biases. torchvision leaves AlexNet at PyTorch's default initialisation, whose shrinking
-        activations stall training from scratch for epochs without normalisation layers; the weights
-        of a torchvision checkpoint load all the same."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier[-1].weight, mean=0.0, std=0.01)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -81,7 +71,8 @@ class AlexNet2012(nn.Module):
     groups on conv2, conv4 and conv5 (the two GPU towers), LRN after conv1 and conv2, overlapping
     max-pooling, dropout on the two hidden fully connected layers, and the paper's initialisation."""
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096,
+                 init: str = "paper") -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),  # conv1
@@ -110,17 +101,7 @@ class AlexNet2012(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(fc_width, num_classes),  # fc8
         )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Paper section 5: weights from N(0, 0.01); biases 1 on conv2, conv4, conv5 and the hidden
-        fully connected layers (to give ReLUs positive inputs early on), 0 elsewhere."""
-        f, c = self.features, self.classifier
-        ones = {id(f[4]), id(f[10]), id(f[12]), id(c[1]), id(c[4])}
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                nn.init.constant_(m.bias, 1.0 if id(m) in ones else 0.0)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -129,14 +110,51 @@ class AlexNet2012(nn.Module):
         return self.classifier(x)
 
 
+INIT_SCHEMES = ("fan-out", "fan-in", "pytorch", "paper")
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Initialise the convolutions and fully connected layers of an AlexNet-shaped model.
+
+    - fan-out: He normal (fan-out, as torchvision does for VGG) for convolutions, N(0, 0.01) for the
+      fully connected layers, zero biases. Starts near chance loss and trains at the paper's lr 0.01.
+    - fan-in: He normal (fan-in) everywhere but the last layer, N(0, 0.01) there, zero biases. Larger
+      activations: quicker to leave the initial plateau, but needs a smaller learning rate at 224.
+    - pytorch: PyTorch's default layer initialisation, which torchvision's AlexNet keeps.
+    - paper: section 5 of the 2012 paper: N(0, 0.01) weights; biases 1 on conv2, conv4, conv5 and the
+      hidden fully connected layers (to give the ReLUs positive inputs early on), 0 elsewhere.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown initialisation {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in convs + linears:
+        if scheme == "pytorch":
+            m.reset_parameters()
+            continue
+        nn.init.zeros_(m.bias)
+        if scheme == "paper" or isinstance(m, nn.Linear) and scheme == "fan-out":
+            nn.init.normal_(m.weight, mean=0.0, std=0.01)
+        else:
+            nn.init.kaiming_normal_(m.weight, mode=scheme.replace("-", "_"), nonlinearity="relu")
+    if scheme == "fan-in":
+        nn.init.normal_(linears[-1].weight, mean=0.0, std=0.01)
+    if scheme == "paper":
+        for m in (convs[1], convs[3], convs[4], linears[0], linears[1]):
+            nn.init.ones_(m.bias)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"alexnet": AlexNet, "alexnet2012": AlexNet2012}
 ARCHITECTURES = tuple(_REGISTRY)
 
 
-def create_model(arch: str, num_classes: int, dropout: float = 0.5, fc_width: int = 4096) -> nn.Module:
+def create_model(arch: str, num_classes: int, dropout: float = 0.5, fc_width: int = 4096,
+                 init: str = "auto") -> nn.Module:
+    """`init` "auto" keeps the architecture's own: fan-out for alexnet, paper for alexnet2012."""
     if arch not in _REGISTRY:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return _REGISTRY[arch](num_classes=num_classes, dropout=dropout, fc_width=fc_width)
+    kw = {} if init == "auto" else {"init": init}
+    return _REGISTRY[arch](num_classes=num_classes, dropout=dropout, fc_width=fc_width, **kw)
 
 
 def head(model: nn.Module) -> nn.Linear:

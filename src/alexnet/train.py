@@ -131,7 +131,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, train=True, seed=cfg.seed, pin_memory=pin)
     val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, train=False, pin_memory=pin)
 
-    model = create_model(cfg.arch, len(classes), cfg.dropout, cfg.fc_width)
+    model = create_model(cfg.arch, len(classes), cfg.dropout, cfg.fc_width, cfg.init)
     if cfg.weights:
         try:
             replaced = load_pretrained(model, checkpoint.weights_from(cfg.weights))
