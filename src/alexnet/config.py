@@ -235,26 +235,27 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
 
 
-def validate_eval(cfg: EvalConfig) -> None:
+def _check_inference(cfg) -> None:
+    """Checks shared by eval and predict."""
     if not cfg.checkpoint:
         raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
     if cfg.batch_size < 1:
         raise ConfigError("--batch-size: must be at least 1")
+    _check_device(cfg.device)
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    _check_inference(cfg)
     if cfg.workers < 0:
         raise ConfigError("--workers: must be 0 or more")
     if cfg.data is not None and not Path(cfg.data).exists():
         raise ConfigError(f"--data: {cfg.data!r} does not exist")
-    _check_device(cfg.device)
 
 
 def validate_predict(cfg: PredictConfig) -> None:
-    if not cfg.checkpoint:
-        raise ConfigError("--checkpoint: required (a .pt file written by alexnet train)")
-    if cfg.batch_size < 1:
-        raise ConfigError("--batch-size: must be at least 1")
+    _check_inference(cfg)
     if cfg.topk < 1:
         raise ConfigError("--topk: must be at least 1")
-    _check_device(cfg.device)
 
 
 def to_dict(cfg) -> dict:

@@ -13,7 +13,21 @@ from torch import nn
 MIN_INPUT_SIZE = 63
 
 
-class AlexNet(nn.Module):
+class _AlexNetShape(nn.Module):
+    """`features`, `avgpool`, `classifier`, and the forward that joins them."""
+
+    features: nn.Sequential
+    avgpool: nn.Module
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class AlexNet(_AlexNetShape):
     """torchvision's AlexNet (the 2014 "one weird trick" variant), with a configurable hidden width."""
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096,
@@ -46,12 +60,6 @@ class AlexNet(nn.Module):
         )
         init_weights(self, init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
-
 
 class PaperLRN(nn.LocalResponseNorm):
     """Local response normalisation as written in the 2012 paper (section 3.3):
@@ -66,7 +74,7 @@ class PaperLRN(nn.LocalResponseNorm):
         self.paper_alpha = alpha
 
 
-class AlexNet2012(nn.Module):
+class AlexNet2012(_AlexNetShape):
     """The network of Krizhevsky, Sutskever and Hinton (2012): 96-256-384-384-256 convolutions, two
     groups on conv2, conv4 and conv5 (the two GPU towers), LRN after conv1 and conv2, overlapping
     max-pooling, dropout on the two hidden fully connected layers, and the paper's initialisation."""
@@ -102,12 +110,6 @@ class AlexNet2012(nn.Module):
             nn.Linear(fc_width, num_classes),  # fc8
         )
         init_weights(self, init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 INIT_SCHEMES = ("fan-out", "fan-in", "pytorch", "paper")
