@@ -71,7 +71,6 @@ class PaperLRN(nn.LocalResponseNorm):
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
         super().__init__(size=size, alpha=alpha * size, beta=beta, k=k)
-        self.paper_alpha = alpha
 
 
 class AlexNet2012(_AlexNetShape):
@@ -157,11 +156,6 @@ def create_model(arch: str, num_classes: int, dropout: float = 0.5, fc_width: in
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     kw = {} if init == "auto" else {"init": init}
     return _REGISTRY[arch](num_classes=num_classes, dropout=dropout, fc_width=fc_width, **kw)
-
-
-def head(model: nn.Module) -> nn.Linear:
-    """The last (classification) layer."""
-    return model.classifier[-1]
 
 
 def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
