@@ -1,11 +1,16 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import torch
+
+from alexnet import checkpoint
 from alexnet.data.synthetic import CLASSES, make_image
+from alexnet.models import create_model
 
 
 def write_folder(root: Path, classes=3, train_per_class=8, val_per_class=4, size=72, seed=0) -> Path:
@@ -43,3 +48,54 @@ def run_cli(*args, timeout=300, cwd=None, env=None, check=True) -> subprocess.Co
 # Small and quick settings for real runs of `alexnet train` on the tiny folder.
 TINY = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "8", "--workers", "0",
         "--epochs", "1", "--quiet"]
+
+
+# Equivalence settings: fp32, deterministic, no dropout, 24 training images = 3 steps of a global batch of 8.
+EXACT = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--workers", "0", "--epochs", "1", "--quiet",
+         "--deterministic", "--dropout", "0", "--lr", "0.05"]
+
+
+def final_weights(out) -> dict:
+    return checkpoint.load_run(out / "checkpoints" / "last.pt")["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def shas(text: str) -> dict[int, str]:
+    """rank -> SHA-256 of its final weights, from the log lines every rank writes."""
+    return {int(r): h for h, r in re.findall(r"final weights sha256 ([0-9a-f]{64}) \(rank (\d+) of", text)}
+
+
+@pytest.fixture(scope="session")
+def exact(tmp_path_factory):
+    """Shared inputs of the equivalence runs: the data, the initial weights w0."""
+    root = tmp_path_factory.mktemp("exact")
+    data = write_folder(root / "data")  # 3 classes x 8 = 24 training images
+    torch.manual_seed(1)
+    model = create_model("alexnet", 3, dropout=0.0, fc_width=32)
+    torch.save(model.state_dict(), root / "w0.pt")
+    return {"root": root, "data": data, "w0": model.state_dict()}
+
+
+def train_run(exact, name, *flags, env=None):
+    out = exact["root"] / name
+    p = run_cli("train", "--data", exact["data"], "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
+                *flags, env=env)
+    return final_weights(out), p
+
+
+@pytest.fixture(scope="session")
+def one_process(exact):
+    return train_run(exact, "one", "--batch-size", "8")[0]
+
+
+@pytest.fixture(scope="session")
+def two_processes(exact):
+    return train_run(exact, "two", "--batch-size", "4", "--nproc-per-node", "2")
+
+
+def tolerance(exact, w1) -> float:
+    return 1e-4 * max_diff(w1, exact["w0"])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
-from . import __version__
+from . import __version__, distributed, launch
 from .config import (ConfigError, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
                      validate_eval, validate_predict)
 
@@ -39,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (no --data: the built-in generated dataset)",
                            description="Train AlexNet. Settings: defaults < --config YAML < flags.")
     _add_fields(train, TrainConfig, suppress=True)
+    launch.add_arguments(train)
 
     ev = sub.add_parser("eval", help="loss, top-1 and top-5 of a checkpoint on a validation split")
     _add_fields(ev, EvalConfig, suppress=False)
+    launch.add_arguments(ev)
 
     pr = sub.add_parser("predict", help="top-k classes of images with a checkpoint")
     _add_fields(pr, PredictConfig, suppress=False)
@@ -61,22 +64,35 @@ def _checkpoint_config(path: str) -> dict:
     return load_run(path)["config"]
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("launch_")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    ranked = distributed.launched() and os.environ.get("WORLD_SIZE") != "1"
+    who = f" (rank {os.environ['RANK']})" if ranked else ""
+    tag = f" [rank {os.environ['RANK']}]" if ranked else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
     log = logging.getLogger("alexnet").info
     from .checkpoint import CheckpointError
     from .data import DataError
     try:
         if args.command == "train":
-            from .train import fit
-            flags = {k: v for k, v in vars(args).items() if k != "command"}
-            cfg, _ = resolve_train(flags, _checkpoint_config)
+            from .train import batch_sizes, fit
+            cfg, _ = resolve_train(_settings(args), _checkpoint_config)
+            if launch.requested(args):  # settings are checked once, here, before any worker starts
+                batch_sizes(cfg, launch.world_size(args))
+                return launch.run(args, "train", argv[argv.index("train") + 1:], cfg.dist_timeout, log)
             fit(cfg, log=log)
         elif args.command == "eval":
             from .evaluate import run
-            cfg = build(EvalConfig, {k: v for k, v in vars(args).items() if k != "command"})
+            cfg = build(EvalConfig, _settings(args))
             validate_eval(cfg)
+            if launch.requested(args):
+                return launch.run(args, "eval", argv[argv.index("eval") + 1:], cfg.dist_timeout, log)
             run(cfg, log=log)
         elif args.command == "predict":
             from .predict import run
@@ -95,13 +111,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"std: [{', '.join(map(str, s['std']))}]")
             print(f"# as flags: --mean {','.join(map(str, s['mean']))} --std {','.join(map(str, s['std']))}")
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as e:
+        print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"alexnet {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"alexnet {args.command}{who}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"alexnet {args.command}: interrupted", file=sys.stderr)
+        print(f"alexnet {args.command}{who}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _is_collective_failure(e):
+            raise
+        print(f"alexnet {args.command}{who}: error: lost contact with the other processes: "
+              f"{str(e).splitlines()[0]} (a peer stopped or the network failed; see the other ranks' "
+              f"messages; --dist-timeout sets how long to wait)", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    """gloo and NCCL report a dead peer or a timeout as a RuntimeError (DistBackendError)."""
+    import torch.distributed as dist
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(e).lower()
+    return isinstance(e, backend_error) or any(s in text for s in ("connection closed by peer", "timed out",
+                                                                   "connection reset", "connection refused"))

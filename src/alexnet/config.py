@@ -58,7 +58,7 @@ class TrainConfig:
     std: list = opt(IMAGENET_STD, "normalisation standard deviation per channel")
     # optimisation
     epochs: int = opt(90, "number of training epochs")
-    batch_size: int = opt(128, "images per step")
+    batch_size: int = opt(128, "images per step on each process (see --global-batch-size)")
     lr: float = opt(0.01, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "Nesterov momentum")
@@ -69,6 +69,23 @@ class TrainConfig:
     gamma: float = opt(0.1, "step and plateau schedules: factor applied to the learning rate")
     patience: int = opt(2, "plateau schedule: epochs without a lower validation loss before dividing")
     warmup_epochs: float = opt(0.0, "linear warm-up from lr/100 over this many epochs")
+    # distributed (see also the launch flags: --nproc-per-node, --nnodes, --rdzv-endpoint, ...)
+    global_batch_size: int = opt(0, "images per optimizer step over all processes and accumulation steps; "
+                                 "the per-process batch is derived from it (0: use --batch-size)")
+    accum_steps: int = opt(1, "gradient accumulation: micro-batches per optimizer step (no all-reduce but on the last)")
+    lr_scaling: str = opt("none", "linear: multiply --lr by global batch / --lr-reference-batch (Goyal et al.)",
+                          ("none", "linear"))
+    lr_reference_batch: int = opt(256, "global batch size at which --lr is meant, for --lr-scaling linear")
+    backend: str = opt("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
+                       ("auto", "nccl", "gloo"))
+    dist_timeout: float = opt(300.0, "seconds to wait for the other processes when joining and in every collective")
+    comm_hook: str = opt("none", "gradient compression on the wire: none, bf16, fp16 or powersgd",
+                         ("none", "bf16", "fp16", "powersgd"))
+    powersgd_rank: int = opt(2, "PowerSGD: rank of the low-rank gradient approximation")
+    powersgd_start_step: int = opt(1000, "PowerSGD: plain all-reduce for this many steps first (at least 2)")
+    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MiB")
+    gradient_as_bucket_view: bool = opt(False, "DDP: gradients as views into the buckets (saves a copy)")
+    static_graph: bool = opt(False, "DDP: the graph is the same every step (lets DDP skip some work)")
     # running
     out: str | None = opt(None, "run folder (default runs/<arch>-<date>-<time>)")
     resume: str | None = opt(None, "continue from this checkpoint")
@@ -98,6 +115,9 @@ class EvalConfig:
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
     cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
     json: bool = opt(False, "print the metrics as JSON")
+    backend: str = opt("auto", "process-group backend when launched on several processes: auto, nccl or gloo",
+                       ("auto", "nccl", "gloo"))
+    dist_timeout: float = opt(300.0, "seconds to wait for the other processes when joining and in every collective")
 
 
 @dataclass
@@ -224,6 +244,13 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.workers >= 0, "workers", "must be 0 or more")
     need(cfg.threads >= 0, "threads", "must be 0 or more")
     need(cfg.log_every >= 1, "log-every", "must be at least 1")
+    need(cfg.global_batch_size >= 0, "global-batch-size", "must be 0 (unset) or positive")
+    need(cfg.accum_steps >= 1, "accum-steps", "must be at least 1")
+    need(cfg.lr_reference_batch >= 1, "lr-reference-batch", "must be at least 1")
+    need(cfg.dist_timeout > 0, "dist-timeout", "must be a positive number of seconds")
+    need(cfg.powersgd_rank >= 1, "powersgd-rank", "must be at least 1")
+    need(cfg.powersgd_start_step >= 2, "powersgd-start-step", "must be at least 2 (PowerSGD needs a plain step first)")
+    need(cfg.bucket_cap_mb > 0, "bucket-cap-mb", "must be positive")
     _check_device(cfg.device)
     for name in ("data", "weights", "resume"):
         value = getattr(cfg, name)
@@ -248,6 +275,8 @@ def validate_eval(cfg: EvalConfig) -> None:
     _check_inference(cfg)
     if cfg.workers < 0:
         raise ConfigError("--workers: must be 0 or more")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError("--dist-timeout: must be a positive number of seconds")
     if cfg.data is not None and not Path(cfg.data).exists():
         raise ConfigError(f"--data: {cfg.data!r} does not exist")
 
@@ -283,7 +312,14 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
         values.pop("weights", None)
+    if explicit.get("global_batch_size") and "batch_size" in explicit:
+        raise ConfigError("--batch-size and --global-batch-size: give one, not both (--batch-size is per "
+                          "process; --global-batch-size is split over processes and accumulation steps)")
     values.update(explicit)
+    if "batch_size" in explicit:
+        values["global_batch_size"] = 0  # a per-process batch given now wins over a resumed global one
+    if explicit.get("global_batch_size"):
+        values.pop("batch_size", None)  # derived from the global batch at start, once the world size is known
     data = values.get("data")
     if data is None:
         for k, v in SYNTHETIC_DEFAULTS.items():

@@ -1,8 +1,36 @@
-"""Process-group helpers. Without a process group, rank 0 of a world of 1."""
+"""The one home of process groups and collectives.
+
+Workers are started by torchrun or by `alexnet ... --nproc-per-node N` (which wraps torch.distributed.run);
+both set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Without them, this is rank 0 of a
+world of 1 and every helper here answers accordingly, so the training loop has one code path.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import ipaddress
+import os
+import socket
+import struct
+from datetime import timedelta
+
+import torch
 import torch.distributed as dist
+from torch import nn
+
+_device = torch.device("cpu")  # where collective tensors live (CUDA for NCCL)
+
+
+class DistributedError(RuntimeError):
+    """A process group that could not be set up or a peer that could not be reached."""
+
+
+# ----------------------------------------------------------------------------------------------- ranks
+
+def launched() -> bool:
+    """Whether this process was started by an elastic launcher as one worker of a group."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def rank() -> int:
@@ -13,5 +41,230 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main() -> bool:
     return rank() == 0
+
+
+def active() -> bool:
+    return world_size() > 1
+
+
+# -------------------------------------------------------------------------------------------- network
+
+def interface_addresses() -> dict[str, str]:
+    """IPv4 address of each network interface of this host (Linux), by interface name."""
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address on this interface
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
+
+
+def resolve(host: str) -> str:
+    """The IPv4 address of `host`, or DistributedError naming it."""
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, IndexError) as e:
+        raise DistributedError(f"cannot resolve host {host!r}: {e}") from None
+
+
+def _local_address_towards(ip: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((ip, 9))  # a UDP connect sends nothing; it only asks the kernel for the route
+        return s.getsockname()[0]
+
+
+def route(host: str, multi_node: bool = False) -> dict:
+    """Which interface and local address this host uses to reach `host`, and whether `host` is this host.
+
+    The interface is chosen from the route to the rendezvous address, never from this host's name, which
+    often resolves to loopback (127.0.1.1 in /etc/hosts): the classic multi-node trap. When `host` is a
+    name that resolves to loopback in a multi-node job, it is this machine's own name, and the interface
+    of the default route is used instead, since the other nodes reach this one from outside."""
+    ip = resolve(host)
+    loopback = ipaddress.ip_address(ip).is_loopback
+    # A literal loopback endpoint (127.0.0.1, localhost) means all nodes on this machine: keep loopback.
+    own_name = multi_node and loopback and host != "localhost" and not _is_ip(host)
+    if own_name:
+        try:
+            local = _local_address_towards("198.51.100.1")  # any outside address: the default route
+        except OSError:
+            raise DistributedError(f"{host} resolves to {ip} (loopback) here and there is no default route to "
+                                   "guess the network from; give the endpoint as this node's IP address") from None
+    else:
+        try:
+            local = _local_address_towards(ip)
+        except OSError as e:
+            raise DistributedError(f"no network route to {host} ({ip}): {e.strerror or e}") from None
+    addresses = interface_addresses()
+    names = [name for name, addr in addresses.items() if addr == local]
+    if not names and ipaddress.ip_address(local).is_loopback:
+        names = [name for name, addr in addresses.items() if ipaddress.ip_address(addr).is_loopback] or ["lo"]
+    is_host = loopback or ip in addresses.values()
+    return {"host": host, "ip": ip, "interface": names[0] if names else None, "address": local, "is_host": is_host,
+            "own_name_is_loopback": own_name}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def configure_network(host: str, log=None, multi_node: bool = False) -> dict:
+    """Pin gloo and NCCL to the interface that routes to `host`, unless the user set them."""
+    net = route(host, multi_node)
+    chosen = []
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if var in os.environ:
+            chosen.append(f"{var}={os.environ[var]} (set by you)")
+        elif net["interface"]:
+            os.environ[var] = net["interface"]
+            chosen.append(f"{var}={net['interface']}")
+    net["settings"] = chosen
+    if log:
+        if net["own_name_is_loopback"]:
+            log(f"network: {host} resolves to {net['ip']} (loopback) on this node, so it is this node; the other "
+                f"nodes are reached through interface {net['interface']} from {net['address']} (the default "
+                f"route); {', '.join(chosen)}")
+        else:
+            log(f"network: {host} ({net['ip']}) is reached through interface {net['interface']} from "
+                f"{net['address']}; {', '.join(chosen)}")
+    return net
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, log=None) -> torch.device:
+    """Join the process group when launched as a worker; return the device this process uses.
+
+    One process per GPU: a CUDA device becomes cuda:LOCAL_RANK. The backend is NCCL for CUDA and gloo
+    for CPU unless `backend` says otherwise. `timeout_s` bounds the store connection and every
+    collective, so a lost peer gives an error instead of a hang."""
+    global _device
+    if not launched():
+        return device
+    if device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise DistributedError(f"local rank {local_rank()} has no GPU: this machine has "
+                                   f"{torch.cuda.device_count()}; start at most that many processes per node")
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise DistributedError("--backend nccl needs CUDA devices; use --backend gloo (or auto) on CPU")
+    master = os.environ.get("MASTER_ADDR")
+    if master and os.environ.get("ALEXNET_NETWORK_SET") != "1":  # under torchrun; our launcher did it already
+        several_nodes = int(os.environ["WORLD_SIZE"]) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        configure_network(master, log if int(os.environ["RANK"]) == 0 else None, multi_node=several_nodes)
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, TimeoutError) as e:
+        where = f"{master}:{os.environ.get('MASTER_PORT')}" if master else "the master"
+        raise DistributedError(f"could not join the process group at {where} within {timeout_s:g} s "
+                               f"({backend}): {str(e).splitlines()[0]}") from None
+    _device = device if backend == "nccl" else torch.device("cpu")
+    if log and is_main():
+        log(f"process group: {world_size()} processes, backend {backend}, rank 0 on "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, timeout {timeout_s:g} s")
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ collectives
+
+def sum_all(values: list[float]) -> list[float]:
+    """Element-wise sum over all processes (float64, so counts stay exact)."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_device)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names and bytes), to show that all ranks hold the same weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- wrapping
+
+def _local_gradients_hook(state, bucket):
+    """For tests only: keep each process's own gradients (no all-reduce), to show that sync matters."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def wrap(model: nn.Module, device: torch.device, *, comm_hook: str = "none", bucket_cap_mb: float = 25,
+         gradient_as_bucket_view: bool = False, static_graph: bool = False, powersgd_rank: int = 2,
+         powersgd_start_step: int = 1000, log=None) -> nn.Module:
+    """DistributedDataParallel around `model` when there is more than one process (on CPU too), with the
+    chosen gradient compression hook. Returns `model` itself in a world of one."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    backend = dist.get_backend()
+    if comm_hook == "powersgd" and backend == "gloo":
+        # With gloo, PowerSGD aborts ("Received data size doesn't match expected size") when DDP splits
+        # the gradients into several buckets; one bucket holding every gradient works.
+        size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        if bucket_cap_mb <= size_mb:
+            if log:
+                log(f"PowerSGD on gloo needs a single gradient bucket: bucket_cap_mb {bucket_cap_mb:g} -> "
+                    f"{int(size_mb) + 1}")
+            bucket_cap_mb = int(size_mb) + 1
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view,
+              static_graph=static_graph)
+    if os.environ.get("ALEXNET_UNSYNCED_GRADIENTS") == "1":
+        if log:
+            log("WARNING: ALEXNET_UNSYNCED_GRADIENTS=1: gradients are NOT synchronised between processes")
+        ddp.register_comm_hook(None, _local_gradients_hook)
+    elif comm_hook == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif comm_hook == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif comm_hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                            start_powerSGD_iter=powersgd_start_step)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return ddp

@@ -1,4 +1,7 @@
-"""Evaluation: loss, top-1 and top-5 as sums and counts; the `alexnet eval` command."""
+"""Evaluation: loss, top-1 and top-5 as sums and counts, reduced over processes; the `alexnet eval` command.
+
+Each process evaluates its own disjoint part of the split (no padding, no repeats); the sums and counts
+are added up over processes, so the result is the same for any number of processes."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sys
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import EvalConfig
 from .data import make_loader, eval_transform, ImageFolder
 from .data.synthetic import ensure_dataset
@@ -36,8 +39,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         c1, c5 = topk_correct(logits, target)
         correct1, correct5, count = correct1 + c1, correct5 + c5, count + target.numel()
+    loss_sum, correct1, correct5, count = distributed.sum_all([loss_sum, correct1, correct5, count])
+    count = int(count)
     return {"loss": loss_sum / max(count, 1), "acc1": correct1 / max(count, 1),
-            "acc5": correct5 / max(count, 1), "count": count}
+            "acc5": correct5 / max(count, 1), "count": count, "correct1": int(correct1), "correct5": int(correct5)}
 
 
 def model_from_checkpoint(state: dict) -> nn.Module:
@@ -50,15 +55,19 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     state = checkpoint.load_run(cfg.checkpoint)
     tcfg = state["config"]
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.dist_timeout, log)
     data = cfg.data or tcfg["data"]
     if data is None:
-        data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"], log=log)
+        data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"],
+                              log=log if distributed.is_main() else (lambda *a: None))
     transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"])
     val = ImageFolder(data, "val", transform, classes=state["classes"])
-    loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda")
+    loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
+                         rank=distributed.rank(), world=distributed.world_size())
     model = model_from_checkpoint(state).to(device)
     metrics = evaluate(model, loader, device)
+    if not distributed.is_main():
+        return metrics
     if cfg.json:
         json.dump(metrics, sys.stdout)
         print()

@@ -2,41 +2,65 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index) pairs: a fresh permutation each epoch, seeded by (seed, epoch), so the
-    dataset can seed each sample's augmentation from (seed, epoch, index)."""
+    """Yields (epoch, index) pairs, so the dataset can seed each sample's augmentation from
+    (seed, epoch, index) whatever process or loader worker draws it.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    Training (`shuffle`): one permutation per epoch, seeded by (seed, epoch) and the same on every rank;
+    the tail that does not divide evenly is dropped, and rank r takes every world-th index from r. The
+    ranks' shards are disjoint and equal in length (so they run the same number of steps), and together
+    the ranks' batches at a step are the same images as one process would see with the global batch.
+
+    Evaluation: indices in order, rank r taking every world-th from r, with nothing dropped and nothing
+    repeated, so every sample is counted exactly once whatever the world size."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def indices(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
+            order = order[:self.size - self.size % self.world]
         else:
-            order = range(self.size)
-        return ((self.epoch, i) for i in order)
+            order = list(range(self.size))
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        shard = self.indices()
+        trace = os.environ.get("ALEXNET_TRACE_SAMPLES")  # tests: record which samples each rank draws
+        if trace and self.shuffle:
+            Path(trace).mkdir(parents=True, exist_ok=True)
+            (Path(trace) / f"rank{self.rank}-epoch{self.epoch}.txt").write_text(" ".join(map(str, shard)))
+        return ((self.epoch, i) for i in shard)
 
     def __len__(self) -> int:
-        return self.size
+        if self.shuffle:
+            return (self.size - self.size % self.world) // self.world
+        return len(range(self.rank, self.size, self.world))
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool, seed: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed, shuffle=train),
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        drop_last=train and len(dataset) >= batch_size,
+        drop_last=train and len(sampler) >= batch_size,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )

@@ -1,0 +1,164 @@
+"""`alexnet train|eval --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT]`: a thin wrapper of
+torch.distributed.run (torchrun's elastic launch), which starts and watches the worker processes.
+
+What it adds is the network set-up that torchrun leaves to the user: from the rendezvous address it works
+out the interface and local address that route there (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME,
+--local-addr) and whether this node hosts the rendezvous store (its own address is the endpoint), so
+that a host name resolving to 127.0.0.1 cannot send peers to loopback. `--dist-timeout` bounds the join.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import distributed
+from .config import ConfigError
+
+C10D_PORT = 29400
+STATIC_PORT = 29500
+
+# name -> (metavar, type, help)
+FLAGS = {
+    "nproc_per_node": ("N", int, "start N worker processes on this node (one per GPU on CUDA machines)"),
+    "nnodes": ("M", int, "number of nodes (machines) in the job (default 1)"),
+    "rdzv_endpoint": ("HOST[:PORT]", str, f"rendezvous address: one node's address, the same on every node "
+                                          f"(port default {C10D_PORT}); needed with --nnodes above 1"),
+    "master_addr": ("HOST", str, "the same as --rdzv-endpoint HOST:--master-port, for torch.distributed.launch habits"),
+    "master_port": ("PORT", int, f"with --master-addr (default {STATIC_PORT})"),
+    "node_rank": ("R", int, "fix this node's rank (static rendezvous on --master-addr); optional"),
+    "max_restarts": ("K", int, "restart the workers up to K times when one fails (default 0)"),
+    "rdzv_id": ("ID", str, "job id, the same on every node, to tell jobs apart on one endpoint (default alexnet)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "launch on several processes or machines (wraps torch.distributed.run; not needed under torchrun)")
+    for name, (metavar, kind, help_text) in FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), metavar=metavar, type=kind, default=None,
+                           dest="launch_" + name, help=help_text)
+
+
+def world_size(args: argparse.Namespace) -> int:
+    return (args.launch_nproc_per_node or 1) * (args.launch_nnodes or 1)
+
+
+def requested(args: argparse.Namespace) -> bool:
+    return any(getattr(args, "launch_" + name, None) is not None for name in FLAGS)
+
+
+def strip(argv: list[str]) -> list[str]:
+    """`argv` without the launch flags and their values: what each worker runs."""
+    names = {"--" + n.replace("_", "-") for n in FLAGS} | {"--" + n for n in FLAGS}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif arg.split("=", 1)[0] in names and "=" in arg:
+            continue
+        else:
+            out.append(arg)
+    return out
+
+
+def _endpoint(a: argparse.Namespace) -> tuple[str, int, bool]:
+    """(host, port, static) of the rendezvous."""
+    if a.launch_rdzv_endpoint and a.launch_master_addr:
+        raise ConfigError("--rdzv-endpoint and --master-addr name the same thing; give one")
+    if a.launch_node_rank is not None and not a.launch_master_addr:
+        raise ConfigError("--node-rank goes with --master-addr HOST --master-port PORT (a static rendezvous)")
+    if a.launch_master_addr:
+        return a.launch_master_addr, a.launch_master_port or STATIC_PORT, a.launch_node_rank is not None
+    if a.launch_master_port is not None:
+        raise ConfigError("--master-port goes with --master-addr")
+    if a.launch_rdzv_endpoint:
+        text = a.launch_rdzv_endpoint
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+        try:
+            return host.strip("[]"), int(port) if port else C10D_PORT, False
+        except ValueError:
+            raise ConfigError(f"--rdzv-endpoint: {text!r} is not HOST or HOST:PORT") from None
+    return "127.0.0.1", 0, False  # one node: a store on a free local port
+
+
+def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], timeout: float, log) -> list[str]:
+    """The torch.distributed.run command line for this node, after choosing the network settings."""
+    if distributed.launched():
+        raise ConfigError("this process is already a worker of a distributed launch (torchrun sets RANK); "
+                          "drop --nproc-per-node, --nnodes and the rendezvous flags")
+    nproc = a.launch_nproc_per_node or 1
+    nnodes = a.launch_nnodes or 1
+    if nproc < 1 or nnodes < 1:
+        raise ConfigError("--nproc-per-node and --nnodes must be at least 1")
+    if a.launch_max_restarts is not None and a.launch_max_restarts < 0:
+        raise ConfigError("--max-restarts must be 0 or more")
+    if nnodes > 1 and not (a.launch_rdzv_endpoint or a.launch_master_addr):
+        raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (or --master-addr HOST "
+                          "--master-port PORT): the address of one of the nodes, the same on every node")
+    host, port, static = _endpoint(a)
+    if static and not 0 <= a.launch_node_rank < nnodes:
+        raise ConfigError(f"--node-rank {a.launch_node_rank} must be in [0, {nnodes - 1}] for --nnodes {nnodes}")
+    try:
+        net = distributed.configure_network(host, log, multi_node=nnodes > 1)
+    except distributed.DistributedError as e:
+        raise ConfigError(f"rendezvous {host}:{port}: {e}") from None
+    os.environ["ALEXNET_NETWORK_SET"] = "1"  # the workers inherit the choice
+    seconds = max(1, int(round(timeout)))
+    args = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+            "--max-restarts", str(a.launch_max_restarts or 0), "--rdzv-id", a.launch_rdzv_id or "alexnet",
+            "--monitor-interval", "1", "--local-addr", net["address"]]
+    if static:
+        args += ["--rdzv-backend", "static", "--master-addr", host, "--master-port", str(port),
+                 "--node-rank", str(a.launch_node_rank), "--rdzv-conf", f"timeout={seconds}"]
+        hosting = a.launch_node_rank == 0
+    else:
+        hosting = net["is_host"]
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{host}:{port}",
+                 "--rdzv-conf", f"is_host={str(hosting).lower()},join_timeout={seconds},read_timeout={seconds},"
+                                f"close_timeout={seconds}"]
+    if log:
+        log(f"launch: {nnodes} node(s) x {nproc} process(es); rendezvous "
+            f"{'static' if static else 'c10d'} at {host}:{port or 'a free port'}, "
+            f"{'hosted by this node' if hosting else 'hosted by another node'}; this node advertises "
+            f"{net['address']}; join timeout {seconds} s")
+    return args + ["-m", "alexnet", command, *worker_argv]
+
+
+def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, log=print) -> int:
+    """Launch the workers for this node and wait for them. Returns the exit status for the command line."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    args = torchrun_args(a, command, strip(argv), timeout, log)
+    host, port, _ = _endpoint(a)
+    if (a.launch_nproc_per_node or 1) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
+    try:
+        torchrun.run(torchrun.get_args_parser().parse_args(args))
+    except ChildFailedError as e:
+        parts = []
+        for r, f in sorted(e.failures.items()):
+            code = f.exitcode
+            parts.append(f"rank {r} failed (exit code {code})" if code > 0 else
+                         f"rank {r} was stopped (signal {-code})" if code < 0 else f"rank {r} ended")
+        print(f"alexnet {command}: error: {'; '.join(parts)}; the workers' messages are above", file=sys.stderr)
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        return max(codes) if codes else 1
+    except (RendezvousError, RuntimeError, TimeoutError) as e:  # the static rendezvous's store raises plain errors
+        from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
+        if isinstance(e, RendezvousTimeoutError) or "waiting for clients" in str(e).lower():
+            why = (f"not all {a.launch_nnodes or 1} nodes joined the rendezvous at {host}:{port} within "
+                   f"{timeout:g} s. Start the same command on every node (same --nnodes, --rdzv-endpoint "
+                   f"and --rdzv-id), or allow longer with --dist-timeout")
+        else:
+            why = (f"could not reach the rendezvous at {host}:{port} within {timeout:g} s "
+                   f"({type(e).__name__}). Is the node that owns {host} started, is the address right, and is "
+                   f"port {port} open in its firewall?")
+        print(f"alexnet {command}: error: {why}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,235 @@
+"""Distributed training: sharding, exact evaluation, equivalence with one process, the launcher, torchrun,
+dead peers. Real gloo processes on loopback; the two-host test is in test_netns.py."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import pytest
+import torch
+
+from alexnet import checkpoint, distributed, launch
+from alexnet.config import ConfigError
+from alexnet.data import EpochSampler
+from alexnet.models import create_model
+from conftest import EXACT, final_weights, max_diff, run_cli, shas, tolerance, train_run, write_folder
+
+# --------------------------------------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("size,world", [(24, 2), (25, 2), (101, 3), (7, 4)])
+def test_training_shards_are_disjoint_equal_and_match_the_global_batch(size, world):
+    full = EpochSampler(size, seed=3).indices()
+    shards = [EpochSampler(size, seed=3, rank=r, world=world).indices() for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal length: every rank runs the same number of steps
+    flat = [i for s in shards for i in s]
+    assert len(flat) == len(set(flat)) == size - size % world
+    # Step s of B images on each rank covers exactly the images of step s of one process with W*B.
+    b = 2
+    for s in range(len(shards[0]) // b):
+        together = sorted(i for shard in shards for i in shard[s * b:(s + 1) * b])
+        assert together == sorted(full[s * b * world:(s + 1) * b * world])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_evaluation_shards_count_every_sample_once(world):
+    shards = [EpochSampler(101, seed=0, shuffle=False, rank=r, world=world) for r in range(world)]
+    flat = [i for s in shards for _, i in s]
+    assert sorted(flat) == list(range(101))
+    assert sum(len(s) for s in shards) == 101
+
+
+# -------------------------------------------------------------------------------------- network choice
+
+def test_route_to_loopback_is_lo_and_this_host():
+    net = distributed.route("127.0.0.1")
+    assert net["interface"] == "lo" and net["address"].startswith("127.") and net["is_host"]
+    assert distributed.interface_addresses()["lo"] == "127.0.0.1"
+
+
+def test_an_unknown_host_is_a_clear_error():
+    with pytest.raises(distributed.DistributedError, match="no-such-host.invalid"):
+        distributed.route("no-such-host.invalid")
+
+
+def _launch_args(**kw) -> Namespace:
+    return Namespace(**{"launch_" + k: kw.get(k) for k in launch.FLAGS})
+
+
+def test_launch_flags_are_stripped_for_the_workers():
+    argv = ["--data", "D", "--nproc-per-node", "2", "--nnodes=2", "--rdzv-endpoint", "h:1", "--epochs", "3"]
+    assert launch.strip(argv) == ["--data", "D", "--epochs", "3"]
+
+
+def test_launcher_builds_a_c10d_rendezvous_hosted_here(monkeypatch):
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ALEXNET_NETWORK_SET", "RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(var, "")  # recorded, so that what the launcher sets is undone after the test
+        monkeypatch.delenv(var)
+    args = launch.torchrun_args(_launch_args(nproc_per_node=2, nnodes=2, rdzv_endpoint="127.0.0.1:29999"),
+                                "train", ["--epochs", "1"], 30, None)
+    joined = " ".join(args)
+    assert "--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29999" in joined
+    assert "is_host=true" in joined and "join_timeout=30" in joined and "read_timeout=30" in joined
+    assert "--local-addr 127.0.0.1" in joined and args[-4:] == ["alexnet", "train", "--epochs", "1"]
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" and os.environ["NCCL_SOCKET_IFNAME"] == "lo"
+    static = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=2, master_addr="127.0.0.1",
+                                               master_port=29998, node_rank=1), "train", [], 30, None)
+    assert "--rdzv-backend static --master-addr 127.0.0.1 --master-port 29998 --node-rank 1" in " ".join(static)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"nnodes": 2, "nproc_per_node": 1}, "needs --rdzv-endpoint"),
+    ({"rdzv_endpoint": "a:1", "master_addr": "a"}, "give one"),
+    ({"node_rank": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:1"}, "--node-rank goes with --master-addr"),
+    ({"master_addr": "127.0.0.1", "node_rank": 2, "nnodes": 2}, "must be in \\[0, 1\\]"),
+    ({"rdzv_endpoint": "host:port", "nnodes": 2}, "is not HOST or HOST:PORT"),
+])
+def test_launcher_refuses_unclear_rendezvous_settings(kw, message, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=message):
+        launch.torchrun_args(_launch_args(**kw), "train", [], 30, None)
+
+
+# --------------------------------------------------------------------------------- equivalence (real)
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_global_batch(exact, one_process, two_processes):
+    w2, p = two_processes
+    assert max_diff(one_process, exact["w0"]) > 1e-3  # the weights moved
+    assert max_diff(w2, one_process) <= tolerance(exact, one_process)
+    ranks = shas(p.stdout)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]  # both ranks end with the same weights
+    assert "batch: 4 per process x 2 processes x 1 accumulation step = 8 global" in p.stdout
+    assert "interface lo" in p.stdout  # pinned to the interface that routes to the rendezvous
+
+
+@pytest.mark.slow
+def test_without_gradient_sync_the_processes_differ(exact, one_process):
+    # The control: the same two-process run with each process keeping its own gradients.
+    w, p = train_run(exact, "unsynced", "--batch-size", "4", "--nproc-per-node", "2",
+                     env={"ALEXNET_UNSYNCED_GRADIENTS": "1"})
+    assert max_diff(w, one_process) > 100 * tolerance(exact, one_process)
+    ranks = shas(p.stdout)
+    assert ranks[0] != ranks[1]
+
+
+@pytest.mark.slow
+def test_accumulation_equals_the_larger_batch(exact, one_process):
+    w, p = train_run(exact, "accum", "--batch-size", "4", "--accum-steps", "2")
+    assert max_diff(w, one_process) <= tolerance(exact, one_process)
+    # and with two processes, each accumulating two micro-batches of 2 under no_sync
+    w, p = train_run(exact, "accum2", "--global-batch-size", "8", "--accum-steps", "2", "--nproc-per-node", "2")
+    assert "batch: 2 per process x 2 processes x 2 accumulation steps = 8 global" in p.stdout
+    assert max_diff(w, one_process) <= tolerance(exact, one_process)
+
+
+@pytest.mark.slow
+def test_runs_unchanged_under_torchrun(exact, two_processes):
+    out = exact["root"] / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "alexnet",
+           "train", "--data", str(exact["data"]), "--weights", str(exact["root"] / "w0.pt"), "--out", str(out),
+           *EXACT, "--batch-size", "4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 processes, backend gloo" in p.stdout
+    ranks = shas(p.stdout)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    # The same weights as our own launcher gives.
+    assert max_diff(final_weights(out), two_processes[0]) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook", ["bf16", "powersgd"])
+def test_compression_hooks_train_on_gloo(exact, hook, one_process):
+    # PowerSGD on gloo with several buckets aborts inside torch; --bucket-cap-mb 1 makes several buckets,
+    # so this shows that the single-bucket fallback is applied.
+    w, p = train_run(exact, f"hook-{hook}", "--batch-size", "4", "--nproc-per-node", "2", "--comm-hook", hook,
+                     "--powersgd-start-step", "2", "--bucket-cap-mb", "1")
+    ranks = shas(p.stdout)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    if hook == "powersgd":
+        assert "single gradient bucket" in p.stdout
+    # compressed: further from the exact result than the uncompressed run may be, but still close to it
+    assert tolerance(exact, one_process) < max_diff(w, one_process) < 0.5 * max_diff(one_process, exact["w0"])
+
+
+@pytest.mark.slow
+def test_an_error_on_a_worker_names_its_rank(exact):
+    # Weights of another width load in each worker and fail there.
+    torch.save(create_model("alexnet", 3, fc_width=16).state_dict(), exact["root"] / "narrow.pt")
+    p = run_cli("train", "--data", exact["data"], "--out", exact["root"] / "err", *EXACT, "--batch-size", "4",
+                "--weights", exact["root"] / "narrow.pt", "--nproc-per-node", "2", check=False)
+    assert p.returncode == 2
+    assert re.search(r"alexnet train \(rank 1\): error: --weights .*narrow.pt", p.stderr)
+    assert re.search(r"rank [01] failed \(exit code 2\)", p.stderr) and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------------- exact evaluation
+
+@pytest.fixture(scope="module")
+def odd_val(tmp_path_factory):
+    """101 validation images in 6 classes (17 x 6 - 1), so no world size of 2 or 3 divides them, and a model."""
+    root = tmp_path_factory.mktemp("odd")
+    data = write_folder(root / "data", classes=6, train_per_class=8, val_per_class=17)
+    extra = sorted((data / "val" / "square").glob("*.jpg"))[-1]
+    extra.unlink()
+    out = root / "run"
+    run_cli("train", "--data", data, "--out", out, "--resize", "72", "--crop", "64", "--fc-width", "32",
+            "--workers", "0", "--epochs", "2", "--quiet", "--batch-size", "8", "--lr", "0.02")
+    return data, out / "checkpoints" / "last.pt"
+
+
+@pytest.mark.slow
+def test_evaluation_is_exact_for_any_number_of_processes(odd_val):
+    data, ckpt = odd_val
+    results = []
+    for n in (1, 2, 3):
+        flags = [] if n == 1 else ["--nproc-per-node", str(n)]
+        p = run_cli("eval", "--checkpoint", ckpt, "--data", data, "--json", "--workers", "0", "--batch-size", "8",
+                    *flags)
+        results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    for m in results:
+        assert m["count"] == 101
+        assert (m["correct1"], m["correct5"]) == (results[0]["correct1"], results[0]["correct5"])
+        assert m["acc1"] == results[0]["acc1"] and m["acc5"] == results[0]["acc5"]
+        assert m["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    assert results[0]["correct5"] < 101  # top-5 of 6 classes can miss, so it is compared for real
+
+
+# --------------------------------------------------------------------------------------- dead peers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_missing_node_is_a_clear_error_within_the_timeout(exact):
+    port = free_port()
+    start = time.monotonic()
+    p = run_cli("train", "--data", exact["data"], "--out", exact["root"] / "dead", *EXACT, "--batch-size", "4",
+                "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                "--dist-timeout", "30", check=False, timeout=120)
+    elapsed = time.monotonic() - start
+    assert p.returncode == 1
+    assert f"not all 2 nodes joined the rendezvous at 127.0.0.1:{port} within 30 s" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert elapsed < 30 + 25, elapsed  # the timeout, plus start-up and shut-down
+
+
+@pytest.mark.slow
+def test_an_unreachable_endpoint_is_a_clear_error(exact):
+    # A static rendezvous (--master-addr, --node-rank 1) whose node 0 never starts.
+    port = free_port()
+    p = run_cli("train", "--data", exact["data"], "--out", exact["root"] / "unreachable", *EXACT, "--batch-size", "4",
+                "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                "--node-rank", "1", "--dist-timeout", "10", check=False, timeout=120)
+    assert p.returncode == 1
+    assert f"could not reach the rendezvous at 127.0.0.1:{port} within 10 s" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,126 @@
+"""Two hosts on one machine: two network namespaces joined by a veth pair, each with its own address, and
+in each the machine's host name resolving to loopback (the trap of pytorch/examples #812). One
+`alexnet train` node runs in each, with the same plain command. Needs root; as root, a failure to set up
+the namespaces is a failure, not a skip."""
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EXACT, final_weights, max_diff, shas, tolerance
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    assert shutil.which("ip"), "iproute2 (the `ip` command) is needed for the two-host test: apt-get install iproute2"
+    tag = f"{os.getpid() % 100000}"
+    net = random.randint(1, 250)
+    names = {"a": f"alxa{tag}", "b": f"alxb{tag}"}
+    links = {"a": f"vxa{tag}", "b": f"vxb{tag}"}
+    addrs = {"a": f"10.231.{net}.1", "b": f"10.231.{net}.2"}
+    hostname = socket.gethostname()
+    try:
+        sh("ip", "link", "add", links["a"], "type", "veth", "peer", "name", links["b"])
+        for h in ("a", "b"):
+            sh("ip", "netns", "add", names[h])
+            sh("ip", "link", "set", links[h], "netns", names[h])
+            sh("ip", "-n", names[h], "addr", "add", f"{addrs[h]}/24", "dev", links[h])
+            sh("ip", "-n", names[h], "link", "set", links[h], "up")
+            sh("ip", "-n", names[h], "link", "set", "lo", "up")
+            sh("ip", "-n", names[h], "route", "add", "default", "dev", links[h])  # as a real host has
+            # `ip netns exec` mounts /etc/netns/<name>/hosts over /etc/hosts: the host name is loopback there.
+            etc = Path("/etc/netns") / names[h]
+            etc.mkdir(parents=True, exist_ok=True)
+            # Host a also answers to the name "nodea", which is loopback on a and a's address on b.
+            a_line = f"127.0.1.1 {hostname} nodea" if h == "a" else f"127.0.1.1 {hostname}\n{addrs['a']} nodea"
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{a_line}\n")
+        yield {"ns": names, "links": links, "addrs": addrs, "hostname": hostname}
+    finally:
+        for h in ("a", "b"):
+            subprocess.run(["ip", "netns", "del", names[h]], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / names[h], ignore_errors=True)
+        subprocess.run(["ip", "link", "del", links["a"]], capture_output=True)
+
+
+def start(hosts, h: str, args: list, env: dict) -> subprocess.Popen:
+    cmd = ["ip", "netns", "exec", hosts["ns"][h], sys.executable, "-m", "alexnet", "train", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def test_the_host_name_is_loopback_inside_the_namespaces(hosts):
+    p = subprocess.run(["ip", "netns", "exec", hosts["ns"]["a"], "getent", "hosts", hosts["hostname"]],
+                       capture_output=True, text=True, timeout=30)
+    assert p.stdout.split()[0].startswith("127."), p.stdout
+
+
+def run_pair(hosts, exact, endpoint: str, tmp_path) -> dict:
+    """The same `alexnet train` command on host a and host b; returns each host's output."""
+    common = ["--data", exact["data"], "--weights", exact["root"] / "w0.pt", *EXACT, "--batch-size", "4",
+              "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--dist-timeout", "60"]
+    procs = {h: start(hosts, h, [*common, "--out", tmp_path / f"out-{h}"],
+                      {"ALEXNET_TRACE_SAMPLES": str(tmp_path / f"trace-{h}")}) for h in ("a", "b")}
+    logs = {}
+    for h, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise
+        logs[h] = stdout + stderr
+        assert p.returncode == 0, f"host {h} exited {p.returncode}:\n{logs[h][-4000:]}"
+    return logs
+
+
+def test_two_hosts_train_like_one_host_with_two_processes(hosts, exact, two_processes, one_process, tmp_path):
+    logs = run_pair(hosts, exact, f"{hosts['addrs']['a']}:29400", tmp_path)
+
+    # Each host chose its veth interface and advertised its own address, not the loopback of its host name.
+    for h in ("a", "b"):
+        assert f"interface {hosts['links'][h]} from {hosts['addrs'][h]}" in logs[h], logs[h]
+        assert f"this node advertises {hosts['addrs'][h]}" in logs[h]
+    assert "hosted by this node" in logs["a"] and "hosted by another node" in logs["b"]
+
+    # World size 2, one rank on each host, the same final weights on both.
+    ranks = {**shas(logs["a"]), **shas(logs["b"])}
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    assert all(" of 2)" in line for line in (logs["a"] + logs["b"]).splitlines() if "final weights" in line)
+
+    # Disjoint shards that together are the whole (even) training set.
+    shards = [set(map(int, f.read_text().split())) for h in ("a", "b") for f in (tmp_path / f"trace-{h}").glob("*.txt")]
+    assert len(shards) == 2 and not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 12
+    assert shards[0] | shards[1] == set(range(24))
+
+    # Rank 0's checkpoint equals the single-host two-process run and the one-process run.
+    outs = [tmp_path / f"out-{h}" for h in ("a", "b") if (tmp_path / f"out-{h}" / "checkpoints" / "last.pt").exists()]
+    assert len(outs) == 1  # one run folder (rank 0's)
+    assert len((outs[0] / "metrics.jsonl").read_text().splitlines()) == 1  # written once: by rank 0 alone
+    w = final_weights(outs[0])
+    assert max_diff(w, two_processes[0]) <= tolerance(exact, one_process)
+    assert max_diff(w, one_process) <= tolerance(exact, one_process)
+
+
+def test_an_endpoint_named_by_a_host_name_that_is_loopback_on_its_own_node(hosts, exact, tmp_path):
+    # The Slurm and Kubernetes case: the endpoint is node a's name; on a it resolves to 127.0.1.1.
+    logs = run_pair(hosts, exact, "nodea:29401", tmp_path)
+    assert "nodea resolves to 127.0.1.1 (loopback) on this node, so it is this node" in logs["a"], logs["a"]
+    assert "hosted by this node" in logs["a"] and "hosted by another node" in logs["b"]
+    for h in ("a", "b"):
+        assert f"this node advertises {hosts['addrs'][h]}" in logs[h]
+    ranks = {**shas(logs["a"]), **shas(logs["b"])}
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
