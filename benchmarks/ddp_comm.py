@@ -119,7 +119,7 @@ def netns_run(args) -> dict:
 
 def report(title: str, results: dict) -> None:
     print(f"\n{title}")
-    print("| hook | step (s) | compute (s) | non-overlapped communication (s) | step speed-up vs none |")
+    print("| hook | step (s) | compute (s) | not overlapped: communication + compression (s) | step speed-up vs none |")
     print("| --- | ---: | ---: | ---: | ---: |")
     base = results["none"]["total"]
     for hook, r in results.items():
