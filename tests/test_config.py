@@ -101,3 +101,21 @@ def test_unwritable_output_folder(tmp_path, tiny_data):
     p = run_cli("train", "--data", tiny_data, "--out", blocker / "run", *TINY, check=False, timeout=120)
     assert p.returncode == 1 and "error: Not a directory" in p.stderr and str(blocker) in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_linear_lr_scaling_brings_a_warm_up_unless_one_is_given():
+    from alexnet.config import resolve_train
+    cfg, _ = resolve_train({"data": ".", "lr_scaling": "linear", "epochs": 10})
+    assert cfg.warmup_epochs == 5
+    cfg, _ = resolve_train({"data": ".", "lr_scaling": "linear", "epochs": 10, "warmup_epochs": 2})
+    assert cfg.warmup_epochs == 2
+    cfg, _ = resolve_train({"data": ".", "epochs": 10})
+    assert cfg.warmup_epochs == 0
+
+
+def test_checkpoint_every_takes_steps_or_minutes():
+    from alexnet.config import ConfigError, parse_every
+    assert parse_every("500") == (500, 0.0) and parse_every("10m") == (0, 10.0) and parse_every("0") == (0, 0.0)
+    for bad in ("5h", "1.5", "-3", "m"):
+        with pytest.raises(ConfigError, match="--checkpoint-every"):
+            parse_every(bad)

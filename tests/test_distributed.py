@@ -180,7 +180,7 @@ def odd_val(tmp_path_factory):
     extra.unlink()
     out = root / "run"
     run_cli("train", "--data", data, "--out", out, "--resize", "72", "--crop", "64", "--fc-width", "32",
-            "--workers", "0", "--epochs", "2", "--quiet", "--batch-size", "8", "--lr", "0.02")
+            "--workers", "0", "--epochs", "1", "--quiet", "--batch-size", "8", "--lr", "0.02")
     return data, out / "checkpoints" / "last.pt"
 
 

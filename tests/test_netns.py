@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXACT, final_weights, max_diff, shas, tolerance
+from conftest import EXACT, final_weights, max_diff, run_cli, shas, tolerance
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -56,8 +56,13 @@ def hosts():
         subprocess.run(["ip", "link", "del", links["a"]], capture_output=True)
 
 
-def start(hosts, h: str, args: list, env: dict) -> subprocess.Popen:
-    cmd = ["ip", "netns", "exec", hosts["ns"][h], sys.executable, "-m", "alexnet", "train", *map(str, args)]
+def start(hosts, h: str, args: list, env: dict, private: Path | None = None) -> subprocess.Popen:
+    """`alexnet train` on host h; `private`: a folder this host sees empty (its own disk, not shared)."""
+    prefix = []
+    if private is not None:
+        prefix = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{private}" && exec "$0" "$@"']
+    cmd = ["ip", "netns", "exec", hosts["ns"][h], *prefix, sys.executable, "-m", "alexnet", "train",
+           *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
@@ -68,12 +73,13 @@ def test_the_host_name_is_loopback_inside_the_namespaces(hosts):
     assert p.stdout.split()[0].startswith("127."), p.stdout
 
 
-def run_pair(hosts, exact, endpoint: str, tmp_path) -> dict:
+def run_pair(hosts, exact, endpoint: str, tmp_path, out=None, extra=(), private_b=None) -> dict:
     """The same `alexnet train` command on host a and host b; returns each host's output."""
     common = ["--data", exact["data"], "--weights", exact["root"] / "w0.pt", *EXACT, "--batch-size", "4",
-              "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--dist-timeout", "60"]
-    procs = {h: start(hosts, h, [*common, "--out", tmp_path / f"out-{h}"],
-                      {"ALEXNET_TRACE_SAMPLES": str(tmp_path / f"trace-{h}")}) for h in ("a", "b")}
+              "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--dist-timeout", "60", *extra]
+    procs = {h: start(hosts, h, [*common, "--out", out or tmp_path / f"out-{h}"],
+                      {"ALEXNET_TRACE_SAMPLES": str(tmp_path / f"trace-{h}")}, private_b if h == "b" else None)
+             for h in ("a", "b")}
     logs = {}
     for h, p in procs.items():
         try:
@@ -122,5 +128,19 @@ def test_an_endpoint_named_by_a_host_name_that_is_loopback_on_its_own_node(hosts
     assert "hosted by this node" in logs["a"] and "hosted by another node" in logs["b"]
     for h in ("a", "b"):
         assert f"this node advertises {hosts['addrs'][h]}" in logs[h]
+    ranks = {**shas(logs["a"]), **shas(logs["b"])}
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+
+
+def test_without_shared_storage_the_newest_checkpoint_is_sent_to_the_other_node(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", "--data", exact["data"], "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
+            "--batch-size", "4", "--nproc-per-node", "2")  # one epoch: step-3.pt, on "host a's disk"
+    # Host b sees its own, empty checkpoints folder (a tmpfs mounted over it in a private mount namespace).
+    logs = run_pair(hosts, exact, f"{hosts['addrs']['a']}:29402", tmp_path, out=out,
+                    extra=["--epochs", "2", "--resume", "auto"], private_b=out / "checkpoints")
+    both = logs["a"] + logs["b"]
+    assert "the newest checkpoint (global step 3) is on rank" in both and "sending it to the others" in both
+    assert "(global step 3)" in both and "starting afresh" not in both
     ranks = {**shas(logs["a"]), **shas(logs["b"])}
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1]

@@ -102,7 +102,7 @@ def _epoch_batches(tiny_data, workers):
     out = []
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)
-        out.append([(x.clone(), y.clone()) for x, y in loader])
+        out.append([(x.clone(), y.clone()) for x, y, _ in loader])
     return out
 
 

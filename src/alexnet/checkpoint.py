@@ -75,3 +75,47 @@ def weights_from(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is neither a checkpoint of ours nor a state_dict of tensors")
     return state
+
+
+# ------------------------------------------------------------------------------- run folders and resume
+
+STEP_GLOB = "step-*.pt"
+
+
+def step_path(folder: str | Path, global_step: int) -> Path:
+    return Path(folder) / f"step-{global_step:09d}.pt"
+
+
+def save_step(state: dict[str, Any], folder: str | Path, keep_last: int) -> Path:
+    """Save `state` as step-<global step>.pt, point last.pt at it (a hard link, renamed into place) and
+    delete the oldest step files beyond `keep_last`. best.pt is never deleted here."""
+    folder = Path(folder)
+    path = step_path(folder, state["global_step"])
+    save(state, path)
+    tmp = folder / f".last.pt.{os.getpid()}.tmp"
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(path, tmp)
+        os.replace(tmp, folder / "last.pt")
+    except OSError:  # a file system without hard links
+        save(state, folder / "last.pt")
+    for old in sorted(folder.glob(STEP_GLOB))[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def newest_valid(folder: str | Path, log=None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `folder` that loads, with its state; a file that fails to load (truncated,
+    corrupt) is reported and the one before it is tried. None when there is none."""
+    folder = Path(folder)
+    candidates = sorted(folder.glob(STEP_GLOB), reverse=True)
+    if not candidates and (folder / "last.pt").is_file():
+        candidates = [folder / "last.pt"]
+    for path in candidates:
+        try:
+            return path, load_run(path)
+        except CheckpointError as e:
+            if log:
+                log(f"WARNING: skipping an unusable checkpoint: {e}")
+    return None

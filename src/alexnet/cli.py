@@ -56,12 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("dir", help="ImageFolder root (with train/) or a split folder")
     stats.add_argument("--split", default="train", help="split to measure (default: train)")
     stats.add_argument("--max-images", type=int, default=0, help="sample at most this many images (0: all)")
+    check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems")
+    check.add_argument("dir", help="ImageFolder root (with train/ and val/)")
     return parser
 
 
-def _checkpoint_config(path: str) -> dict:
-    from .checkpoint import load_run
-    return load_run(path)["config"]
+def _checkpoint_config(resume: str, out: str | None) -> dict:
+    from pathlib import Path
+    from .checkpoint import load_run, newest_valid
+    if resume != "auto":
+        return load_run(resume)["config"]
+    found = newest_valid(Path(out) / "checkpoints")
+    return found[1]["config"] if found else {}
+
+
+def _data_check(folder: str) -> int:
+    from pathlib import Path
+    from .data.check import image_files, problems_of_layout, unreadable
+    from .progress import Progress
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"data check: {root} is not a folder")
+    layout = problems_of_layout(root)
+    files = image_files(root)
+    bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 20, 1)))
+    for path, reason in bad:
+        print(f"unreadable: {path}: {reason}")
+    for problem in layout:
+        print(f"layout: {problem}")
+    print(f"{len(files)} image files, {len(bad)} unreadable; {len(layout)} layout problem(s)")
+    return 1 if bad or layout else 0
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -79,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("alexnet").info
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .train import NonFiniteLoss
     try:
         if args.command == "train":
             from .train import batch_sizes, fit
             cfg, _ = resolve_train(_settings(args), _checkpoint_config)
             if launch.requested(args):  # settings are checked once, here, before any worker starts
                 batch_sizes(cfg, launch.world_size(args))
+                if args.launch_max_restarts and not cfg.out:
+                    raise ConfigError("--max-restarts needs --out: restarted workers continue from the "
+                                      "checkpoints in that run folder")
                 return launch.run(args, "train", argv[argv.index("train") + 1:], cfg.dist_timeout, log)
             fit(cfg, log=log)
         elif args.command == "eval":
@@ -110,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mean: [{', '.join(map(str, s['mean']))}]")
             print(f"std: [{', '.join(map(str, s['std']))}]")
             print(f"# as flags: --mean {','.join(map(str, s['mean']))} --std {','.join(map(str, s['std']))}")
+        elif args.command == "data" and args.data_command == "check":
+            return _data_check(args.dir)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
-    except distributed.DistributedError as e:
+    except (distributed.DistributedError, NonFiniteLoss) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file
@@ -130,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(e).splitlines()[0]} (a peer stopped or the network failed; see the other ranks' "
               f"messages; --dist-timeout sets how long to wait)", file=sys.stderr)
         return 1
-    finally:
-        distributed.shutdown()
+    distributed.shutdown()  # after success only: with a lost peer, tearing down the group can block
     return 0
 
 

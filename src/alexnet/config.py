@@ -36,6 +36,8 @@ class TrainConfig:
     data: str | None = opt(None, "ImageFolder root with train/<class>/ and val/<class>/; none: the built-in generated dataset")
     synthetic_seed: int = opt(0, "seed of the built-in generated dataset")
     cache_dir: str | None = opt(None, "where the built-in dataset is generated (default $ALEXNET_CACHE or ~/.cache/alexnet)")
+    on_bad_image: str = opt("skip", "an unreadable image: skip it (counted in metrics.jsonl, with a warning) or stop with an error",
+                            ("skip", "error"))
     # model
     arch: str = opt("alexnet", "model: alexnet (torchvision's variant) or alexnet2012 (the paper's)", ARCHITECTURES)
     fc_width: int = opt(4096, "width of the two hidden fully connected layers")
@@ -73,7 +75,8 @@ class TrainConfig:
     global_batch_size: int = opt(0, "images per optimizer step over all processes and accumulation steps; "
                                  "the per-process batch is derived from it (0: use --batch-size)")
     accum_steps: int = opt(1, "gradient accumulation: micro-batches per optimizer step (no all-reduce but on the last)")
-    lr_scaling: str = opt("none", "linear: multiply --lr by global batch / --lr-reference-batch (Goyal et al.)",
+    lr_scaling: str = opt("none", "linear: multiply --lr by global batch / --lr-reference-batch (Goyal et al.; "
+                          "then --warmup-epochs defaults to 5)",
                           ("none", "linear"))
     lr_reference_batch: int = opt(256, "global batch size at which --lr is meant, for --lr-scaling linear")
     backend: str = opt("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
@@ -88,7 +91,11 @@ class TrainConfig:
     static_graph: bool = opt(False, "DDP: the graph is the same every step (lets DDP skip some work)")
     # running
     out: str | None = opt(None, "run folder (default runs/<arch>-<date>-<time>)")
-    resume: str | None = opt(None, "continue from this checkpoint")
+    resume: str | None = opt(None, "continue from this checkpoint, or auto: from the newest usable checkpoint in "
+                             "--out's checkpoints/ (a fresh start when there is none)")
+    checkpoint_every: str = opt("0", "also checkpoint inside epochs: every N steps (500) or minutes (10m); 0: at epoch ends only")
+    keep_last: int = opt(3, "step checkpoints kept (best.pt is kept as well)")
+    max_nonfinite_steps: int = opt(10, "steps with a non-finite loss are skipped; this many in a row stop the run")
     device: str = opt("auto", "device: auto (cuda when present), cpu, cuda or cuda:N")
     workers: int = opt(2, "data loader worker processes (0: load in the main process)")
     seed: int = opt(0, "seed of weights, shuffling and augmentation")
@@ -252,9 +259,23 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.powersgd_start_step >= 2, "powersgd-start-step", "must be at least 2 (PowerSGD needs a plain step first)")
     need(cfg.bucket_cap_mb > 0, "bucket-cap-mb", "must be positive")
     _check_device(cfg.device)
+    parse_every(cfg.checkpoint_every)
+    need(cfg.keep_last >= 1, "keep-last", "must be at least 1")
+    need(cfg.max_nonfinite_steps >= 1, "max-nonfinite-steps", "must be at least 1")
+    need(cfg.resume != "auto" or cfg.out is not None, "resume",
+         "auto needs --out: the run folder whose checkpoints to continue from")
     for name in ("data", "weights", "resume"):
         value = getattr(cfg, name)
-        need(value is None or Path(value).exists(), name, f"{value!r} does not exist")
+        need(value is None or value == "auto" and name == "resume" or Path(value).exists(), name,
+             f"{value!r} does not exist")
+
+
+def parse_every(text: str) -> tuple[int, float]:
+    """'500' -> (500 steps, 0 minutes); '10m' -> (0, 10.0); '0' -> (0, 0)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(m|min)?\s*", str(text))
+    if not m or (not m.group(2) and "." in m.group(1)):
+        raise ConfigError(f"--checkpoint-every: {text!r} is not a number of steps (500) or minutes (10m)")
+    return (0, float(m.group(1))) if m.group(2) else (int(m.group(1)), 0.0)
 
 
 def _check_device(device: str) -> None:
@@ -298,17 +319,20 @@ def save_yaml(cfg, path: Path) -> None:
 def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainConfig, set[str]]:
     """Layer the settings: defaults < built-in dataset defaults < resumed run < YAML < flags.
 
-    `checkpoint_config(path)` returns the saved config of a checkpoint (for --resume). Returns the
-    validated config and the names of the settings the user gave."""
+    `checkpoint_config(resume, out)` returns the saved config of the checkpoint that --resume names (for
+    auto: the newest in `out`; an empty dict when there is none). Returns the validated config and the
+    names of the settings the user gave."""
     given = dict(flags)
     from_file = load_yaml(given["config"]) if given.get("config") else {}
     explicit = {**from_file, **given}
     values: dict[str, Any] = {}
     resume = explicit.get("resume")
     if resume and checkpoint_config is not None:
-        if not Path(str(resume)).exists():
+        if resume == "auto" and not explicit.get("out"):
+            raise ConfigError("--resume: auto needs --out: the run folder whose checkpoints to continue from")
+        if resume != "auto" and not Path(str(resume)).exists():
             raise ConfigError(f"--resume: {resume!r} does not exist")
-        values.update(checkpoint_config(resume))
+        values.update(checkpoint_config(resume, explicit.get("out")))
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
         values.pop("weights", None)
@@ -325,6 +349,9 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
         for k, v in SYNTHETIC_DEFAULTS.items():
             if k not in values:
                 values[k] = v
+    if values.get("lr_scaling") == "linear" and "warmup_epochs" not in values:
+        # Goyal et al.: a linearly scaled learning rate needs a gradual warm-up (theirs: 5 epochs).
+        values["warmup_epochs"] = min(5.0, float(values.get("epochs", 90)))
     cfg = build(TrainConfig, values)
     validate_train(cfg)
     return cfg, set(explicit)

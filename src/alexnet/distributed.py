@@ -169,7 +169,12 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, l
         several_nodes = int(os.environ["WORLD_SIZE"]) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         configure_network(master, log if int(os.environ["RANK"]) == 0 else None, multi_node=several_nodes)
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        store = _attempt_store(timeout_s)
+        if store is None:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, TimeoutError) as e:
         where = f"{master}:{os.environ.get('MASTER_PORT')}" if master else "the master"
         raise DistributedError(f"could not join the process group at {where} within {timeout_s:g} s "
@@ -179,6 +184,22 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, l
         log(f"process group: {world_size()} processes, backend {backend}, rank 0 on "
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, timeout {timeout_s:g} s")
     return device
+
+
+def _attempt_store(timeout_s: float):
+    """Under an elastic launch, the rendezvous store with a prefix of its own for each restart.
+
+    The elastic agent keeps one store across worker restarts; without a prefix, a restarted worker can
+    read the address a dead worker of the previous attempt published there and wait on it until the
+    timeout (seen with gloo after a SIGKILLed worker)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=not agent_hosts and int(os.environ["RANK"]) == 0,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return dist.PrefixStore(f"alexnet/attempt-{attempt}/", store)
 
 
 def shutdown() -> None:
@@ -197,12 +218,12 @@ def sum_all(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank."""
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank."""
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=_device)
+    dist.broadcast_object_list(box, src=src, device=_device)
     return box[0]
 
 

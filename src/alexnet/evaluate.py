@@ -29,8 +29,11 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict[str, float]:
     model.eval()
-    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
-    for images, target in loader:
+    loss_sum, correct1, correct5, count, bad = 0.0, 0, 0, 0, 0
+    for images, target, n_bad in loader:
+        bad += n_bad
+        if target.numel() == 0:
+            continue
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -39,10 +42,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         c1, c5 = topk_correct(logits, target)
         correct1, correct5, count = correct1 + c1, correct5 + c5, count + target.numel()
-    loss_sum, correct1, correct5, count = distributed.sum_all([loss_sum, correct1, correct5, count])
+    loss_sum, correct1, correct5, count, bad = distributed.sum_all([loss_sum, correct1, correct5, count, bad])
     count = int(count)
     return {"loss": loss_sum / max(count, 1), "acc1": correct1 / max(count, 1),
-            "acc5": correct5 / max(count, 1), "count": count, "correct1": int(correct1), "correct5": int(correct5)}
+            "acc5": correct5 / max(count, 1), "count": count, "correct1": int(correct1), "correct5": int(correct5),
+            "bad_images": int(bad)}
 
 
 def model_from_checkpoint(state: dict) -> nn.Module:

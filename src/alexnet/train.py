@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from datetime import datetime
@@ -14,13 +15,13 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import ConfigError, TrainConfig, save_yaml, to_dict
+from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
 from .data import make_loader, open_splits, train_transform, eval_transform
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
 from .progress import Progress
-from .runtime import configure, resolve_device, seed_everything
+from .runtime import configure, resolve_device, rng_state, seed_everything, set_rng_state
 
 
 class Schedule:
@@ -64,23 +65,48 @@ class Schedule:
             state["plateau_factor"], state["best_loss"], state["bad_epochs"])
 
 
-def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, device, *, epoch: int,
-                    global_step: int, accum_steps: int, channels_last: bool, progress: Progress) -> dict:
+class NonFiniteLoss(RuntimeError):
+    """The loss was not finite for too many steps in a row."""
+
+
+def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, device, *, global_step: int,
+                    accum_steps: int, channels_last: bool, progress: Progress, sums: dict | None = None,
+                    after_step=None, any_rank=lambda flag: flag, max_nonfinite: int = 10,
+                    input_size: int = 224) -> dict:
     """One pass over this process's shard. Each optimizer step takes `accum_steps` micro-batches; under
     DDP, gradients are all-reduced only on the last of them (no_sync on the others), which gives the
-    same step as one batch of all the images. Returns this process's sums and counts."""
+    same step as one batch of all the images. Returns this process's sums and counts, continuing `sums`
+    (a resumed epoch's). `after_step(global_step, sums)` runs after each step (checkpoints, agreed
+    stops); when it returns True the epoch ends there, with "stopped" set.
+
+    A step whose loss is not finite on any rank (`any_rank` agrees on it) is skipped by all and counted;
+    `max_nonfinite` of them in a row raise NonFiniteLoss, with the weights still those of the last good
+    step."""
     model.train()
     steps = len(loader) // accum_steps
-    loss_sum, correct, seen = 0.0, 0, 0
-    start = time.perf_counter()
+    sums = dict(sums or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0, "skipped": 0, "bad": 0})
+    loss_sum, correct, seen, skipped = sums["loss_sum"], sums["correct"], sums["images"], sums.get("skipped", 0)
+    bad = sums.get("bad", 0)
+    in_a_row = 0
+    start = time.perf_counter() - sums["seconds"]
+    stopped = False
     batches = iter(loader)
     for _ in range(steps):
         lr = schedule.lr(global_step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        step_loss, step_correct, step_seen = 0.0, 0, 0
         for micro in range(accum_steps):
-            images, target = next(batches)
+            images, target, n_bad = next(batches)
+            bad += n_bad
+            if target.numel() == 0:
+                # Every image of this micro-batch was unreadable: a zero-weighted step on a blank image keeps
+                # this rank in step with the others (DDP all-reduces on every rank at every step).
+                images, target = torch.zeros(1, 3, input_size, input_size), torch.zeros(1, dtype=torch.long)
+                blank = True
+            else:
+                blank = False
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -88,19 +114,33 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             last_micro = micro == accum_steps - 1
             with nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
                 logits = model(images)
-                loss = criterion(logits, target)
+                loss = criterion(logits, target) * (0.0 if blank else 1.0)
                 (loss / accum_steps).backward()
+            if blank:
+                continue
             n = target.numel()
-            loss_sum += loss.item() * n
-            correct += topk_correct(logits.detach(), target, ks=(1,))[0]
-            seen += n
-        optimizer.step()
+            step_loss += loss.item() * n
+            step_correct += topk_correct(logits.detach(), target, ks=(1,))[0]
+            step_seen += n
+        if any_rank(not math.isfinite(step_loss)):
+            optimizer.zero_grad(set_to_none=True)  # skipped by every rank: the weights stay as they are
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            if in_a_row >= max_nonfinite:
+                raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row (up to global step "
+                                    f"{global_step + 1}); the weights are those of the last finite step")
+        else:
+            optimizer.step()
+            loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
         global_step += 1
-        progress.update(loss=loss_sum / seen, top1=correct / seen,
+        progress.update(loss=loss_sum / max(seen, 1), top1=correct / max(seen, 1),
                         img_s=seen / (time.perf_counter() - start), lr=lr)
+        sums = {"loss_sum": loss_sum, "correct": correct, "images": seen, "seconds": time.perf_counter() - start,
+                "skipped": skipped, "bad": bad}
+        if after_step is not None and after_step(global_step, sums):
+            stopped = True
+            break
     progress.close()
-    return {"loss_sum": loss_sum, "correct": correct, "images": seen,
-            "seconds": time.perf_counter() - start, "global_step": global_step}
+    return {**sums, "seconds": time.perf_counter() - start, "global_step": global_step, "stopped": stopped}
 
 
 def batch_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -134,6 +174,44 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+class StopSignal:
+    """Notes a SIGTERM (preemption by Slurm or Kubernetes) so that the loop stops at a step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second SIGTERM: the launcher is tearing the workers down; go now
+            raise SystemExit(128 + signum)
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def newest_agreed(ckpt_dir: Path, rank: int, say) -> tuple[Path | None, dict | None]:
+    """The newest usable checkpoint that any rank holds, on every rank. Without shared storage only some
+    machines hold it: the ranks agree on the newest global step any of them has, and one holder sends
+    it to the others, so that no rank silently starts afresh while others resume."""
+    found = checkpoint.newest_valid(ckpt_dir, log=say)
+    steps = distributed.all_gather_objects(found[1]["global_step"] if found else -1)
+    newest = max(steps)
+    if newest < 0:
+        say(f"no checkpoint in {ckpt_dir}: starting afresh")
+        return None, None
+    if all(s == newest for s in steps):
+        return found
+    holder = steps.index(newest)
+    say(f"the newest checkpoint (global step {newest}) is on rank {holder}'s machine only: sending it to the others")
+    state = distributed.broadcast_object(found[1] if rank == holder else None, src=holder)
+    return f"{checkpoint.step_path(ckpt_dir, newest)} (from rank {holder})", state
+
+
 def fit(cfg: TrainConfig, log=print) -> dict:
     threads = configure(cfg.deterministic, cfg.threads)
     seed_everything(cfg.seed)
@@ -152,7 +230,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if data_root is None:
         data_root = str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
     train_set, val_set = open_splits(data_root, train_transform(cfg),
-                                     eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std), cfg.seed)
+                                     eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std), cfg.seed,
+                                     on_bad_image=cfg.on_bad_image)
     classes = train_set.classes
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, train=True, seed=cfg.seed,
@@ -184,23 +263,37 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     schedule = Schedule(cfg, steps_per_epoch, peak_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    start_epoch, global_step, best_acc1 = 0, 0, -1.0
-    if cfg.resume:
-        state = checkpoint.load_run(cfg.resume)
+    start_epoch, skip_steps, partial, global_step, best_acc1 = 0, 0, None, 0, -1.0
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    resume = cfg.resume or ("auto" if restarted else None)  # restarted workers continue by themselves
+    source = None
+    if resume == "auto":
+        source, state = newest_agreed(ckpt_dir, rank, say)
+    elif resume:
+        source, state = Path(resume), checkpoint.load_run(resume)
+    if source is not None:
         if list(state["classes"]) != classes:
-            raise checkpoint.CheckpointError(f"{cfg.resume} was trained on other classes than {data_root}")
+            raise checkpoint.CheckpointError(f"{source} was trained on other classes than {data_root}")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(
-                f"--resume {cfg.resume}: the checkpoint does not fit this model (was --arch or --fc-width "
+                f"--resume {source}: the checkpoint does not fit this model (was --arch or --fc-width "
                 f"changed?): {str(e).splitlines()[0]}") from None
         schedule.load_state_dict(state["schedule"])
-        rng = state.get("torch_rng_ranks")
-        torch.set_rng_state(rng[rank] if rng is not None and len(rng) == world else state["torch_rng"])
+        ranks = state.get("ranks")
+        saved_on = (state.get("world_size", 1), state.get("device_type", device.type))
+        if ranks is not None and saved_on == (world, device.type):
+            set_rng_state(ranks[rank]["rng"])
+            partial = ranks[rank]["sums"]
+        else:
+            torch.set_rng_state(state["torch_rng"])
+            say(f"WARNING: {source} was saved by {saved_on[0]} process(es) on {saved_on[1]}; resuming with "
+                f"{world} on {device.type} works but is not bit-exact")
         start_epoch, global_step, best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
-        say(f"resumed from {cfg.resume} at epoch {start_epoch}, step {global_step}")
+        skip_steps = state.get("step_in_epoch", 0)
+        say(f"resumed from {source} at epoch {start_epoch + 1}, step {skip_steps} of it (global step {global_step})")
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
@@ -212,41 +305,97 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         f"lr {peak_lr:g}" + (f" (--lr {cfg.lr:g} scaled by {global_batch}/{cfg.lr_reference_batch})"
                              if cfg.lr_scaling == "linear" else "") + f"; {steps_per_epoch} steps an epoch")
 
+    def save(epoch: int, step_in_epoch: int, sums: dict | None, metrics: dict, is_best: bool = False) -> None:
+        """Every rank calls this at the same step (it gathers their random states); rank 0 writes."""
+        ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums})
+        if not main:
+            return
+        state = {"format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                 "best_acc1": best_acc1, "torch_rng": torch.get_rng_state(), "ranks": ranks, "world_size": world, "device_type": device.type,
+                 "classes": classes, "config": to_dict(cfg), "metrics": metrics}
+        checkpoint.save_step(state, ckpt_dir, cfg.keep_last)
+        if is_best:
+            checkpoint.save(state, ckpt_dir / "best.pt")
+
+    every_steps, every_minutes = parse_every(cfg.checkpoint_every)
+    last_save = time.monotonic()
+    preempted = StopSignal()
+
+    def after_step(step: int, sums: dict) -> bool:
+        """Checkpoint inside the epoch when due; stop, agreed by all ranks, on SIGTERM."""
+        nonlocal last_save, global_step
+        global_step = step
+        timed = every_minutes > 0 and time.monotonic() - last_save >= every_minutes * 60
+        if world > 1:  # the ranks must take the same decision at the same step
+            stop, timed = (v > 0 for v in distributed.sum_all([float(preempted.requested), float(timed)]))
+        else:
+            stop = preempted.requested
+        in_epoch = (step - epoch_start_step) + skip
+        if in_epoch < steps_per_epoch and (stop or timed or every_steps and step % every_steps == 0):
+            save(epoch, in_epoch, sums, last)
+            last_save = time.monotonic()
+        return stop
+
+    def any_rank(flag: bool) -> bool:
+        return distributed.sum_all([float(flag)])[0] > 0 if world > 1 else flag
+
     last = {}
+    stopped = False
     for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", every=cfg.log_every,
+        skip = skip_steps if epoch == start_epoch else 0
+        train_loader.sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.accum_steps)
+        epoch_start_step = global_step
+        progress = Progress(steps_per_epoch - skip, f"epoch {epoch + 1}/{cfg.epochs}", every=cfg.log_every,
                             enabled=main and not cfg.quiet)
-        t = train_one_epoch(ddp_model, train_loader, optimizer, schedule, criterion, device, epoch=epoch,
-                            global_step=global_step, accum_steps=cfg.accum_steps,
-                            channels_last=cfg.channels_last, progress=progress)
+        try:
+            t = train_one_epoch(ddp_model, train_loader, optimizer, schedule, criterion, device,
+                                global_step=global_step, accum_steps=cfg.accum_steps,
+                                channels_last=cfg.channels_last, progress=progress,
+                                sums=partial if skip else None, after_step=after_step,
+                                any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop)
+        except NonFiniteLoss as e:
+            save(epoch, (global_step - epoch_start_step) + skip, None, last)
+            raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
+                                f"--warmup-epochs or checking the data usually helps") from None
         global_step = t["global_step"]
-        loss_sum, correct, images, seconds = distributed.sum_all(
-            [t["loss_sum"], t["correct"], t["images"], t["seconds"]])
+        if t["stopped"] and (global_step - epoch_start_step) + skip < steps_per_epoch:
+            stopped = True
+            break
+        loss_sum, correct, images, seconds, bad = distributed.sum_all(
+            [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
         v = evaluate(model, val_loader, device, cfg.channels_last)
         schedule.end_epoch(v["loss"])
         epoch_seconds = seconds / world
         last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
                 "val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"],
                 "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / epoch_seconds,
-                "epoch_seconds": epoch_seconds, "global_step": global_step}
+                "epoch_seconds": epoch_seconds, "global_step": global_step, "skipped_steps": t["skipped"],
+                "bad_images": int(bad), "val_bad_images": v["bad_images"]}
         is_best = v["acc1"] > best_acc1
         best_acc1 = max(best_acc1, v["acc1"])
-        rng_ranks = distributed.all_gather_objects(torch.get_rng_state())
         if main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
-            state = {"format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "epoch": epoch + 1, "global_step": global_step, "best_acc1": best_acc1,
-                     "torch_rng": torch.get_rng_state(), "torch_rng_ranks": rng_ranks, "world_size": world,
-                     "classes": classes, "config": to_dict(cfg), "metrics": last}
-            checkpoint.save(state, ckpt_dir / "last.pt")
-            if is_best:
-                checkpoint.save(state, ckpt_dir / "best.pt")
+        save(epoch + 1, 0, None, last, is_best)
+        last_save = time.monotonic()
+        if bad or v["bad_images"]:
+            say(f"WARNING: epoch {epoch + 1}: {int(bad)} training and {v['bad_images']} validation images were "
+                f"unreadable and skipped (`alexnet data check` lists them)")
+        if t["skipped"]:
+            say(f"WARNING: {t['skipped']} step(s) of epoch {epoch + 1} skipped: the loss was not finite")
         say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, val loss {v['loss']:.4f}, "
             f"top-1 {v['acc1']:.2%}, top-5 {v['acc5']:.2%}, lr {last['lr']:.3g}, "
             f"{last['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
+        if t["stopped"]:
+            stopped = True
+            break
+    preempted.restore()
+    if stopped:
+        say(f"stopped on SIGTERM at global step {global_step}, checkpoint saved; continue with "
+            f"`alexnet train --resume auto --out {out}`")
+        return last
     say(f"done: best val top-1 {best_acc1:.2%}; checkpoints in {ckpt_dir}")
     log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {rank} of {world})")
     return last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ class ImageFolder(Dataset):
     random augmentation of a sample depends only on (seed, epoch, index)."""
 
     def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, on_bad_image: str = "skip") -> None:
         self.root, self.split = Path(root), split
         split_dir = self.root / split
         own = find_classes(split_dir)
@@ -59,26 +60,35 @@ class ImageFolder(Dataset):
         self.samples = scan(split_dir, self.classes)
         if not self.samples:
             raise DataError(f"{split_dir} holds no images")
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.on_bad_image = transform, seed, on_bad_image
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int] | None:
+        """The transformed image and its label; None for an unreadable file under on_bad_image="skip"
+        (the loader's collate drops it and counts it)."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
-        img = load_rgb(path)
+        try:
+            img = load_rgb(path)
+        except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, empty, not an image
+            if self.on_bad_image == "error":
+                raise DataError(f"unreadable image {path}: {e} (--on-bad-image skip skips such files)") from None
+            print(f"WARNING: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+            return None
         return self.transform(img, sample_generator(self.seed, epoch, index)), label
 
 
-def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int):
+def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int,
+                on_bad_image: str = "skip"):
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
-    train = ImageFolder(root, "train", train_transform, seed)
+    train = ImageFolder(root, "train", train_transform, seed, on_bad_image=on_bad_image)
     val_classes = find_classes(root / "val")
     missing = sorted(set(val_classes) - set(train.classes))
     if missing:
         raise DataError(f"{root / 'val'} has classes that {root / 'train'} lacks: {', '.join(missing[:5])}")
-    val = ImageFolder(root, "val", eval_transform, seed, classes=train.classes)
+    val = ImageFolder(root, "val", eval_transform, seed, classes=train.classes, on_bad_image=on_bad_image)
     return train, val

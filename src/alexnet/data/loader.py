@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 
 class EpochSampler(Sampler):
@@ -19,14 +19,17 @@ class EpochSampler(Sampler):
     the ranks' batches at a step are the same images as one process would see with the global batch.
 
     Evaluation: indices in order, rank r taking every world-th from r, with nothing dropped and nothing
-    repeated, so every sample is counted exactly once whatever the world size."""
+    repeated, so every sample is counted exactly once whatever the world size.
+
+    `set_epoch(epoch, skip)` starts the epoch's shard after its first `skip` samples: a resume inside an
+    epoch continues with exactly the batches that were still to come."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.skip = rank, world, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -38,7 +41,7 @@ class EpochSampler(Sampler):
         return order[self.rank::self.world]
 
     def __iter__(self):
-        shard = self.indices()
+        shard = self.indices()[self.skip:]
         trace = os.environ.get("ALEXNET_TRACE_SAMPLES")  # tests: record which samples each rank draws
         if trace and self.shuffle:
             Path(trace).mkdir(parents=True, exist_ok=True)
@@ -47,8 +50,21 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         if self.shuffle:
-            return (self.size - self.size % self.world) // self.world
-        return len(range(self.rank, self.size, self.world))
+            n = (self.size - self.size % self.world) // self.world
+        else:
+            n = len(range(self.rank, self.size, self.world))
+        return max(n - self.skip, 0)
+
+
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, targets, number of unreadable samples dropped from this batch); a batch with no readable
+    sample gives empty tensors."""
+    good = [b for b in batch if b is not None]
+    bad = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images, targets = default_collate(good)
+    return images, targets, bad
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool, seed: int = 0,
@@ -58,9 +74,13 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool,
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate_skipping_bad,
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=train and len(sampler) >= batch_size,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: starting an epoch's iterator then draws nothing from the global generator,
+        # which dropout uses, so a resume inside an epoch continues the same random stream.
+        generator=torch.Generator().manual_seed(seed),
     )

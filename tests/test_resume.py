@@ -1,0 +1,186 @@
+"""Checkpoints and resume: exact resume inside an epoch (one and two processes), --resume auto with
+unusable checkpoints, retention, SIGTERM, elastic restarts after a killed worker, and refusing a
+checkpoint that would run code."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet import checkpoint
+from conftest import final_weights, max_diff, run_cli
+
+# Deterministic, with dropout on (so the random state matters), 24 images in batches of 4: 6 steps an epoch.
+RESUME = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "4", "--workers", "0", "--quiet",
+          "--deterministic", "--dropout", "0.5", "--lr", "0.03", "--keep-last", "100"]
+
+
+def steps_of(out: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt"))
+
+
+def resume_from(exact, src: Path, name: str, *flags, edit=None):
+    """Copy one step checkpoint into a fresh run folder and continue from it with --resume auto."""
+    out = exact["root"] / name
+    (out / "checkpoints").mkdir(parents=True)
+    state = checkpoint.load_run(src)
+    if edit:
+        edit(state)
+    torch.save(state, out / "checkpoints" / src.name)
+    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, *flags, "--resume", "auto")
+    return final_weights(out), p
+
+
+@pytest.fixture(scope="module")
+def straight(exact):
+    """A run never stopped: 2 epochs (12 steps), a checkpoint every 2 steps."""
+    out = exact["root"] / "straight"
+    run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--checkpoint-every", "2")
+    return out
+
+
+@pytest.mark.slow
+def test_resume_inside_an_epoch_gives_the_same_weights(exact, straight):
+    assert steps_of(straight) == [2, 4, 6, 8, 10, 12]
+    src = straight / "checkpoints" / "step-000000008.pt"  # epoch 2, after 2 of its 6 steps
+    state = checkpoint.load_run(src)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 8)
+    w, p = resume_from(exact, src, "resumed", "--epochs", "2", "--checkpoint-every", "2")
+    assert "at epoch 2, step 2 of it" in p.stdout
+    assert max_diff(w, final_weights(straight)) == 0.0
+    # The control: the same checkpoint, claiming to be one step earlier in the epoch, repeats a batch.
+    w, _ = resume_from(exact, src, "control", "--epochs", "2", edit=lambda s: s.update(step_in_epoch=1))
+    assert max_diff(w, final_weights(straight)) > 1e-6
+
+
+@pytest.mark.slow
+def test_two_processes_resume_inside_an_epoch_exactly(exact):
+    out = exact["root"] / "straight2"
+    run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "1", "--checkpoint-every", "1",
+            "--batch-size", "2", "--nproc-per-node", "2")  # 6 steps; step 4 is inside the epoch
+    state = checkpoint.load_run(out / "checkpoints" / "step-000000004.pt")
+    assert len(state["ranks"]) == 2 and state["world_size"] == 2
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
+    w, _ = resume_from(exact, out / "checkpoints" / "step-000000004.pt", "resumed2", "--epochs", "1",
+                       "--batch-size", "2", "--nproc-per-node", "2")
+    assert max_diff(w, final_weights(out)) == 0.0
+    # On another world size it still runs, with a warning that it is not exact.
+    _, p = resume_from(exact, out / "checkpoints" / "step-000000004.pt", "resumed1", "--epochs", "1",
+                       "--batch-size", "4")
+    assert "is not bit-exact" in p.stdout
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_an_unusable_checkpoint_and_keeps_the_last_k(exact, straight, tmp_path):
+    out = tmp_path / "auto"
+    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "1", "--resume", "auto",
+                "--checkpoint-every", "1", "--keep-last", "2")
+    assert "starting afresh" in p.stdout
+    assert steps_of(out) == [5, 6]  # the last 2 kept
+    assert os.path.samefile(out / "checkpoints" / "last.pt", out / "checkpoints" / "step-000000006.pt")
+    newest = out / "checkpoints" / "step-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--resume", "auto")
+    assert "skipping an unusable checkpoint" in p.stdout and "step-000000006.pt" in p.stdout
+    assert "at epoch 1, step 5 of it" in p.stdout
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp") / f"alexnet-evil-{uuid.uuid4().hex}"
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, exact):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": Evil()}, evil)
+    with pytest.raises(pickle.UnpicklingError):  # the control: a plain load would have run it
+        torch.load(evil, weights_only=True)
+    for args in (["eval", "--checkpoint", evil], ["predict", "--checkpoint", evil, evil],
+                 ["train", "--data", exact["data"], "--resume", evil, "--out", tmp_path / "r"],
+                 ["train", "--data", exact["data"], "--weights", evil, "--out", tmp_path / "w", "--epochs", "1"]):
+        p = run_cli(*args, check=False)
+        assert p.returncode == 2, p.stderr
+        assert "it may run code when unpickled" in p.stderr and "Traceback" not in p.stderr
+    assert not MARKER.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path):
+    flags = [*RESUME, "--epochs", "12", "--data", exact["data"]]
+    reference = tmp_path / "reference"
+    run_cli("train", *flags, "--out", reference)
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # wait for the second epoch to end, then preempt
+        if "epoch 2/12:" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped on SIGTERM" in stdout and "--resume auto" in stdout
+    stopped_at = checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"]
+    assert 12 <= stopped_at < 72
+    run_cli("train", *flags, "--out", out, "--resume", "auto")
+    assert max_diff(final_weights(out), final_weights(reference)) == 0.0
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_and_resumes(exact, tmp_path):
+    tag = uuid.uuid4().hex
+    out = tmp_path / "elastic"
+    flags = [*RESUME, "--epochs", "6", "--data", exact["data"], "--batch-size", "2", "--checkpoint-every", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(out),
+                             "--nproc-per-node", "2", "--max-restarts", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "ALEXNET_TEST_TAG": tag})
+    deadline = time.monotonic() + 120
+    while not ((out / "checkpoints").exists() and max(steps_of(out), default=0) >= 8):  # inside epoch 2
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.1)
+    victim = worker_pid(tag, rank=1)
+    killed_after = max(steps_of(out))
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout
+    resumed_at = int(stdout.split("(global step ")[1].split(")")[0])
+    assert killed_after <= resumed_at + 2 and resumed_at >= 8  # at most one checkpoint interval repeated
+    assert checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"] == 36  # 6 epochs x 6 steps
+
+
+def worker_pid(tag: str, rank: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"ALEXNET_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_usable_checkpoint(exact, tmp_path):
+    out = tmp_path / "diverged"
+    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "3", "--lr", "1e6",
+                "--max-nonfinite-steps", "3", check=False)
+    assert p.returncode == 1, p.stderr
+    assert "the loss was not finite for 3 steps in a row" in p.stderr and "Traceback" not in p.stderr
+    state = checkpoint.load_run(out / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    # The control: a sane learning rate skips nothing.
+    run_cli("train", "--data", exact["data"], "--out", tmp_path / "sane", *RESUME, "--epochs", "1")
+    import json
+    assert json.loads((tmp_path / "sane" / "metrics.jsonl").read_text())["skipped_steps"] == 0
