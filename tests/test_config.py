@@ -1,7 +1,7 @@
 import pytest
 
 from alexnet.config import ConfigError, SYNTHETIC_DEFAULTS, TrainConfig, resolve_train
-from conftest import TINY, run_cli
+from conftest import TINY, cli
 
 
 def test_defaults_are_the_paper_and_torchvision_augmentation(tmp_path):
@@ -65,42 +65,40 @@ def test_exact_resize_accepted():
     assert cfg.resize == "256x256"
 
 
-def test_cli_errors_are_clear_and_fail_before_work(tmp_path):
+def test_cli_errors_are_clear_and_fail_before_work(tmp_path, capsys):
     for args, message in [
         (["--data", tmp_path / "missing"], "--data: "),
         (["--batch-size", "0"], "--batch-size: must be at least 1"),
         (["--crop", "300", "--resize", "256"], "--crop: 300 is larger than the resized image"),
     ]:
-        p = run_cli("train", *args, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", check=False,
-                    timeout=60)
-        assert p.returncode == 2, p.stderr
-        assert message in p.stderr and "Traceback" not in p.stderr
+        code, _, stderr = cli(capsys, "train", *args, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache")
+        assert code == 2, stderr
+        assert message in stderr
         assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
-    p = run_cli("train", "--arch", "vgg", check=False, timeout=60)
-    assert p.returncode == 2 and "invalid choice: 'vgg'" in p.stderr
+    code, _, stderr = cli(capsys, "train", "--arch", "vgg")
+    assert code == 2 and "invalid choice: 'vgg'" in stderr
 
 
-def test_data_folder_without_splits(tmp_path):
+def test_data_folder_without_splits(tmp_path, capsys):
     (tmp_path / "d" / "cats").mkdir(parents=True)
-    p = run_cli("train", "--data", tmp_path / "d", "--out", tmp_path / "run", *TINY, check=False, timeout=60)
-    assert p.returncode == 2 and "train does not exist" in p.stderr and "Traceback" not in p.stderr
+    code, _, stderr = cli(capsys, "train", "--data", tmp_path / "d", "--out", tmp_path / "run", *TINY)
+    assert code == 2 and "train does not exist" in stderr
 
 
-def test_empty_class_folder(tmp_path, tiny_data):
+def test_empty_class_folder(tmp_path, tiny_data, capsys):
     import shutil
     d = tmp_path / "d"
     shutil.copytree(tiny_data, d)
     (d / "train" / "empty").mkdir()
-    p = run_cli("train", "--data", d, "--out", tmp_path / "run", *TINY, check=False, timeout=60)
-    assert p.returncode == 2 and "holds no images" in p.stderr and "empty" in p.stderr
+    code, _, stderr = cli(capsys, "train", "--data", d, "--out", tmp_path / "run", *TINY)
+    assert code == 2 and "holds no images" in stderr and "empty" in stderr
 
 
-def test_unwritable_output_folder(tmp_path, tiny_data):
+def test_unwritable_output_folder(tmp_path, tiny_data, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    p = run_cli("train", "--data", tiny_data, "--out", blocker / "run", *TINY, check=False, timeout=120)
-    assert p.returncode == 1 and "error: Not a directory" in p.stderr and str(blocker) in p.stderr
-    assert "Traceback" not in p.stderr
+    code, _, stderr = cli(capsys, "train", "--data", tiny_data, "--out", blocker / "run", *TINY)
+    assert code == 1 and "error: Not a directory" in stderr and str(blocker) in stderr
 
 
 def test_linear_lr_scaling_brings_a_warm_up_unless_one_is_given():

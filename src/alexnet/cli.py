@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 
-from . import __version__, distributed, launch
+from . import __version__, distributed, launch, logs
 from .config import (ConfigError, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
                      validate_eval, validate_predict)
+from .export import FORMATS, ExportError
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
@@ -46,8 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(ev, EvalConfig, suppress=False)
     launch.add_arguments(ev)
 
-    pr = sub.add_parser("predict", help="top-k classes of images with a checkpoint")
+    pr = sub.add_parser("predict", help="top-k classes of images with a checkpoint or an exported model")
     _add_fields(pr, PredictConfig, suppress=False)
+
+    ex = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript, torch.export or safetensors")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by alexnet train")
+    ex.add_argument("--format", required=True, choices=list(FORMATS),
+                    help="onnx (dynamic batch, checked with onnxruntime), torchscript, pt2 (torch.export) or "
+                         "safetensors (weights only)")
+    ex.add_argument("--out", required=True, help="file to write; the metadata also goes to the same name .json")
+
+    pl = sub.add_parser("plot", help="curves of loss, top-1, top-5, learning rate and images/s of runs")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (alexnet train --out)")
+    pl.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -97,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ranked = distributed.launched() and os.environ.get("WORLD_SIZE") != "1"
     who = f" (rank {os.environ['RANK']})" if ranked else ""
-    tag = f" [rank {os.environ['RANK']}]" if ranked else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
-    log = logging.getLogger("alexnet").info
+    log = logs.setup(os.environ["RANK"] if ranked else None).info
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import NonFiniteLoss
@@ -127,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = build(PredictConfig, {k: v for k, v in vars(args).items() if k != "command"})
             validate_predict(cfg)
             run(cfg)
+        elif args.command == "export":
+            from .export import export
+            export(args.checkpoint, args.format, args.out, log=print)
+        elif args.command == "plot":
+            from .plots import load_runs, save, training_curves
+            runs = load_runs(args.runs)
+            print(f"wrote {save(training_curves(runs), args.out)} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
         elif args.command == "data" and args.data_command == "stats":
             from pathlib import Path
             from .stats import channel_stats
@@ -143,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
-    except (distributed.DistributedError, NonFiniteLoss) as e:
+    except (distributed.DistributedError, NonFiniteLoss, ExportError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file

@@ -104,6 +104,8 @@ class TrainConfig:
     channels_last: bool = opt(True, "channels-last memory layout (faster convolutions on most hardware)")
     log_every: int = opt(20, "steps between progress lines when the output is not a terminal")
     quiet: bool = opt(False, "no progress display; epoch lines only")
+    tensorboard: bool = opt(False, "also write TensorBoard event files to RUN/tensorboard "
+                                   "(needs pip install 'alexnet[tensorboard]')")
     config: str | None = opt(None, "YAML file of settings; flags override it", flag=True)
 
 
@@ -122,6 +124,7 @@ class EvalConfig:
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
     cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
     json: bool = opt(False, "print the metrics as JSON")
+    confusion: str | None = opt(None, "also draw the confusion matrix, with class names, to this PNG file")
     backend: str = opt("auto", "process-group backend when launched on several processes: auto, nccl or gloo",
                        ("auto", "nccl", "gloo"))
     dist_timeout: float = opt(300.0, "seconds to wait for the other processes when joining and in every collective")
@@ -129,8 +132,9 @@ class EvalConfig:
 
 @dataclass
 class PredictConfig:
-    images: list = opt((), "image files or folders", flag=False)
-    checkpoint: str = opt(None, "checkpoint (.pt) to predict with")
+    images: list = opt((), "image files, folders or glob patterns ('photos/**/*.jpg')", flag=False)
+    checkpoint: str = opt(None, "model to predict with: a checkpoint (.pt) or a file of alexnet export "
+                                "(.onnx, .ts, .pt2, .safetensors)")
     topk: int = opt(5, "number of classes shown per image")
     batch_size: int = opt(64, "images per batch")
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
@@ -262,6 +266,11 @@ def validate_train(cfg: TrainConfig) -> None:
     parse_every(cfg.checkpoint_every)
     need(cfg.keep_last >= 1, "keep-last", "must be at least 1")
     need(cfg.max_nonfinite_steps >= 1, "max-nonfinite-steps", "must be at least 1")
+    if cfg.tensorboard:
+        from .logs import tensorboard_missing
+        missing = tensorboard_missing()
+        if missing:
+            raise ConfigError(missing)
     need(cfg.resume != "auto" or cfg.out is not None, "resume",
          "auto needs --out: the run folder whose checkpoints to continue from")
     for name in ("data", "weights", "resume"):
@@ -300,6 +309,13 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError("--dist-timeout: must be a positive number of seconds")
     if cfg.data is not None and not Path(cfg.data).exists():
         raise ConfigError(f"--data: {cfg.data!r} does not exist")
+    if cfg.confusion is not None:
+        from .plots import matplotlib_missing
+        target = Path(cfg.confusion)
+        if matplotlib_missing():
+            raise ConfigError(f"--confusion: {matplotlib_missing()}")
+        if target.suffix.lower() != ".png" or not target.parent.is_dir():
+            raise ConfigError(f"--confusion: {cfg.confusion!r} must be a .png file in an existing folder")
 
 
 def validate_predict(cfg: PredictConfig) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,9 +28,14 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
+             confusion_classes: int = 0) -> dict[str, float]:
+    """Loss, top-1 and top-5 over the whole split; with `confusion_classes` = C also the C x C matrix of
+    counts (row: true class, column: top-1 prediction) as "confusion"."""
     model.eval()
     loss_sum, correct1, correct5, count, bad = 0.0, 0, 0, 0, 0
+    c = confusion_classes
+    confusion = torch.zeros(c * c, dtype=torch.int64)
     for images, target, n_bad in loader:
         bad += n_bad
         if target.numel() == 0:
@@ -42,11 +48,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         c1, c5 = topk_correct(logits, target)
         correct1, correct5, count = correct1 + c1, correct5 + c5, count + target.numel()
-    loss_sum, correct1, correct5, count, bad = distributed.sum_all([loss_sum, correct1, correct5, count, bad])
+        if c:
+            confusion += torch.bincount((target * c + logits.argmax(dim=1)).cpu(), minlength=c * c)
+    summed = distributed.sum_all([loss_sum, correct1, correct5, count, bad, *confusion.tolist()])
+    loss_sum, correct1, correct5, count, bad = summed[:5]
     count = int(count)
-    return {"loss": loss_sum / max(count, 1), "acc1": correct1 / max(count, 1),
-            "acc5": correct5 / max(count, 1), "count": count, "correct1": int(correct1), "correct5": int(correct5),
-            "bad_images": int(bad)}
+    metrics = {"loss": loss_sum / max(count, 1), "acc1": correct1 / max(count, 1),
+               "acc5": correct5 / max(count, 1), "count": count, "correct1": int(correct1),
+               "correct5": int(correct5), "bad_images": int(bad)}
+    if c:
+        metrics["confusion"] = [[int(v) for v in summed[5 + i * c:5 + (i + 1) * c]] for i in range(c)]
+    return metrics
 
 
 def model_from_checkpoint(state: dict) -> nn.Module:
@@ -69,13 +81,20 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
                          rank=distributed.rank(), world=distributed.world_size())
     model = model_from_checkpoint(state).to(device)
-    metrics = evaluate(model, loader, device)
+    classes = list(state["classes"])
+    metrics = evaluate(model, loader, device, confusion_classes=len(classes) if cfg.confusion else 0)
     if not distributed.is_main():
         return metrics
+    if cfg.confusion:
+        from .plots import confusion_figure, save
+        title = f"{Path(cfg.checkpoint).name} on {data}/val: top-1 {metrics['acc1']:.2%} of {metrics['count']}"
+        save(confusion_figure(metrics["confusion"], classes, title), cfg.confusion)
     if cfg.json:
         json.dump(metrics, sys.stdout)
         print()
     else:
         print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images): loss {metrics['loss']:.4f}  "
               f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}")
+        if cfg.confusion:
+            print(f"confusion matrix: {cfg.confusion}")
     return metrics

@@ -2,49 +2,53 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from . import checkpoint
 from .config import ConfigError, PredictConfig
-from .data import eval_transform, load_rgb
+from .data import DataError, eval_transform, load_rgb
 from .data.images import is_image_name
-from .evaluate import model_from_checkpoint
+from .export import load_predictor
 from .runtime import resolve_device
 
 
 def expand(paths) -> list[str]:
+    """Image files in the order given: files as they are, folders walked (sorted), and glob patterns
+    ('shots/*.jpg', 'data/**/*.png', quoted so that the shell leaves them to us) expanded, sorted."""
     files = []
     for p in paths:
         if os.path.isdir(p):
             files += sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if is_image_name(f))
         elif os.path.isfile(p):
             files.append(p)
+        elif glob.has_magic(p):
+            matched = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f) and is_image_name(f))
+            if not matched:
+                raise ConfigError(f"predict: no image file matches {p!r}")
+            files += matched
         else:
-            raise ConfigError(f"predict: {p!r} is not a file or folder")
+            raise ConfigError(f"predict: {p!r} is not a file, folder or glob pattern")
     if not files:
-        raise ConfigError("predict: no images given (pass image files or folders)")
+        raise ConfigError("predict: no images given (pass image files, folders or glob patterns)")
     return files
 
 
-@torch.no_grad()
 def run(cfg: PredictConfig) -> list[dict]:
-    state = checkpoint.load_run(cfg.checkpoint)
-    tcfg, classes = state["config"], state["classes"]
-    device = resolve_device(cfg.device)
-    model = model_from_checkpoint(state).to(device)
-    transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"])
     files = expand(cfg.images)
+    device = resolve_device(cfg.device)
+    predictor = load_predictor(cfg.checkpoint, device)
+    meta, classes = predictor.meta, predictor.classes
+    transform = eval_transform(meta["resize"], meta["crop"], meta["mean"], meta["std"])
     k = min(cfg.topk, len(classes))
     results = []
     for i in range(0, len(files), cfg.batch_size):
         chunk = files[i:i + cfg.batch_size]
-        batch = torch.stack([transform(load_rgb(f)) for f in chunk]).to(device)
-        probs = model(batch).float().softmax(dim=1)
+        batch = torch.stack([transform(_open(f)) for f in chunk]).to(device)
+        probs = predictor(batch).float().softmax(dim=1)
         top = probs.topk(k, dim=1)
         for f, p, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
             results.append({"image": f, "top": [{"class": classes[j], "prob": q} for j, q in zip(idx, p)]})
@@ -55,3 +59,10 @@ def run(cfg: PredictConfig) -> list[dict]:
         else:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
     return results
+
+
+def _open(path: str):
+    try:
+        return load_rgb(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"predict: cannot read {path} as an image: {e}") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, logs
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
 from .data import make_loader, open_splits, train_transform, eval_transform
 from .data.synthetic import ensure_dataset
@@ -294,9 +294,13 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         start_epoch, global_step, best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
         skip_steps = state.get("step_in_epoch", 0)
         say(f"resumed from {source} at epoch {start_epoch + 1}, step {skip_steps} of it (global step {global_step})")
+    log_file, scalars = None, logs.Scalars(None)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
+        log_file = logs.to_file(out / "train.log")
+        if cfg.tensorboard:
+            scalars = logs.Scalars(out / "tensorboard")
     say(f"run folder {out}; {len(train_set)} train and {len(val_set)} val images in {len(classes)} classes "
         f"from {data_root}; {cfg.arch} (fc width {cfg.fc_width}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}")
@@ -333,6 +337,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         else:
             stop = preempted.requested
         in_epoch = (step - epoch_start_step) + skip
+        if step % cfg.log_every == 0:
+            scalars.add(step, {"train/loss": sums["loss_sum"] / max(sums["images"], 1),
+                               "train/top1": sums["correct"] / max(sums["images"], 1),
+                               "train/lr": optimizer.param_groups[0]["lr"]})
         if in_epoch < steps_per_epoch and (stop or timed or every_steps and step % every_steps == 0):
             save(epoch, in_epoch, sums, last)
             last_save = time.monotonic()
@@ -343,59 +351,69 @@ def fit(cfg: TrainConfig, log=print) -> dict:
 
     last = {}
     stopped = False
-    for epoch in range(start_epoch, cfg.epochs):
-        skip = skip_steps if epoch == start_epoch else 0
-        train_loader.sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.accum_steps)
-        epoch_start_step = global_step
-        progress = Progress(steps_per_epoch - skip, f"epoch {epoch + 1}/{cfg.epochs}", every=cfg.log_every,
-                            enabled=main and not cfg.quiet)
-        try:
-            t = train_one_epoch(ddp_model, train_loader, optimizer, schedule, criterion, device,
-                                global_step=global_step, accum_steps=cfg.accum_steps,
-                                channels_last=cfg.channels_last, progress=progress,
-                                sums=partial if skip else None, after_step=after_step,
-                                any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop)
-        except NonFiniteLoss as e:
-            save(epoch, (global_step - epoch_start_step) + skip, None, last)
-            raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
-                                f"--warmup-epochs or checking the data usually helps") from None
-        global_step = t["global_step"]
-        if t["stopped"] and (global_step - epoch_start_step) + skip < steps_per_epoch:
-            stopped = True
-            break
-        loss_sum, correct, images, seconds, bad = distributed.sum_all(
-            [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
-        v = evaluate(model, val_loader, device, cfg.channels_last)
-        schedule.end_epoch(v["loss"])
-        epoch_seconds = seconds / world
-        last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
-                "val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"],
-                "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / epoch_seconds,
-                "epoch_seconds": epoch_seconds, "global_step": global_step, "skipped_steps": t["skipped"],
-                "bad_images": int(bad), "val_bad_images": v["bad_images"]}
-        is_best = v["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, v["acc1"])
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            skip = skip_steps if epoch == start_epoch else 0
+            train_loader.sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.accum_steps)
+            epoch_start_step = global_step
+            progress = Progress(steps_per_epoch - skip, f"epoch {epoch + 1}/{cfg.epochs}", every=cfg.log_every,
+                                enabled=main and not cfg.quiet)
+            try:
+                t = train_one_epoch(ddp_model, train_loader, optimizer, schedule, criterion, device,
+                                    global_step=global_step, accum_steps=cfg.accum_steps,
+                                    channels_last=cfg.channels_last, progress=progress,
+                                    sums=partial if skip else None, after_step=after_step,
+                                    any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop)
+            except NonFiniteLoss as e:
+                save(epoch, (global_step - epoch_start_step) + skip, None, last)
+                raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
+                                    f"--warmup-epochs or checking the data usually helps") from None
+            global_step = t["global_step"]
+            if t["stopped"] and (global_step - epoch_start_step) + skip < steps_per_epoch:
+                stopped = True
+                break
+            loss_sum, correct, images, seconds, bad = distributed.sum_all(
+                [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
+            v = evaluate(model, val_loader, device, cfg.channels_last)
+            schedule.end_epoch(v["loss"])
+            epoch_seconds = seconds / world
+            last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
+                    "val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"],
+                    "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / epoch_seconds,
+                    "epoch_seconds": epoch_seconds, "global_step": global_step, "skipped_steps": t["skipped"],
+                    "bad_images": int(bad), "val_bad_images": v["bad_images"]}
+            is_best = v["acc1"] > best_acc1
+            best_acc1 = max(best_acc1, v["acc1"])
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                scalars.add(global_step, {f"epoch/{k}": v for k, v in last.items()
+                                          if k not in ("epoch", "global_step")})
+                scalars.flush()
+            save(epoch + 1, 0, None, last, is_best)
+            last_save = time.monotonic()
+            if bad or v["bad_images"]:
+                say(f"WARNING: epoch {epoch + 1}: {int(bad)} training and {v['bad_images']} validation images were "
+                    f"unreadable and skipped (`alexnet data check` lists them)")
+            if t["skipped"]:
+                say(f"WARNING: {t['skipped']} step(s) of epoch {epoch + 1} skipped: the loss was not finite")
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, val loss {v['loss']:.4f}, "
+                f"top-1 {v['acc1']:.2%}, top-5 {v['acc5']:.2%}, lr {last['lr']:.3g}, "
+                f"{last['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
+            if t["stopped"]:
+                stopped = True
+                break
+        preempted.restore()
+        if stopped:
+            say(f"stopped on SIGTERM at global step {global_step}, checkpoint saved; continue with "
+                f"`alexnet train --resume auto --out {out}`")
+            return last
         if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
-        save(epoch + 1, 0, None, last, is_best)
-        last_save = time.monotonic()
-        if bad or v["bad_images"]:
-            say(f"WARNING: epoch {epoch + 1}: {int(bad)} training and {v['bad_images']} validation images were "
-                f"unreadable and skipped (`alexnet data check` lists them)")
-        if t["skipped"]:
-            say(f"WARNING: {t['skipped']} step(s) of epoch {epoch + 1} skipped: the loss was not finite")
-        say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, val loss {v['loss']:.4f}, "
-            f"top-1 {v['acc1']:.2%}, top-5 {v['acc5']:.2%}, lr {last['lr']:.3g}, "
-            f"{last['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
-        if t["stopped"]:
-            stopped = True
-            break
-    preempted.restore()
-    if stopped:
-        say(f"stopped on SIGTERM at global step {global_step}, checkpoint saved; continue with "
-            f"`alexnet train --resume auto --out {out}`")
+            say("epochs (* best top-1):\n" + logs.summary_table(
+                [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]))
+        say(f"done: best val top-1 {best_acc1:.2%}; checkpoints in {ckpt_dir}")
+        log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {rank} of {world})")
         return last
-    say(f"done: best val top-1 {best_acc1:.2%}; checkpoints in {ckpt_dir}")
-    log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {rank} of {world})")
-    return last
+    finally:
+        scalars.close()
+        logs.close_file(log_file)

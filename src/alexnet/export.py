@@ -1,0 +1,238 @@
+"""`alexnet export`: a checkpoint as ONNX, TorchScript, torch.export (.pt2) or safetensors, each carrying what
+a user of the file needs (classes, normalisation, input size, architecture); and reading any of them back
+as a predictor for `alexnet predict`.
+
+The metadata travels inside the file (ONNX metadata_props, TorchScript and .pt2 extra files, the safetensors
+header) and beside it as `<name>.json`, for programs that do not read those."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import ConfigError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "safetensors": ".safetensors"}
+
+
+class ExportError(RuntimeError):
+    """The model could not be written in the format asked for, or the written file did not check out."""
+
+
+META_KEY = "alexnet"  # the key of the metadata in every format
+META_FILE = "alexnet.json"  # its name among TorchScript's and torch.export's extra files
+
+
+def metadata(state: dict) -> dict:
+    cfg = state["config"]
+    crop = int(cfg["crop"])
+    return {"arch": cfg["arch"], "fc_width": int(cfg["fc_width"]), "classes": list(state["classes"]),
+            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize": str(cfg["resize"]), "crop": crop,
+            "input": {"name": "images", "shape": ["batch", 3, crop, crop], "dtype": "float32",
+                      "layout": "NCHW, RGB, normalised: (pixel / 255 - mean) / std"},
+            "output": {"name": "logits", "shape": ["batch", len(state["classes"])]},
+            "epoch": state.get("epoch"), "metrics": state.get("metrics") or {}}
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Yield a temporary path in the target's folder; rename it over the target when the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's permissions, not mkstemp's private 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _quietly():
+    """torch.onnx and torch.jit print progress and deprecation notices; the command reports for itself."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
+
+
+def _batch_dim():
+    return {"x": {0: torch.export.Dim("batch", min=1, max=65536)}}
+
+
+def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
+    """Write the checkpoint's model in `fmt` to `out` and `<out stem>.json`; returns the metadata. ONNX is
+    checked against PyTorch with onnxruntime on a batch of 3 (when onnxruntime is installed)."""
+    from .evaluate import model_from_checkpoint
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        raise ConfigError(f"--out: the folder {out_path.parent} does not exist")
+    state = checkpoint.load_run(checkpoint_path)
+    meta = metadata(state)
+    text = json.dumps(meta)
+    model = model_from_checkpoint(state).float().eval()
+    example = torch.randn(3, 3, meta["crop"], meta["crop"], generator=torch.Generator().manual_seed(0))
+    try:
+        with _atomic(out_path) as tmp:
+            _write(model, example, fmt, tmp, text)
+    except (ConfigError, ImportError):
+        raise
+    except Exception as e:  # an exporter's failure: one line naming the format, not a traceback
+        raise ExportError(f"writing {fmt} failed: {str(e).strip().splitlines()[0]}") from e
+    side = out_path.with_suffix(".json")
+    if side != out_path:
+        with _atomic(side) as tmp:
+            Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"wrote {out_path} ({fmt}, {out_path.stat().st_size / 2**20:.1f} MiB) and {side}")
+    if fmt == "onnx":
+        diff = onnx_difference(model, out_path, example)
+        if diff is None:
+            log("onnxruntime is not installed: the file was not checked (pip install 'alexnet[onnx]')")
+        elif diff > 1e-4:
+            out_path.unlink()
+            raise ExportError(f"onnxruntime's output differs from PyTorch's by {diff:.3g} (max abs) on a "
+                              f"batch of 3; the file was removed")
+        else:
+            log(f"checked with onnxruntime: max |difference| to PyTorch {diff:.2e} on a batch of 3")
+    return meta
+
+
+def _write(model, example, fmt: str, path: str, text: str) -> None:
+    if fmt == "onnx":
+        _write_onnx(model, example, path, text)
+    elif fmt == "torchscript":
+        with _quietly(), torch.no_grad():
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, path, _extra_files={META_FILE: text})
+    elif fmt == "pt2":
+        with torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim())
+        torch.export.save(program, path, extra_files={META_FILE: text})
+    else:
+        from safetensors.torch import save_file
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, path, metadata={META_KEY: text})
+
+
+def _write_onnx(model, example, path: str, text: str) -> None:
+    import inspect
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        raise ConfigError(f"ONNX export needs torch >= 2.5 (this is {torch.__version__})")
+    try:
+        with _quietly():
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=_batch_dim())
+    except ImportError as e:
+        raise ConfigError(f"ONNX export needs the onnx and onnxscript packages ({e}): "
+                          f"pip install 'alexnet[onnx]'") from None
+    program.model.metadata_props[META_KEY] = text
+    program.save(path)
+
+
+def onnx_difference(model, path: Path, images: torch.Tensor) -> float | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        want = model(images).numpy()
+    return float(np.abs(got - want).max())
+
+
+class Predictor:
+    """Logits for a batch of normalised NCHW float images, from any file alexnet writes."""
+
+    def __init__(self, meta: dict, fn, device: torch.device, kind: str) -> None:
+        self.meta, self.fn, self.device, self.kind = meta, fn, device, kind
+        self.classes = meta["classes"]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fn(images)
+
+
+def kind_of(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".torchscript":
+        return "torchscript"
+    return next((fmt for fmt, ext in FORMATS.items() if ext == suffix), "checkpoint")
+
+
+def load_predictor(path: str, device: torch.device) -> Predictor:
+    """A checkpoint (.pt, or any other name) or an exported file (.onnx, .ts, .pt2, .safetensors)."""
+    from .evaluate import model_from_checkpoint
+    from .models import create_model
+    if not Path(path).is_file():
+        raise ConfigError(f"--checkpoint: {path!r} is not a file")
+    kind = kind_of(path)
+    try:
+        if kind == "checkpoint":
+            state = checkpoint.load_run(path)
+            meta, model = metadata(state), model_from_checkpoint(state).to(device)
+            return Predictor(meta, torch.no_grad()(model), device, kind)
+        if kind == "onnx":
+            return _onnx_predictor(path, device)
+        if kind == "torchscript":
+            extra = {META_FILE: ""}
+            with _quietly():
+                module = torch.jit.load(path, map_location=device, _extra_files=extra)
+            return Predictor(_meta(extra[META_FILE], path), torch.no_grad()(module), device, kind)
+        if kind == "pt2":
+            extra = {META_FILE: ""}
+            module = torch.export.load(path, extra_files=extra).module().to(device)
+            return Predictor(_meta(extra[META_FILE], path), torch.no_grad()(module), device, kind)
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(path, framework="pt") as f:
+            meta = _meta((f.metadata() or {}).get(META_KEY, ""), path)
+        model = create_model(meta["arch"], len(meta["classes"]), 0.0, meta["fc_width"])
+        model.load_state_dict(load_file(path))
+        return Predictor(meta, torch.no_grad()(model.eval().to(device)), device, kind)
+    except (ConfigError, checkpoint.CheckpointError):
+        raise
+    except ImportError as e:
+        raise ConfigError(f"reading {path} needs a package that is not installed ({e}): "
+                          f"pip install 'alexnet[all]'") from None
+    except Exception as e:  # a damaged or foreign file: say which, not a traceback
+        raise checkpoint.CheckpointError(f"{path} cannot be read as {kind}: {str(e).splitlines()[0]}") from None
+
+
+def _meta(text: str, path: str) -> dict:
+    try:
+        meta = json.loads(text)
+        meta["classes"]
+    except (ValueError, KeyError, TypeError):
+        raise checkpoint.CheckpointError(f"{path} holds no alexnet metadata (was it written by alexnet export?)") from None
+    return meta
+
+
+def _onnx_predictor(path: str, device: torch.device) -> Predictor:
+    import onnxruntime as ort
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError("--device cuda with an ONNX file needs onnxruntime-gpu (this onnxruntime has "
+                              f"{', '.join(ort.get_available_providers())}); or use --device cpu")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})] + providers
+    session = ort.InferenceSession(path, providers=providers)
+    meta = _meta(session.get_modelmeta().custom_metadata_map.get(META_KEY, ""), path)
+    name = session.get_inputs()[0].name
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: images.cpu().float().numpy()})[0])
+    return Predictor(meta, run, device, "onnx")

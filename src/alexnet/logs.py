@@ -1,0 +1,86 @@
+"""Logging around the loop: timestamped, rank-tagged lines (also kept in the run folder), TensorBoard
+scalars, and the table of epochs printed at the end of a run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s{tag} %(message)s"
+
+
+def setup(rank: str | None) -> logging.Logger:
+    """Lines on stdout as `HH:MM:SS [rank R] message`; the rank tag only when there are several processes."""
+    tag = f" [rank {rank}]" if rank is not None else ""
+    logging.basicConfig(level=logging.INFO, format=FORMAT.format(tag=tag), datefmt="%H:%M:%S", stream=sys.stdout)
+    return logging.getLogger("alexnet")
+
+
+def to_file(path: Path) -> logging.Handler:
+    """Also write the log to `path` (appending: a resumed run continues its log), with full dates."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT.format(tag=""), datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.getLogger("alexnet").addHandler(handler)
+    return handler
+
+
+def close_file(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("alexnet").removeHandler(handler)
+        handler.close()
+
+
+def tensorboard_missing() -> str | None:
+    """Why --tensorboard cannot work here, or None."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        return f"--tensorboard needs the tensorboard package ({e}): pip install 'alexnet[tensorboard]'"
+    return None
+
+
+class Scalars:
+    """TensorBoard event files under `folder`, or nothing when `folder` is None."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.writer = None
+        if folder is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(folder))
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+COLUMNS = [("epoch", "epoch", "{:d}"), ("train loss", "train_loss", "{:.4f}"), ("val loss", "val_loss", "{:.4f}"),
+           ("top-1", "val_acc1", "{:.2%}"), ("top-5", "val_acc5", "{:.2%}"), ("lr", "lr", "{:.3g}"),
+           ("img/s", "images_per_sec", "{:.0f}"), ("seconds", "epoch_seconds", "{:.1f}")]
+
+
+def summary_table(history: list[dict]) -> str:
+    """A text table of the epochs (the last entry of each epoch number), the best top-1 marked with *."""
+    by_epoch = {m["epoch"]: m for m in history}
+    rows = [by_epoch[e] for e in sorted(by_epoch)]
+    if not rows:
+        return ""
+    best = max(rows, key=lambda m: m["val_acc1"])["epoch"]
+    cells = [[fmt.format(m[key]) + ("*" if key == "val_acc1" and m["epoch"] == best else " " if key == "val_acc1" else "")
+              for _, key, fmt in COLUMNS] for m in rows]
+    head = [title for title, _, _ in COLUMNS]
+    widths = [max(len(head[i]), *(len(r[i]) for r in cells)) for i in range(len(head))]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, cells)])

@@ -1,0 +1,120 @@
+"""Figures: training curves of one or more runs (`alexnet plot`) and confusion matrices (`alexnet eval
+--confusion`). Built on matplotlib's Figure without pyplot, so no display or GUI backend is involved."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import ConfigError
+
+PANELS = [("train loss", "train_loss"), ("val loss", "val_loss"), ("val top-1", "val_acc1"),
+          ("val top-5", "val_acc5"), ("learning rate", "lr"), ("images / s (training)", "images_per_sec")]
+
+
+def matplotlib_missing() -> str | None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "drawing figures needs matplotlib: pip install 'alexnet[plot]'"
+    return None
+
+
+def _need_matplotlib() -> None:
+    missing = matplotlib_missing()
+    if missing:
+        raise ConfigError(missing)
+
+
+def load_runs(folders) -> list[tuple[str, list[dict]]]:
+    """(name, epochs) of each run folder, from its metrics.jsonl; the name is the folder's, or its path when
+    two folders share a name. A resumed run that repeated an epoch keeps the epoch's last line."""
+    paths = [Path(f) for f in folders]
+    names = [p.name for p in paths]
+    runs = []
+    for p, name in zip(paths, names):
+        metrics = p / "metrics.jsonl"
+        if not metrics.is_file():
+            raise ConfigError(f"plot: {p} has no metrics.jsonl (give the run folders of alexnet train, "
+                              f"the --out folders)")
+        by_epoch = {}
+        for n, line in enumerate(metrics.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                m = json.loads(line)
+                by_epoch[int(m["epoch"])] = m
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"plot: {metrics} line {n} is not a metrics record") from None
+        if not by_epoch:
+            raise ConfigError(f"plot: {metrics} has no finished epoch yet")
+        runs.append((name if names.count(name) == 1 else str(p), [by_epoch[e] for e in sorted(by_epoch)]))
+    return runs
+
+
+def training_curves(runs: list[tuple[str, list[dict]]]):
+    """One panel per metric against the epoch; one line per run on every panel; a legend of run names."""
+    _need_matplotlib()
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    fig = Figure(figsize=(15, 8.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (title, key) in zip(axes, PANELS):
+        for name, epochs in runs:
+            ax.plot([m["epoch"] for m in epochs], [m.get(key, float("nan")) for m in epochs], marker="o",
+                    markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key in ("val_acc1", "val_acc5"):
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if runs and all(m.get("lr", 0) > 0 for _, epochs in runs for m in epochs):
+        axes[4].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 4), title="run")
+    return fig
+
+
+def confusion_figure(matrix, classes: list[str], title: str = ""):
+    """Rows: true class; columns: predicted class; each cell the count, shaded by the row's share."""
+    _need_matplotlib()
+    from matplotlib.figure import Figure
+    import numpy as np
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    side = min(max(5.0, 0.45 * n + 2.5), 40.0)
+    fig = Figure(figsize=(side, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, shrink=0.6, label="share of the true class")
+    return fig
+
+
+def save(fig, path) -> Path:
+    """Write the figure as PNG through a temporary file, so a failed write leaves no half image."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{path}: figures are written as PNG; give a file name ending in .png")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path}: the folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

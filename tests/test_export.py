@@ -1,0 +1,110 @@
+"""`alexnet export` (ONNX, TorchScript, torch.export, safetensors) and `alexnet predict` with every file it
+writes, images, folders and globs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet import checkpoint
+from alexnet.evaluate import model_from_checkpoint
+from alexnet.export import FORMATS, export, load_predictor
+from conftest import cli as alexnet, run_cli
+
+
+def predictions(stdout: str) -> dict[str, list]:
+    return {r["image"]: r["top"] for r in map(json.loads, stdout.strip().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def onnx_file(shipped, tmp_path_factory):
+    out, _ = shipped
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    p = run_cli("export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx", "--out", path)
+    return path, p
+
+
+def test_onnx_matches_pytorch_with_a_dynamic_batch(shipped, onnx_file):
+    import onnxruntime as ort
+    out, _ = shipped
+    path, p = onnx_file
+    assert "checked with onnxruntime" in p.stdout
+    model = model_from_checkpoint(checkpoint.load_run(out / "checkpoints" / "last.pt"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # a named, dynamic batch dimension
+    for n in (3, 1, 5):
+        images = torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(n))
+        got = session.run(None, {"images": images.numpy()})[0]
+        with torch.no_grad():
+            want = model(images).numpy()
+        assert got.shape == (n, 3)
+        assert np.abs(got - want).max() <= 1e-4
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["alexnet"])
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert meta["classes"] == side["classes"] == ["circle", "ring", "square"]
+    assert meta["crop"] == 64 and meta["resize"] == "72" and len(meta["mean"]) == len(meta["std"]) == 3
+
+
+def test_predict_with_onnx_gives_the_checkpoints_top1(shipped, onnx_file, tiny_data, capsys):
+    out, _ = shipped
+    val = tiny_data / "val"
+    code, stdout, _ = alexnet(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt", val, "--json",
+                              "--batch-size", "5")
+    from_ckpt = predictions(stdout)
+    code, stdout, _ = alexnet(capsys, "predict", "--checkpoint", onnx_file[0], val, "--json", "--batch-size", "5")
+    from_onnx = predictions(stdout)
+    assert len(from_ckpt) == 12 and from_ckpt.keys() == from_onnx.keys()
+    assert len({top[0]["class"] for top in from_ckpt.values()}) >= 2, "the model must not answer one class"
+    for image, top in from_ckpt.items():
+        assert [t["class"] for t in from_onnx[image]] == [t["class"] for t in top]
+        assert from_onnx[image][0]["prob"] == pytest.approx(top[0]["prob"], abs=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "safetensors"])
+def test_other_formats_predict_like_the_checkpoint(shipped, tmp_path, fmt, tiny_data):
+    out, _ = shipped
+    ckpt = out / "checkpoints" / "last.pt"
+    path = tmp_path / f"model{FORMATS[fmt]}"
+    meta = export(str(ckpt), fmt, str(path), log=lambda *a: None)
+    assert json.loads(path.with_suffix(".json").read_text()) == meta
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    want = load_predictor(str(ckpt), torch.device("cpu"))(images)
+    loaded = load_predictor(str(path), torch.device("cpu"))
+    assert loaded.classes == ["circle", "ring", "square"] and loaded.kind == fmt
+    assert (loaded(images) - want).abs().max() <= 1e-5
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+        assert load_file(path).keys() == checkpoint.load_run(ckpt)["model"].keys()
+
+
+def test_predict_takes_files_folders_and_globs(shipped, tiny_data, capsys):
+    out, _ = shipped
+    ckpt = out / "checkpoints" / "last.pt"
+    val = tiny_data / "val"
+    one = sorted((val / "ring").glob("*.jpg"))[0]
+    code, stdout, _ = alexnet(capsys, "predict", "--checkpoint", ckpt, one, val / "circle", val / "s*" / "*.jpg",
+                              tiny_data / "**" / "0000[0-2].jpg", "--json", "--topk", "2")
+    got = list(predictions(stdout))  # the order given: file, folder, then each pattern's sorted matches
+    circles = sorted(str(f) for f in (val / "circle").glob("*.jpg"))
+    squares = sorted(str(f) for f in (val / "square").glob("*.jpg"))
+    early = sorted(str(f) for f in tiny_data.rglob("0000[0-2].jpg"))
+    assert got[:1 + 4 + 4] == [str(one), *circles, *squares] and len(early) >= 2
+    rows = [json.loads(x) for x in stdout.strip().splitlines()]
+    assert code == 0 and [r["image"] for r in rows[9:]] == early and all(len(r["top"]) == 2 for r in rows)
+    code, _, stderr = alexnet(capsys, "predict", "--checkpoint", ckpt, val / "*" / "*.png")
+    assert code == 2 and "no image file matches" in stderr
+
+
+def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_data, capsys):
+    out, _ = shipped
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    code, _, stderr = alexnet(capsys, "predict", "--checkpoint", junk, tiny_data / "val")
+    assert code == 2 and "cannot be read as onnx" in stderr
+    code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
+                              "--out", tmp_path / "missing" / "m.onnx")
+    assert code == 2 and "does not exist" in stderr
+    code, _, stderr = alexnet(capsys, "export", "--checkpoint", junk, "--format", "safetensors",
+                              "--out", tmp_path / "m.safetensors")
+    assert code == 2 and f"{junk} holds objects" in stderr and not (tmp_path / "m.safetensors").exists()

@@ -1,0 +1,61 @@
+"""`alexnet plot` and `alexnet eval --confusion`: the figures drawn, and valid PNG files written."""
+
+import json
+
+import numpy as np
+
+from alexnet.plots import PANELS, confusion_figure, load_runs, training_curves
+from conftest import cli
+
+
+def fake_run(folder, epochs, acc):
+    folder.mkdir(parents=True)
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "val_acc1": acc * e, "val_acc5": 0.9,
+             "lr": 0.01 / e, "images_per_sec": 100.0 + e, "global_step": 10 * e} for e in range(1, epochs + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_one_line_per_run_on_every_panel_and_a_legend_of_run_names(tmp_path):
+    runs = load_runs([fake_run(tmp_path / "baseline", 3, 0.2), fake_run(tmp_path / "wide", 5, 0.15),
+                      fake_run(tmp_path / "other" / "wide", 2, 0.1)])
+    # a folder name that two runs share is replaced by the paths
+    assert [name for name, _ in runs] == ["baseline", str(tmp_path / "wide"), str(tmp_path / "other" / "wide")]
+    fig = training_curves(runs)
+    assert len(fig.axes) == len(PANELS) == 6
+    for ax, (title, key) in zip(fig.axes, PANELS):
+        assert ax.get_title() == title
+        lines = ax.get_lines()
+        assert len(lines) == 3
+        assert [len(line.get_xdata()) for line in lines] == [3, 5, 2]
+        assert list(lines[1].get_ydata()) == [m[key] for m in runs[1][1]]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [name for name, _ in runs]
+
+
+def test_plot_command_writes_a_png(shipped, tmp_path, capsys):
+    import matplotlib.image
+    out, _ = shipped
+    other = fake_run(tmp_path / "other", 2, 0.3)
+    code, stdout, _ = cli(capsys, "plot", out, other, "--out", tmp_path / "curves.png")
+    assert code == 0 and "2 runs" in stdout
+    data = (tmp_path / "curves.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (850, 1500)
+    code, _, stderr = cli(capsys, "plot", tmp_path / "nothing", "--out", tmp_path / "x.png")
+    assert code == 2 and "has no metrics.jsonl" in stderr and not (tmp_path / "x.png").exists()
+
+
+def test_confusion_matrix_counts_and_figure(shipped, tiny_data, tmp_path, capsys):
+    out, _ = shipped
+    code, stdout, _ = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data,
+                          "--workers", "0", "--json", "--confusion", tmp_path / "confusion.png")
+    assert code == 0
+    m = json.loads(stdout.strip().splitlines()[-1])
+    matrix = np.array(m["confusion"])
+    assert matrix.shape == (3, 3) and matrix.sum() == m["count"] == 12
+    assert list(matrix.sum(axis=1)) == [4, 4, 4] and np.trace(matrix) == m["correct1"]
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = confusion_figure(matrix, ["circle", "ring", "square"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["circle", "ring", "square"]
+    assert [t.get_text() for t in ax.texts] == [str(v) for v in matrix.ravel()]
