@@ -32,6 +32,7 @@ def test_train_leaves_the_run_folder(trained, tiny_data):
         assert m["images_per_sec"] > 0 and m["epoch_seconds"] > 0
     # progress was shown while it ran (plain lines: the output is a pipe)
     assert "epoch 1/2 1/3" in p.stderr and "\r" not in p.stderr
+    assert not (out / "tensorboard").exists()  # only with --tensorboard
 
 
 def test_checkpoint_holds_classes_and_config(trained):

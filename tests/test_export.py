@@ -52,8 +52,10 @@ def test_predict_with_onnx_gives_the_checkpoints_top1(shipped, onnx_file, tiny_d
     code, stdout, _ = alexnet(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt", val, "--json",
                               "--batch-size", "5")
     from_ckpt = predictions(stdout)
+    assert code == 0
     code, stdout, _ = alexnet(capsys, "predict", "--checkpoint", onnx_file[0], val, "--json", "--batch-size", "5")
     from_onnx = predictions(stdout)
+    assert code == 0
     assert len(from_ckpt) == 12 and from_ckpt.keys() == from_onnx.keys()
     assert len({top[0]["class"] for top in from_ckpt.values()}) >= 2, "the model must not answer one class"
     for image, top in from_ckpt.items():
@@ -105,6 +107,9 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
                               "--out", tmp_path / "missing" / "m.onnx")
     assert code == 2 and "does not exist" in stderr
+    code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
+                              "--out", tmp_path / "model")
+    assert code == 2 and "name ends in .onnx" in stderr and not (tmp_path / "model").exists()
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", junk, "--format", "safetensors",
                               "--out", tmp_path / "m.safetensors")
     assert code == 2 and f"{junk} holds objects" in stderr and not (tmp_path / "m.safetensors").exists()

@@ -2,6 +2,7 @@
 in the run folder, the table of epochs at the end."""
 
 import json
+import re
 
 import pytest
 
@@ -27,8 +28,10 @@ def test_tensorboard_events_hold_the_metrics(shipped):
 def test_run_folder_keeps_a_timestamped_log_and_the_output_ends_with_a_table(shipped):
     out, p = shipped
     log = (out / "train.log").read_text().splitlines()
-    assert any(line.endswith("(rank 0 of 1)") for line in log) and all(line[:4].isdigit() for line in log if
-                                                                      line[:1].isdigit())
+    stamped = [line for line in log if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line)]
+    table = log[log.index(next(x for x in log if x.endswith("epochs (* best top-1):"))) + 1:][:4]
+    assert len(stamped) + len(table) == len(log) and table[0].startswith("epoch")  # only the table is bare
+    assert f"run folder {out};" in stamped[0] and stamped[-1].endswith("(rank 0 of 1)")
     assert "epoch 2/2: train loss" in p.stdout and "epoch 2/2: train loss" in "\n".join(log)
     table = p.stdout.split("epochs (* best top-1):\n")[1].splitlines()
     assert table[0].split() == ["epoch", "train", "loss", "val", "loss", "top-1", "top-5", "lr", "img/s", "seconds"]

@@ -32,6 +32,13 @@ def test_one_line_per_run_on_every_panel_and_a_legend_of_run_names(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [name for name, _ in runs]
 
 
+def test_every_run_name_reaches_the_legend(tmp_path, monkeypatch):
+    monkeypatch.chdir(fake_run(tmp_path / "here", 2, 0.2))
+    runs = load_runs([".", fake_run(tmp_path / "_hidden", 2, 0.1)])
+    fig = training_curves(runs)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["here", "_hidden"]
+
+
 def test_plot_command_writes_a_png(shipped, tmp_path, capsys):
     import matplotlib.image
     out, _ = shipped

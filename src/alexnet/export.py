@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -65,6 +66,8 @@ def _quietly():
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)  # onnxscript's optimiser logs each pass at INFO
+    stack.callback(logging.disable, logging.NOTSET)
     return stack
 
 
@@ -81,33 +84,33 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise ConfigError(f"--out: the folder {out_path.parent} does not exist")
+    if kind_of(out) != fmt:  # predict tells the formats apart by the name
+        raise ConfigError(f"--out: a {fmt} file's name ends in {FORMATS[fmt]} (got {out_path.name!r})")
     state = checkpoint.load_run(checkpoint_path)
     meta = metadata(state)
     text = json.dumps(meta)
     model = model_from_checkpoint(state).float().eval()
     example = torch.randn(3, 3, meta["crop"], meta["crop"], generator=torch.Generator().manual_seed(0))
+    checked = None
     try:
         with _atomic(out_path) as tmp:
             _write(model, example, fmt, tmp, text)
-    except (ConfigError, ImportError):
+            if fmt == "onnx":  # checked before it takes the file's name: a failed check leaves nothing
+                checked = onnx_difference(model, tmp, example)
+                if checked is not None and checked > 1e-4:
+                    raise ExportError(f"onnxruntime's output differs from PyTorch's by {checked:.3g} (max abs) "
+                                      f"on a batch of 3; nothing was written")
+    except (ConfigError, ImportError, ExportError):
         raise
-    except Exception as e:  # an exporter's failure: one line naming the format, not a traceback
+    except Exception as e:  # an exporter's or onnxruntime's failure: one line naming the format, not a traceback
         raise ExportError(f"writing {fmt} failed: {str(e).strip().splitlines()[0]}") from e
     side = out_path.with_suffix(".json")
-    if side != out_path:
-        with _atomic(side) as tmp:
-            Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
+    with _atomic(side) as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
     log(f"wrote {out_path} ({fmt}, {out_path.stat().st_size / 2**20:.1f} MiB) and {side}")
     if fmt == "onnx":
-        diff = onnx_difference(model, out_path, example)
-        if diff is None:
-            log("onnxruntime is not installed: the file was not checked (pip install 'alexnet[onnx]')")
-        elif diff > 1e-4:
-            out_path.unlink()
-            raise ExportError(f"onnxruntime's output differs from PyTorch's by {diff:.3g} (max abs) on a "
-                              f"batch of 3; the file was removed")
-        else:
-            log(f"checked with onnxruntime: max |difference| to PyTorch {diff:.2e} on a batch of 3")
+        log("onnxruntime is not installed: the file was not checked (pip install 'alexnet[onnx]')" if checked is None
+            else f"checked with onnxruntime: max |difference| to PyTorch {checked:.2e} on a batch of 3")
     return meta
 
 
@@ -143,7 +146,7 @@ def _write_onnx(model, example, path: str, text: str) -> None:
     program.save(path)
 
 
-def onnx_difference(model, path: Path, images: torch.Tensor) -> float | None:
+def onnx_difference(model, path, images: torch.Tensor) -> float | None:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -173,8 +176,10 @@ def kind_of(path: str) -> str:
     return next((fmt for fmt, ext in FORMATS.items() if ext == suffix), "checkpoint")
 
 
-def load_predictor(path: str, device: torch.device) -> Predictor:
-    """A checkpoint (.pt, or any other name) or an exported file (.onnx, .ts, .pt2, .safetensors)."""
+def load_predictor(path: str, device: torch.device, device_asked: bool = False) -> Predictor:
+    """A checkpoint (.pt, or any other name) or an exported file (.onnx, .ts, .pt2, .safetensors). An ONNX
+    file runs on the GPU when onnxruntime has CUDA; otherwise on the CPU, or an error if the GPU was asked
+    for by name (`device_asked`)."""
     from .evaluate import model_from_checkpoint
     from .models import create_model
     if not Path(path).is_file():
@@ -186,7 +191,7 @@ def load_predictor(path: str, device: torch.device) -> Predictor:
             meta, model = metadata(state), model_from_checkpoint(state).to(device)
             return Predictor(meta, torch.no_grad()(model), device, kind)
         if kind == "onnx":
-            return _onnx_predictor(path, device)
+            return _onnx_predictor(path, device, device_asked)
         if kind == "torchscript":
             extra = {META_FILE: ""}
             with _quietly():
@@ -221,9 +226,11 @@ def _meta(text: str, path: str) -> dict:
     return meta
 
 
-def _onnx_predictor(path: str, device: torch.device) -> Predictor:
+def _onnx_predictor(path: str, device: torch.device, device_asked: bool) -> Predictor:
     import onnxruntime as ort
     providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers() and not device_asked:
+        device = torch.device("cpu")
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ConfigError("--device cuda with an ONNX file needs onnxruntime-gpu (this onnxruntime has "

@@ -31,7 +31,7 @@ def load_runs(folders) -> list[tuple[str, list[dict]]]:
     """(name, epochs) of each run folder, from its metrics.jsonl; the name is the folder's, or its path when
     two folders share a name. A resumed run that repeated an epoch keeps the epoch's last line."""
     paths = [Path(f) for f in folders]
-    names = [p.name for p in paths]
+    names = [p.resolve().name for p in paths]
     runs = []
     for p, name in zip(paths, names):
         metrics = p / "metrics.jsonl"
@@ -72,8 +72,9 @@ def training_curves(runs: list[tuple[str, list[dict]]]):
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     if runs and all(m.get("lr", 0) > 0 for _, epochs in runs for m in epochs):
         axes[4].set_yscale("log")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 4), title="run")
+    # The lines and names given explicitly: matplotlib would drop labels that start with "_".
+    fig.legend(axes[0].get_lines(), [name for name, _ in runs], loc="outside upper center",
+               ncols=max(min(len(runs), 4), 1), title="run")
     return fig
 
 

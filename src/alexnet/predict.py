@@ -40,7 +40,8 @@ def expand(paths) -> list[str]:
 def run(cfg: PredictConfig) -> list[dict]:
     files = expand(cfg.images)
     device = resolve_device(cfg.device)
-    predictor = load_predictor(cfg.checkpoint, device)
+    predictor = load_predictor(cfg.checkpoint, device, device_asked=cfg.device != "auto")
+    device = predictor.device
     meta, classes = predictor.meta, predictor.classes
     transform = eval_transform(meta["resize"], meta["crop"], meta["mean"], meta["std"])
     k = min(cfg.topk, len(classes))

@@ -41,7 +41,10 @@ class Progress:
         if enabled and self.tty:
             # A terminal that reports no size (a bare pseudo-terminal) gets $COLUMNS or 80 columns, not 0.
             sized = _columns(self.stream) > 0
-            self.bar = tqdm(total=total, desc=desc, file=self.stream, unit="step", leave=False, mininterval=0.2,
+            # ALEXNET_PROGRESS_INTERVAL: seconds between redraws (0: every step, as the tests use).
+            interval = float(os.environ.get("ALEXNET_PROGRESS_INTERVAL", "0.2"))
+            self.bar = tqdm(total=total, desc=desc, file=self.stream, unit="step", leave=False,
+                            mininterval=interval, miniters=1 if interval == 0 else None,
                             dynamic_ncols=sized, ncols=None if sized else shutil.get_terminal_size().columns)
 
     def update(self, n: int = 1, **stats) -> None:

@@ -263,6 +263,14 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     schedule = Schedule(cfg, steps_per_epoch, peak_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
+    # The run folder is made once the data and the model are known to work, so errors before leave none.
+    log_file, scalars = None, logs.Scalars(None)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+        log_file = logs.to_file(out / "train.log")
+        if cfg.tensorboard:
+            scalars = logs.Scalars(out / "tensorboard")
     start_epoch, skip_steps, partial, global_step, best_acc1 = 0, 0, None, 0, -1.0
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     resume = cfg.resume or ("auto" if restarted else None)  # restarted workers continue by themselves
@@ -294,13 +302,6 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         start_epoch, global_step, best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
         skip_steps = state.get("step_in_epoch", 0)
         say(f"resumed from {source} at epoch {start_epoch + 1}, step {skip_steps} of it (global step {global_step})")
-    log_file, scalars = None, logs.Scalars(None)
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-        log_file = logs.to_file(out / "train.log")
-        if cfg.tensorboard:
-            scalars = logs.Scalars(out / "tensorboard")
     say(f"run folder {out}; {len(train_set)} train and {len(val_set)} val images in {len(classes)} classes "
         f"from {data_root}; {cfg.arch} (fc width {cfg.fc_width}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}")
@@ -368,6 +369,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 save(epoch, (global_step - epoch_start_step) + skip, None, last)
                 raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
                                     f"--warmup-epochs or checking the data usually helps") from None
+            finally:
+                progress.close()  # also on an error: its message then starts on a clean line
             global_step = t["global_step"]
             if t["stopped"] and (global_step - epoch_start_step) + skip < steps_per_epoch:
                 stopped = True
