@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     dsub.required = True
-    stats = dsub.add_parser("stats", help="per-channel mean and std of a dataset's images, for --mean/--std")
+    stats = dsub.add_parser("stats", help="per-channel mean and std of a dataset's images (for --mean/--std) and "
+                                          "their RGB principal components (for --pca-eigval/--pca-eigvec)")
     stats.add_argument("dir", help="ImageFolder root (with train/) or a split folder")
     stats.add_argument("--split", default="train", help="split to measure (default: train)")
     stats.add_argument("--max-images", type=int, default=0, help="sample at most this many images (0: all)")
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mean: [{', '.join(map(str, s['mean']))}]")
             print(f"std: [{', '.join(map(str, s['std']))}]")
             print(f"# as flags: --mean {','.join(map(str, s['mean']))} --std {','.join(map(str, s['std']))}")
+            print(f"pca eigval: [{', '.join(map(str, s['eigval']))}]")
+            print(f"pca eigvec: [{', '.join(map(str, s['eigvec']))}]  # columns are the eigenvectors")
+            print(f"# for --pca-lighting 0.1: --pca-eigval {','.join(map(str, s['eigval']))} "
+                  f"--pca-eigvec {','.join(map(str, s['eigvec']))}")
         elif args.command == "data" and args.data_command == "check":
             return _data_check(args.dir)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -19,6 +19,14 @@ from .models import ARCHITECTURES, INIT_SCHEMES, MIN_INPUT_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The principal components of ImageNet's RGB pixels ([0, 1] scale) as published with fb.resnet.torch and
+# used since for the paper's colour augmentation: eigenvalues, and the eigenvectors as the columns of a
+# 3 x 3 matrix (given row by row).
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (-0.5675, 0.7192, 0.4009,
+                       -0.5808, -0.0045, -0.8140,
+                       -0.5836, -0.6948, 0.4203)
+TTA_MODES = ("none", "flip", "10crop")
 
 
 class ConfigError(ValueError):
@@ -58,6 +66,10 @@ class TrainConfig:
     rotation: float = opt(0.0, "random rotation in degrees, drawn from [-r, r]")
     mean: list = opt(IMAGENET_MEAN, "normalisation mean per channel (ImageNet's by default; `alexnet data stats` computes a dataset's)")
     std: list = opt(IMAGENET_STD, "normalisation standard deviation per channel")
+    pca_lighting: float = opt(0.0, "the paper's PCA colour augmentation: standard deviation of the alphas (paper: 0.1; 0: off)")
+    pca_eigval: list = opt(IMAGENET_PCA_EIGVAL, "RGB covariance eigenvalues for --pca-lighting (ImageNet's; `alexnet data stats` computes a dataset's)")
+    pca_eigvec: list = opt(IMAGENET_PCA_EIGVEC, "the 3 eigenvectors as the columns of a 3x3 matrix, 9 numbers row by row")
+    val_tta: str = opt("none", "test-time augmentation of the validation during training: none, flip or 10crop", TTA_MODES)
     # optimisation
     epochs: int = opt(90, "number of training epochs")
     batch_size: int = opt(128, "images per step on each process (see --global-batch-size)")
@@ -102,10 +114,17 @@ class TrainConfig:
     deterministic: bool = opt(False, "reproducible to the bit: fp32, deterministic algorithms, a fixed thread count")
     threads: int = opt(0, "CPU threads for the model (0: torch's default; 1 under --deterministic)")
     channels_last: bool = opt(True, "channels-last memory layout (faster convolutions on most hardware)")
+    precision: str = opt("auto", "arithmetic of the forward pass: auto (bf16 on GPUs that have it, else fp16; bf16 on "
+                                 "CPUs with AMX; fp32 otherwise and under --deterministic), fp32, bf16 or fp16 (with a "
+                                 "gradient scaler)", ("auto", "fp32", "bf16", "fp16"))
+    sgd: str = opt("auto", "SGD implementation: auto (fused where this torch has it), fused, foreach or for-loop",
+                   ("auto", "fused", "foreach", "for-loop"))
     log_every: int = opt(20, "steps between progress lines when the output is not a terminal")
     quiet: bool = opt(False, "no progress display; epoch lines only")
     tensorboard: bool = opt(False, "also write TensorBoard event files to RUN/tensorboard "
                                    "(needs pip install 'alexnet[tensorboard]')")
+    recipe: str | None = opt(None, "a recipe of settings: paper2012, torchvision, fast (configs/NAME.yaml) or a YAML "
+                                   "file; --config and flags override it")
     config: str | None = opt(None, "YAML file of settings; flags override it", flag=True)
 
 
@@ -124,6 +143,8 @@ class EvalConfig:
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
     cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
     json: bool = opt(False, "print the metrics as JSON")
+    tta: str = opt("none", "test-time augmentation: none (centre crop), flip (and its mirror) or 10crop (the four "
+                           "corners and the centre, and their mirrors), softmax outputs averaged", TTA_MODES)
     confusion: str | None = opt(None, "also draw the confusion matrix, with class names, to this PNG file")
     backend: str = opt("auto", "process-group backend when launched on several processes: auto, nccl or gloo",
                        ("auto", "nccl", "gloo"))
@@ -239,6 +260,10 @@ def validate_train(cfg: TrainConfig) -> None:
     need(0 <= cfg.rotation <= 180, "rotation", "must be in [0, 180] degrees")
     need(len(cfg.mean) == 3, "mean", "needs 3 numbers, one per RGB channel")
     need(len(cfg.std) == 3 and all(s > 0 for s in cfg.std), "std", "needs 3 positive numbers, one per RGB channel")
+    need(cfg.pca_lighting >= 0, "pca-lighting", "must be 0 (off) or a positive standard deviation")
+    need(len(cfg.pca_eigval) == 3 and all(v >= 0 for v in cfg.pca_eigval), "pca-eigval",
+         "needs 3 eigenvalues, 0 or more")
+    need(len(cfg.pca_eigvec) == 9, "pca-eigvec", "needs 9 numbers: the 3x3 matrix of eigenvectors (columns), row by row")
     need(cfg.fc_width >= 1, "fc-width", "must be at least 1")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
@@ -332,15 +357,38 @@ def save_yaml(cfg, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+RECIPES = Path(__file__).resolve().parent / "configs"  # installed with the package; configs/ in the repository
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict:
+    """configs/NAME.yaml, or a YAML file named by its path; its keys are checked against the settings."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) or "/" in name else RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--recipe: {name!r} is neither a recipe ({', '.join(recipe_names()) or 'none found'} "
+                          f"in {RECIPES}) nor a YAML file")
+    values = load_yaml(path)
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"--recipe {name}: {path} sets unknown settings: {', '.join(unknown)}")
+    if "recipe" in values or "config" in values:
+        raise ConfigError(f"--recipe {name}: a recipe cannot name another recipe or config file")
+    return values
+
+
 def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainConfig, set[str]]:
-    """Layer the settings: defaults < built-in dataset defaults < resumed run < YAML < flags.
+    """Layer the settings: defaults < built-in dataset defaults < resumed run < recipe < YAML < flags.
 
     `checkpoint_config(resume, out)` returns the saved config of the checkpoint that --resume names (for
     auto: the newest in `out`; an empty dict when there is none). Returns the validated config and the
     names of the settings the user gave."""
     given = dict(flags)
     from_file = load_yaml(given["config"]) if given.get("config") else {}
-    explicit = {**from_file, **given}
+    recipe = given.get("recipe") or from_file.get("recipe")
+    explicit = {**(load_recipe(recipe) if recipe else {}), **from_file, **given}
     values: dict[str, Any] = {}
     resume = explicit.get("resume")
     if resume and checkpoint_config is not None:
@@ -352,13 +400,14 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
         values.pop("weights", None)
-    if explicit.get("global_batch_size") and "batch_size" in explicit:
+    user = {**from_file, **given}  # a recipe's global batch gives way to a per-process batch given here
+    if user.get("global_batch_size") and "batch_size" in user:
         raise ConfigError("--batch-size and --global-batch-size: give one, not both (--batch-size is per "
                           "process; --global-batch-size is split over processes and accumulation steps)")
     values.update(explicit)
-    if "batch_size" in explicit:
-        values["global_batch_size"] = 0  # a per-process batch given now wins over a resumed global one
-    if explicit.get("global_batch_size"):
+    if "batch_size" in user:
+        values["global_batch_size"] = 0  # a per-process batch given now wins over a resumed or recipe's global one
+    if values.get("global_batch_size"):
         values.pop("batch_size", None)  # derived from the global batch at start, once the world size is known
     data = values.get("data")
     if data is None:

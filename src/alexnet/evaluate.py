@@ -17,7 +17,7 @@ from .config import EvalConfig
 from .data import make_loader, eval_transform, ImageFolder
 from .data.synthetic import ensure_dataset
 from .models import create_model
-from .runtime import resolve_device
+from .runtime import autocast, resolve_device
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -29,9 +29,11 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
-             confusion_classes: int = 0) -> dict[str, float]:
+             confusion_classes: int = 0, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Loss, top-1 and top-5 over the whole split; with `confusion_classes` = C also the C x C matrix of
-    counts (row: true class, column: top-1 prediction) as "confusion"."""
+    counts (row: true class, column: top-1 prediction) as "confusion". Batches of (images, views, 3, H, W)
+    (test-time augmentation) are scored by the mean of the views' softmax outputs, the loss being the
+    negative log of that mean at the true class."""
     model.eval()
     loss_sum, correct1, correct5, count, bad = 0.0, 0, 0, 0, 0
     c = confusion_classes
@@ -40,16 +42,23 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         bad += n_bad
         if target.numel() == 0:
             continue
-        images = images.to(device, non_blocking=True)
+        views = images.shape[1] if images.dim() == 5 else 0  # test-time augmentation: views per image
+        images = images.to(device, non_blocking=True).flatten(0, 1) if views else images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
-        logits = model(images).float()
-        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-        c1, c5 = topk_correct(logits, target)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+        if views:  # the softmax outputs averaged over the views (the paper's 10-patch prediction)
+            scores = outputs.float().softmax(dim=1).view(target.numel(), views, -1).mean(dim=1)
+            loss_sum += float(nn.functional.nll_loss(scores.clamp_min(1e-12).log(), target, reduction="sum"))
+        else:
+            scores = outputs.float()  # logits: the same ranking as their softmax
+            loss_sum += float(nn.functional.cross_entropy(scores, target, reduction="sum"))
+        c1, c5 = topk_correct(scores, target)
         correct1, correct5, count = correct1 + c1, correct5 + c5, count + target.numel()
         if c:
-            confusion += torch.bincount((target * c + logits.argmax(dim=1)).cpu(), minlength=c * c)
+            confusion += torch.bincount((target * c + scores.argmax(dim=1)).cpu(), minlength=c * c)
     summed = distributed.sum_all([loss_sum, correct1, correct5, count, bad, *confusion.tolist()])
     loss_sum, correct1, correct5, count, bad = summed[:5]
     count = int(count)
@@ -76,7 +85,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     if data is None:
         data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"],
                               log=log if distributed.is_main() else (lambda *a: None))
-    transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"])
+    transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"], cfg.tta)
     val = ImageFolder(data, "val", transform, classes=state["classes"])
     loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
                          rank=distributed.rank(), world=distributed.world_size())
@@ -93,7 +102,8 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
         json.dump(metrics, sys.stdout)
         print()
     else:
-        print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images): loss {metrics['loss']:.4f}  "
+        views = {"none": "", "flip": ", 2 views each", "10crop": ", 10 views each"}[cfg.tta]
+        print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images{views}): loss {metrics['loss']:.4f}  "
               f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}")
         if cfg.confusion:
             print(f"confusion matrix: {cfg.confusion}")

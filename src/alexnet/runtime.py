@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -19,6 +20,49 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device: {name!r} asks for CUDA, which is not available on this machine; "
                           "use --device cpu or auto")
     return device
+
+
+def has_amx() -> bool:
+    """An x86 CPU with AMX tiles (Sapphire Rapids and later): bf16 matrix units, so bf16 beats fp32."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe else False
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(name: str, device: torch.device, deterministic: bool) -> torch.dtype | None:
+    """The autocast dtype for --precision NAME, or None for fp32."""
+    if name == "auto":
+        if deterministic:
+            return None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_amx() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The forward pass's precision context: torch.autocast with `dtype`, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_sgd(params, impl: str, device: torch.device, **kw) -> torch.optim.SGD:
+    """SGD with the implementation asked for; auto: fused when this torch has it for the device (one kernel
+    for the whole update; on CPUs several times quicker than the per-tensor loop), else foreach."""
+    choices = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+    if impl != "auto":
+        try:
+            return torch.optim.SGD(params, **kw, **choices[impl])
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ConfigError(f"--sgd {impl}: not available with this torch on {device.type}: {e}") from None
+    params = list(params)
+    try:
+        return torch.optim.SGD(params, **kw, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.SGD(params, **kw, foreach=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:

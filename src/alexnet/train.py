@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, logs
+from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
 from .data import make_loader, open_splits, train_transform, eval_transform
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
 from .progress import Progress
-from .runtime import configure, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import (autocast, configure, make_sgd, resolve_device, resolve_precision, rng_state,
+                      seed_everything, set_rng_state)
 
 
 class Schedule:
@@ -72,7 +73,7 @@ class NonFiniteLoss(RuntimeError):
 def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, device, *, global_step: int,
                     accum_steps: int, channels_last: bool, progress: Progress, sums: dict | None = None,
                     after_step=None, any_rank=lambda flag: flag, max_nonfinite: int = 10,
-                    input_size: int = 224) -> dict:
+                    input_size: int = 224, amp_dtype: torch.dtype | None = None, scaler=None) -> dict:
     """One pass over this process's shard. Each optimizer step takes `accum_steps` micro-batches; under
     DDP, gradients are all-reduced only on the last of them (no_sync on the others), which gives the
     same step as one batch of all the images. Returns this process's sums and counts, continuing `sums`
@@ -113,9 +114,11 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             target = target.to(device, non_blocking=True)
             last_micro = micro == accum_steps - 1
             with nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
-                logits = model(images)
-                loss = criterion(logits, target) * (0.0 if blank else 1.0)
-                (loss / accum_steps).backward()
+                with autocast(device, amp_dtype):
+                    logits = model(images)
+                loss = criterion(logits.float(), target) * (0.0 if blank else 1.0)
+                scaled = loss / accum_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if blank:
                 continue
             n = target.numel()
@@ -128,6 +131,10 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             if in_a_row >= max_nonfinite:
                 raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row (up to global step "
                                     f"{global_step + 1}); the weights are those of the last finite step")
+        elif scaler is not None:
+            scaler.step(optimizer)  # skips the update when the scaled gradients overflowed, and lowers the scale
+            scaler.update()
+            loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
         else:
             optimizer.step()
             loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
@@ -153,6 +160,11 @@ def batch_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
                               f"{world * cfg.accum_steps}")
         return per, cfg.global_batch_size
     return cfg.batch_size, cfg.batch_size * world * cfg.accum_steps
+
+
+def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
+    """The peak learning rate: --lr, or with --lr-scaling linear, --lr x global batch / reference batch."""
+    return cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_scaling == "linear" else cfg.lr
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -224,13 +236,13 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if main:
         check_writable(out)  # before any work, without leaving an empty folder behind on a later error
     cfg.batch_size, global_batch = batch_sizes(cfg, world)
-    peak_lr = cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_scaling == "linear" else cfg.lr
+    peak_lr = learning_rate(cfg, global_batch)
 
     data_root = cfg.data
     if data_root is None:
         data_root = str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
     train_set, val_set = open_splits(data_root, train_transform(cfg),
-                                     eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std), cfg.seed,
+                                     eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta), cfg.seed,
                                      on_bad_image=cfg.on_bad_image)
     classes = train_set.classes
     pin = device.type == "cuda"
@@ -258,20 +270,16 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                  gradient_as_bucket_view=cfg.gradient_as_bucket_view,
                                  static_graph=cfg.static_graph, powersgd_rank=cfg.powersgd_rank,
                                  powersgd_start_step=cfg.powersgd_start_step, log=say)
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_sgd(model.parameters(), cfg.sgd, device, lr=peak_lr, momentum=cfg.momentum,
+                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    amp_dtype = resolve_precision(cfg.precision, device, cfg.deterministic)
+    # fp16 needs its gradients scaled up so that small ones do not flush to zero; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with a gradient scaler"}[amp_dtype]
     schedule = Schedule(cfg, steps_per_epoch, peak_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    # The run folder is made once the data and the model are known to work, so errors before leave none.
-    log_file, scalars = None, logs.Scalars(None)
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-        log_file = logs.to_file(out / "train.log")
-        if cfg.tensorboard:
-            scalars = logs.Scalars(out / "tensorboard")
-    start_epoch, skip_steps, partial, global_step, best_acc1 = 0, 0, None, 0, -1.0
+    start_epoch, skip_steps, partial, global_step, best_acc1, resumed = 0, 0, None, 0, -1.0, ""
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     resume = cfg.resume or ("auto" if restarted else None)  # restarted workers continue by themselves
     source = None
@@ -290,6 +298,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"--resume {source}: the checkpoint does not fit this model (was --arch or --fc-width "
                 f"changed?): {str(e).splitlines()[0]}") from None
         schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         ranks = state.get("ranks")
         saved_on = (state.get("world_size", 1), state.get("device_type", device.type))
         if ranks is not None and saved_on == (world, device.type):
@@ -301,10 +311,21 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"{world} on {device.type} works but is not bit-exact")
         start_epoch, global_step, best_acc1 = state["epoch"], state["global_step"], state["best_acc1"]
         skip_steps = state.get("step_in_epoch", 0)
-        say(f"resumed from {source} at epoch {start_epoch + 1}, step {skip_steps} of it (global step {global_step})")
+        resumed = f"resumed from {source} at epoch {start_epoch + 1}, step {skip_steps} of it (global step {global_step})"
+    # The run folder is made once data, model and checkpoint are known to work: errors before leave none.
+    log_file, scalars = None, logs.Scalars(None)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+        log_file = logs.to_file(out / "train.log")
+        if cfg.tensorboard:
+            scalars = logs.Scalars(out / "tensorboard")
+    if resumed:
+        say(resumed)
     say(f"run folder {out}; {len(train_set)} train and {len(val_set)} val images in {len(classes)} classes "
         f"from {data_root}; {cfg.arch} (fc width {cfg.fc_width}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}")
+        f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}, "
+        f"{precision}{', channels_last' if cfg.channels_last else ''}")
     say(f"batch: {cfg.batch_size} per process x {world} process{'es' if world > 1 else ''} x "
         f"{cfg.accum_steps} accumulation step{'s' if cfg.accum_steps > 1 else ''} = {global_batch} global; "
         f"lr {peak_lr:g}" + (f" (--lr {cfg.lr:g} scaled by {global_batch}/{cfg.lr_reference_batch})"
@@ -319,7 +340,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                  "best_acc1": best_acc1, "torch_rng": torch.get_rng_state(), "ranks": ranks, "world_size": world, "device_type": device.type,
-                 "classes": classes, "config": to_dict(cfg), "metrics": metrics}
+                 "classes": classes, "config": to_dict(cfg), "metrics": metrics,
+                 "scaler": scaler.state_dict() if scaler is not None else None}
         checkpoint.save_step(state, ckpt_dir, cfg.keep_last)
         if is_best:
             checkpoint.save(state, ckpt_dir / "best.pt")
@@ -350,7 +372,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     def any_rank(flag: bool) -> bool:
         return distributed.sum_all([float(flag)])[0] > 0 if world > 1 else flag
 
-    last = {}
+    last, v = {}, {}
     stopped = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -364,7 +386,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                     global_step=global_step, accum_steps=cfg.accum_steps,
                                     channels_last=cfg.channels_last, progress=progress,
                                     sums=partial if skip else None, after_step=after_step,
-                                    any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop)
+                                    any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop,
+                                    amp_dtype=amp_dtype, scaler=scaler)
             except NonFiniteLoss as e:
                 save(epoch, (global_step - epoch_start_step) + skip, None, last)
                 raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
@@ -377,7 +400,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 break
             loss_sum, correct, images, seconds, bad = distributed.sum_all(
                 [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
-            v = evaluate(model, val_loader, device, cfg.channels_last)
+            final = epoch + 1 == cfg.epochs  # its validation also counts the confusion matrix, for the report
+            v = evaluate(model, val_loader, device, cfg.channels_last,
+                         confusion_classes=len(classes) if final else 0, amp_dtype=amp_dtype)
             schedule.end_epoch(v["loss"])
             epoch_seconds = seconds / world
             last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
@@ -412,8 +437,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 f"`alexnet train --resume auto --out {out}`")
             return last
         if main:
-            say("epochs (* best top-1):\n" + logs.summary_table(
-                [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]))
+            history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            say("epochs (* best top-1):\n" + logs.summary_table(history))
+            if "confusion" in v:
+                say(f"report: {report.write(out, history, v['confusion'], classes, to_dict(cfg))}")
         say(f"done: best val top-1 {best_acc1:.2%}; checkpoints in {ckpt_dir}")
         log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {rank} of {world})")
         return last

@@ -164,19 +164,85 @@ class RandomRotation:
         return f"RandomRotation({self.degrees})"
 
 
-class ToTensorNormalize:
-    """uint8 HWC image -> float CHW tensor, (x/255 - mean) / std."""
+class ToTensor:
+    """uint8 HWC image -> float CHW tensor on a [0, 1] scale."""
 
+    def __call__(self, img: Image.Image, g=None) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+    def __repr__(self):
+        return "ToTensor()"
+
+
+class Normalize:
     def __init__(self, mean, std):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    def __call__(self, img: Image.Image, g=None) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    def __call__(self, x: torch.Tensor, g=None) -> torch.Tensor:
         return (x - self.mean) / self.std
 
     def __repr__(self):
-        return f"ToTensorNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class ToTensorNormalize:
+    """uint8 HWC image -> float CHW tensor, (x/255 - mean) / std."""
+
+    def __init__(self, mean, std):
+        self.to_tensor, self.normalize = ToTensor(), Normalize(mean, std)
+
+    def __call__(self, img: Image.Image, g=None) -> torch.Tensor:
+        return self.normalize(self.to_tensor(img))
+
+    def __repr__(self):
+        return f"ToTensorNormalize({self.normalize!r})"
+
+
+class PCALighting:
+    """The paper's colour augmentation (section 4.1) on a [0, 1] tensor: draw alpha_i ~ N(0, std) once per
+    image and add the same shift, sum_i alpha_i * eigval_i * eigvec_i, to every pixel."""
+
+    def __init__(self, std: float, eigval, eigvec):
+        self.std = std
+        self.eigval = torch.tensor(eigval, dtype=torch.float32)
+        self.eigvec = torch.tensor(eigvec, dtype=torch.float32).view(3, 3)  # columns are the eigenvectors
+
+    def shift(self, g: torch.Generator) -> torch.Tensor:
+        alpha = torch.randn(3, generator=g) * self.std
+        return self.eigvec @ (alpha * self.eigval)
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return x + self.shift(g).view(3, 1, 1)
+
+    def __repr__(self):
+        return f"PCALighting({self.std}, eigval={self.eigval.tolist()})"
+
+
+def ten_crop_boxes(width: int, height: int, size: int) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of the four corner crops and the centre crop, in that order."""
+    right, bottom = width - size, height - size
+    centre = (int(round(right / 2.0)), int(round(bottom / 2.0)))
+    corners = [(0, 0), (right, 0), (0, bottom), (right, bottom), centre]
+    return [(x, y, x + size, y + size) for x, y in corners]
+
+
+class TTAViews:
+    """Test-time views of one image, stacked as a (views, 3, size, size) tensor: `flip`, the centre crop
+    and its mirror; `10crop`, the four corners and the centre of the resized image, then their mirrors."""
+
+    def __init__(self, mode: str, size: int, mean, std):
+        self.mode, self.size, self.finish = mode, size, ToTensorNormalize(mean, std)
+
+    def __call__(self, img: Image.Image, g=None) -> torch.Tensor:
+        w, h = img.size
+        boxes = ten_crop_boxes(w, h, self.size) if self.mode == "10crop" else ten_crop_boxes(w, h, self.size)[4:]
+        crops = [img.crop(box) for box in boxes]
+        crops += [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
+        return torch.stack([self.finish(c) for c in crops])
+
+    def __repr__(self):
+        return f"TTAViews({self.mode}, {self.size})"
 
 
 def train_transform(cfg: TrainConfig) -> Compose:
@@ -191,9 +257,16 @@ def train_transform(cfg: TrainConfig) -> Compose:
         steps.append(ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
     if cfg.rotation > 0:
         steps.append(RandomRotation(cfg.rotation))
-    steps.append(ToTensorNormalize(cfg.mean, cfg.std))
+    if cfg.pca_lighting > 0:  # on the [0, 1] pixels, before normalisation, as in the paper
+        steps += [ToTensor(), PCALighting(cfg.pca_lighting, cfg.pca_eigval, cfg.pca_eigvec), Normalize(cfg.mean, cfg.std)]
+    else:
+        steps.append(ToTensorNormalize(cfg.mean, cfg.std))
     return Compose(steps)
 
 
-def eval_transform(resize: str, crop: int, mean, std) -> Compose:
-    return Compose([Resize(parse_resize(resize)), CenterCrop(crop), ToTensorNormalize(mean, std)])
+def eval_transform(resize: str, crop: int, mean, std, tta: str = "none") -> Compose:
+    """The centre crop of the resized image (one tensor per image), or with `tta` flip/10crop a stack of
+    views per image (see TTAViews)."""
+    if tta == "none":
+        return Compose([Resize(parse_resize(resize)), CenterCrop(crop), ToTensorNormalize(mean, std)])
+    return Compose([Resize(parse_resize(resize)), TTAViews(tta, crop, mean, std)])

@@ -1,0 +1,66 @@
+"""The report of a finished run: report.md in the run folder, with the final metrics, the epochs, the
+accuracy of each class and the confusion matrix (confusion.png beside it when matplotlib is installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError
+from .logs import summary_table
+from .plots import confusion_figure, save
+
+
+def per_class(confusion: list[list[int]], classes: list[str]) -> list[dict]:
+    """For each class: its validation images, how many were predicted right, and the accuracy."""
+    rows = []
+    for name, row, i in zip(classes, confusion, range(len(classes))):
+        total = sum(row)
+        rows.append({"class": name, "images": total, "correct": row[i], "acc": row[i] / total if total else None})
+    return rows
+
+
+def write(out: Path, history: list[dict], confusion: list[list[int]], classes: list[str], cfg: dict) -> Path:
+    by_epoch = {m["epoch"]: m for m in history}  # a resumed run may have repeated an epoch: its last line
+    history = [by_epoch[e] for e in sorted(by_epoch)]
+    last = history[-1]
+    best = max(history, key=lambda m: m["val_acc1"])
+    try:
+        save(confusion_figure(confusion, classes, f"{out.name}: validation, epoch {last['epoch']}"),
+             out / "confusion.png")
+        figure = "![confusion matrix](confusion.png)"
+    except (ConfigError, OSError) as e:  # no matplotlib, or a full disk: the report says so and is written
+        figure = f"(no confusion matrix image: {e})"
+    views = {"none": "centre crop", "flip": "centre crop and its mirror, softmax averaged",
+             "10crop": "10 crops (corners, centre and mirrors), softmax averaged"}[cfg.get("val_tta", "none")]
+    lines = [
+        f"# {out.name}",
+        "",
+        f"{cfg['arch']} on {cfg['data'] or 'the built-in dataset'}"
+        + (f", recipe {cfg['recipe']}" if cfg.get("recipe") else "")
+        + f"; {cfg['epochs']} epochs; validation by {views}.",
+        "",
+        "| | top-1 | top-5 | loss |",
+        "| --- | --- | --- | --- |",
+        f"| final (epoch {last['epoch']}) | {last['val_acc1']:.2%} | {last['val_acc5']:.2%} | {last['val_loss']:.4f} |",
+        f"| best (epoch {best['epoch']}) | {best['val_acc1']:.2%} | {best['val_acc5']:.2%} | {best['val_loss']:.4f} |",
+        "",
+        "## Epochs",
+        "",
+        "```text",
+        summary_table(history),
+        "```",
+        "",
+        "## Accuracy of each class (final epoch, top-1)",
+        "",
+        "| class | images | correct | top-1 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in per_class(confusion, classes):
+        acc = f"{r['acc']:.2%}" if r["acc"] is not None else "-"
+        lines.append(f"| {r['class']} | {r['images']} | {r['correct']} | {acc} |")
+    lines += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "", figure, ""]
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
