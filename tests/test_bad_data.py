@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, run_cli, write_folder
+from conftest import TINY, cli, run_cli, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -18,22 +18,22 @@ def messy(tmp_path_factory):
     return root
 
 
-def test_data_check_lists_the_bad_files(messy):
-    p = run_cli("data", "check", messy, check=False)
-    assert p.returncode == 1
-    listed = {line.split(": ")[1].rsplit("/", 1)[1] for line in p.stdout.splitlines() if line.startswith("unreadable:")}
+def test_data_check_lists_the_bad_files(messy, capsys):
+    code, stdout, _ = cli(capsys, "data", "check", messy)
+    assert code == 1
+    listed = {line.split(": ")[1].rsplit("/", 1)[1] for line in stdout.splitlines() if line.startswith("unreadable:")}
     assert listed == {"truncated.jpg", "notes.jpg", "empty.png"}
-    assert "39 image files, 3 unreadable" in p.stdout
+    assert "39 image files, 3 unreadable" in stdout
 
 
-def test_data_check_passes_a_clean_folder_and_reports_layout_problems(tmp_path):
+def test_data_check_passes_a_clean_folder_and_reports_layout_problems(tmp_path, capsys):
     root = write_folder(tmp_path / "clean")
-    assert run_cli("data", "check", root).returncode == 0
+    assert cli(capsys, "data", "check", root)[0] == 0
     (root / "train" / "extra").mkdir()
     shutil.copytree(root / "val" / "circle", root / "val" / "only-in-val")
-    p = run_cli("data", "check", root, check=False)
-    assert p.returncode == 1
-    assert "extra holds no images" in p.stdout and "only-in-val" in p.stdout
+    code, stdout, _ = cli(capsys, "data", "check", root)
+    assert code == 1
+    assert "extra holds no images" in stdout and "only-in-val" in stdout
 
 
 @pytest.mark.slow

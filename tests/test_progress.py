@@ -1,4 +1,5 @@
-"""Progress: a bar redrawn in place on a terminal (a real pseudo-terminal), plain lines in a pipe."""
+"""Progress: a bar redrawn in place on a terminal (a real pseudo-terminal). Plain lines in a pipe:
+test_cli.py::test_train_leaves_the_run_folder."""
 
 import fcntl
 import os
@@ -11,7 +12,7 @@ import sys
 import termios
 import time
 
-from conftest import TINY, run_cli
+from conftest import TINY
 
 
 def run_in_terminal(*args, timeout=120) -> str:
@@ -57,14 +58,4 @@ def test_a_terminal_gets_a_bar_updated_in_place(tiny_data, tmp_path):
     assert "train loss" in states[-1]  # the bar was cleared and the epoch's line written over it
     assert any("loss=" in s and "top1=" in s and "img_s=" in s for s in states)
     assert any("<" in s and ("step/s" in s or "s/step" in s) for s in states)  # elapsed<left and the rate
-
-
-def test_a_pipe_gets_plain_lines(tiny_data, tmp_path):
-    p = run_cli("train", "--data", tiny_data, "--out", tmp_path / "r", *TINY, "--no-quiet", "--batch-size", "2",
-                "--log-every", "4")
-    lines = [x for x in p.stderr.splitlines() if x.startswith("epoch 1/1 ")]
-    assert [x.split(" | ")[0] for x in lines] == ["epoch 1/1 4/12", "epoch 1/1 8/12", "epoch 1/1 12/12"]
-    assert all("loss" in x and "top1" in x and "img_s" in x and "left" in x for x in lines)
-    output = p.stdout + p.stderr
-    assert "\r" not in output and "\x1b" not in output
 
