@@ -34,6 +34,8 @@ def test_train_leaves_the_run_folder(trained, tiny_data):
     lines = [x.split(" | ")[0] for x in p.stderr.splitlines() if x.startswith("epoch ")]
     assert lines == ["epoch 1/2 1/3", "epoch 1/2 2/3", "epoch 1/2 3/3", "epoch 2/2 1/3", "epoch 2/2 2/3",
                      "epoch 2/2 3/3"]  # --log-every 1; a pipe gets plain lines
+    assert all(f" | {k} " in x for x in p.stderr.splitlines() if x.startswith("epoch ") for k in ("loss", "top1", "img_s"))
+    assert all(x.endswith(" left") for x in p.stderr.splitlines() if x.startswith("epoch "))
     assert "\r" not in p.stdout + p.stderr and "\x1b" not in p.stdout + p.stderr
     assert not (out / "tensorboard").exists()  # only with --tensorboard
 

@@ -134,6 +134,11 @@ def test_flags_and_config_files_override_a_recipe(tmp_path):
         resolve_train({"recipe": str(tmp_path / "bad.yaml"), "data": "."})
     with pytest.raises(ConfigError, match="paper2012"):
         resolve_train({"recipe": "paper2013", "data": "."})
+    (tmp_path / "both.yaml").write_text("batch_size: 8\nglobal_batch_size: 64\n")
+    with pytest.raises(ConfigError, match="both batch_size and global_batch_size"):
+        resolve_train({"recipe": str(tmp_path / "both.yaml"), "data": "."})
+    (tmp_path / "saved.yaml").write_text("epochs: 3\nrecipe: null\nconfig: null\n")  # a run's config.yaml
+    assert resolve_train({"recipe": str(tmp_path / "saved.yaml"), "data": "."})[0].epochs == 3
 
 
 def test_data_stats_prints_the_principal_components_of_the_pixels(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from alexnet import checkpoint
@@ -15,10 +16,12 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr("alexnet.runtime.has_amx", lambda: True)
     assert resolve_precision("auto", cpu, False) == torch.bfloat16
     assert resolve_precision("auto", cpu, True) is None  # --deterministic: fp32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", cuda, False) == torch.float16  # e.g. a V100
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", cuda, False) == torch.bfloat16
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (7, 0))
+    assert resolve_precision("auto", cuda, False) == torch.float16  # a V100: bf16 only emulated
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (9, 0))
+    assert resolve_precision("auto", cuda, False) == torch.bfloat16  # an H100
+    assert asked == [cuda, cuda]  # the capability of the device in use
     assert [resolve_precision(n, cpu, True) for n in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16,
                                                                                    torch.float16]
 
@@ -31,7 +34,7 @@ def test_fused_sgd_is_the_same_update_as_the_loop():
     kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     fused = make_sgd(models[0].parameters(), "auto", torch.device("cpu"), **kw)
     loop = make_sgd(models[1].parameters(), "for-loop", torch.device("cpu"), **kw)
-    assert loop.param_groups[0]["foreach"] is False
+    assert loop.param_groups[0]["foreach"] is False and fused.param_groups[0]["fused"] is True
     for _ in range(3):
         for model, opt in zip(models, (fused, loop)):
             opt.zero_grad()
@@ -55,3 +58,33 @@ def test_fp16_keeps_its_gradient_scaler_in_checkpoints_and_resumes_exactly(tiny_
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 6
     assert a["optimizer"]["param_groups"][0].get("fused") is True  # --sgd auto: fused on this CPU
+
+
+def test_steps_the_scaler_skips_are_counted_and_end_the_run_when_they_persist():
+    from alexnet.train import NonFiniteLoss, Schedule, train_one_epoch
+    from alexnet.config import TrainConfig
+    from alexnet.progress import Progress
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    model.weight.register_hook(lambda g: g * float("nan"))  # a finite loss, gradients that are not
+    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,)), 0) for _ in range(6)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    before = model.weight.detach().clone()
+    kw = dict(global_step=0, accum_steps=1, channels_last=False, progress=Progress(6, "t", enabled=False),
+              amp_dtype=torch.float16, scaler=scaler)
+    sums = train_one_epoch(model, batches[:2], optimizer, Schedule(TrainConfig(), 6, 0.1),
+                           torch.nn.CrossEntropyLoss(), torch.device("cpu"), max_nonfinite=3, **kw)
+    assert sums["skipped"] == 2 and sums["images"] == 0 and torch.equal(model.weight, before)
+    assert scaler.get_scale() == 65536.0 / 4  # halved at each skipped step
+    with pytest.raises(NonFiniteLoss, match="not finite for 3 steps in a row"):
+        train_one_epoch(model, batches, optimizer, Schedule(TrainConfig(), 6, 0.1), torch.nn.CrossEntropyLoss(),
+                        torch.device("cpu"), max_nonfinite=3, **kw)
+
+
+def test_a_run_from_before_precision_existed_resumes_in_fp32():
+    from alexnet.config import resolve_train
+    old = {"data": ".", "arch": "alexnet"}  # a saved config without "precision"
+    assert resolve_train({"resume": __file__}, lambda r, o: dict(old))[0].precision == "fp32"
+    assert resolve_train({"resume": __file__}, lambda r, o: {**old, "precision": "bf16"})[0].precision == "bf16"
+    assert resolve_train({"resume": __file__, "precision": "bf16"}, lambda r, o: dict(old))[0].precision == "bf16"

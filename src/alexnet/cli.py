@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# as flags: --mean {','.join(map(str, s['mean']))} --std {','.join(map(str, s['std']))}")
             print(f"pca eigval: [{', '.join(map(str, s['eigval']))}]")
             print(f"pca eigvec: [{', '.join(map(str, s['eigvec']))}]  # columns are the eigenvectors")
-            print(f"# for --pca-lighting 0.1: --pca-eigval {','.join(map(str, s['eigval']))} "
-                  f"--pca-eigvec {','.join(map(str, s['eigvec']))}")
+            print(f"# for --pca-lighting 0.1: --pca-eigval={','.join(map(str, s['eigval']))} "
+                  f"--pca-eigvec={','.join(map(str, s['eigvec']))}")
         elif args.command == "data" and args.data_command == "check":
             return _data_check(args.dir)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -68,7 +68,8 @@ class TrainConfig:
     std: list = opt(IMAGENET_STD, "normalisation standard deviation per channel")
     pca_lighting: float = opt(0.0, "the paper's PCA colour augmentation: standard deviation of the alphas (paper: 0.1; 0: off)")
     pca_eigval: list = opt(IMAGENET_PCA_EIGVAL, "RGB covariance eigenvalues for --pca-lighting (ImageNet's; `alexnet data stats` computes a dataset's)")
-    pca_eigvec: list = opt(IMAGENET_PCA_EIGVEC, "the 3 eigenvectors as the columns of a 3x3 matrix, 9 numbers row by row")
+    pca_eigvec: list = opt(IMAGENET_PCA_EIGVEC, "the 3 eigenvectors as the columns of a 3x3 matrix, 9 numbers row by "
+                                                "row (write --pca-eigvec=-0.57,... when the first is negative)")
     val_tta: str = opt("none", "test-time augmentation of the validation during training: none, flip or 10crop", TTA_MODES)
     # optimisation
     epochs: int = opt(90, "number of training epochs")
@@ -264,6 +265,10 @@ def validate_train(cfg: TrainConfig) -> None:
     need(len(cfg.pca_eigval) == 3 and all(v >= 0 for v in cfg.pca_eigval), "pca-eigval",
          "needs 3 eigenvalues, 0 or more")
     need(len(cfg.pca_eigvec) == 9, "pca-eigvec", "needs 9 numbers: the 3x3 matrix of eigenvectors (columns), row by row")
+    e = [cfg.pca_eigvec[i:i + 3] for i in (0, 3, 6)]
+    gram = [[sum(e[k][i] * e[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
+    need(all(abs(gram[i][j] - (i == j)) < 0.01 for i in range(3) for j in range(3)), "pca-eigvec",
+         "the columns must be orthonormal eigenvectors (as `alexnet data stats` prints them)")
     need(cfg.fc_width >= 1, "fc-width", "must be at least 1")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
@@ -374,8 +379,12 @@ def load_recipe(name: str) -> dict:
     unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise ConfigError(f"--recipe {name}: {path} sets unknown settings: {', '.join(unknown)}")
-    if "recipe" in values or "config" in values:
+    if values.get("recipe") or values.get("config"):
         raise ConfigError(f"--recipe {name}: a recipe cannot name another recipe or config file")
+    values.pop("recipe", None)
+    values.pop("config", None)
+    if values.get("global_batch_size") and values.get("batch_size"):
+        raise ConfigError(f"--recipe {name}: {path} sets both batch_size and global_batch_size; give one")
     return values
 
 
@@ -396,7 +405,10 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
             raise ConfigError("--resume: auto needs --out: the run folder whose checkpoints to continue from")
         if resume != "auto" and not Path(str(resume)).exists():
             raise ConfigError(f"--resume: {resume!r} does not exist")
-        values.update(checkpoint_config(resume, explicit.get("out")))
+        saved = checkpoint_config(resume, explicit.get("out"))
+        if saved:
+            saved.setdefault("precision", "fp32")  # runs from before --precision were fp32: they stay so
+        values.update(saved)
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
         values.pop("weights", None)

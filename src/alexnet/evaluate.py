@@ -17,7 +17,7 @@ from .config import EvalConfig
 from .data import make_loader, eval_transform, ImageFolder
 from .data.synthetic import ensure_dataset
 from .models import create_model
-from .runtime import autocast, resolve_device
+from .runtime import autocast, resolve_device, resolve_precision
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -91,7 +91,10 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                          rank=distributed.rank(), world=distributed.world_size())
     model = model_from_checkpoint(state).to(device)
     classes = list(state["classes"])
-    metrics = evaluate(model, loader, device, confusion_classes=len(classes) if cfg.confusion else 0)
+    # the run's own precision, as its validation used (checkpoints from before --precision were fp32)
+    amp_dtype = resolve_precision(tcfg.get("precision", "fp32"), device, tcfg.get("deterministic", False))
+    metrics = evaluate(model, loader, device, confusion_classes=len(classes) if cfg.confusion else 0,
+                       amp_dtype=amp_dtype)
     if not distributed.is_main():
         return metrics
     if cfg.confusion:

@@ -36,8 +36,8 @@ def resolve_precision(name: str, device: torch.device, deterministic: bool) -> t
     if name == "auto":
         if deterministic:
             return None
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":  # bf16 in hardware from Ampere (compute capability 8) on; before, fp16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         return torch.bfloat16 if has_amx() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 

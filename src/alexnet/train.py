@@ -132,9 +132,16 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                 raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row (up to global step "
                                     f"{global_step + 1}); the weights are those of the last finite step")
         elif scaler is not None:
+            scale = scaler.get_scale()
             scaler.step(optimizer)  # skips the update when the scaled gradients overflowed, and lowers the scale
             scaler.update()
-            loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
+            if scaler.get_scale() < scale:  # skipped by the scaler: counted like a non-finite loss
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if in_a_row >= max_nonfinite:
+                    raise NonFiniteLoss(f"the gradients were not finite for {in_a_row} steps in a row (up to global "
+                                        f"step {global_step + 1}, fp16 loss scale now {scaler.get_scale():g})")
+            else:
+                loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
         else:
             optimizer.step()
             loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
@@ -293,6 +300,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            for group in optimizer.param_groups:  # the implementation asked for now, not the saved one
+                group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
         except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(
                 f"--resume {source}: the checkpoint does not fit this model (was --arch or --fc-width "
