@@ -301,7 +301,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             for group in optimizer.param_groups:  # the implementation asked for now, not the saved one
-                group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+                group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
         except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(
                 f"--resume {source}: the checkpoint does not fit this model (was --arch or --fc-width "
