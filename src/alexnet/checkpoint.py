@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -38,6 +39,24 @@ def save(state: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path in the target's folder (same suffix); when the block succeeds, give it an
+    ordinary file's permissions and rename it over the target, so no reader sees a half-written file. For
+    exports, figures and reports; checkpoints also fsync (save)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's private 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load(path: str | Path) -> dict[str, Any]:

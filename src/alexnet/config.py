@@ -340,12 +340,10 @@ def validate_eval(cfg: EvalConfig) -> None:
     if cfg.data is not None and not Path(cfg.data).exists():
         raise ConfigError(f"--data: {cfg.data!r} does not exist")
     if cfg.confusion is not None:
-        from .plots import matplotlib_missing
-        target = Path(cfg.confusion)
-        if matplotlib_missing():
-            raise ConfigError(f"--confusion: {matplotlib_missing()}")
-        if target.suffix.lower() != ".png" or not target.parent.is_dir():
-            raise ConfigError(f"--confusion: {cfg.confusion!r} must be a .png file in an existing folder")
+        from .plots import matplotlib_missing, png_target_problem
+        problem = matplotlib_missing() or png_target_problem(cfg.confusion)
+        if problem:
+            raise ConfigError(f"--confusion: {problem}")
 
 
 def validate_predict(cfg: PredictConfig) -> None:

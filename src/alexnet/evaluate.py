@@ -43,7 +43,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         if target.numel() == 0:
             continue
         views = images.shape[1] if images.dim() == 5 else 0  # test-time augmentation: views per image
-        images = images.to(device, non_blocking=True).flatten(0, 1) if views else images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
+        if views:
+            images = images.flatten(0, 1)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)

@@ -11,8 +11,6 @@ import contextlib
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -42,22 +40,6 @@ def metadata(state: dict) -> dict:
                       "layout": "NCHW, RGB, normalised: (pixel / 255 - mean) / std"},
             "output": {"name": "logits", "shape": ["batch", len(state["classes"])]},
             "epoch": state.get("epoch"), "metrics": state.get("metrics") or {}}
-
-
-@contextlib.contextmanager
-def _atomic(path: Path):
-    """Yield a temporary path in the target's folder; rename it over the target when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's permissions, not mkstemp's private 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _quietly():
@@ -93,7 +75,7 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     example = torch.randn(3, 3, meta["crop"], meta["crop"], generator=torch.Generator().manual_seed(0))
     checked = None
     try:
-        with _atomic(out_path) as tmp:
+        with checkpoint.atomic_path(out_path) as tmp:
             _write(model, example, fmt, tmp, text)
             if fmt == "onnx":  # checked before it takes the file's name: a failed check leaves nothing
                 checked = onnx_difference(model, tmp, example)
@@ -105,7 +87,7 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     except Exception as e:  # an exporter's or onnxruntime's failure: one line naming the format, not a traceback
         raise ExportError(f"writing {fmt} failed: {str(e).strip().splitlines()[0]}") from e
     side = out_path.with_suffix(".json")
-    with _atomic(side) as tmp:
+    with checkpoint.atomic_path(side) as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
     log(f"wrote {out_path} ({fmt}, {out_path.stat().st_size / 2**20:.1f} MiB) and {side}")
     if fmt == "onnx":

@@ -71,10 +71,16 @@ COLUMNS = [("epoch", "epoch", "{:d}"), ("train loss", "train_loss", "{:.4f}"), (
            ("img/s", "images_per_sec", "{:.0f}"), ("seconds", "epoch_seconds", "{:.1f}")]
 
 
+def by_epoch(history: list[dict]) -> list[dict]:
+    """metrics.jsonl's records in epoch order, one per epoch: a resumed run may have written an epoch twice,
+    and its last record counts."""
+    last = {m["epoch"]: m for m in history}
+    return [last[e] for e in sorted(last)]
+
+
 def summary_table(history: list[dict]) -> str:
     """A text table of the epochs (the last entry of each epoch number), the best top-1 marked with *."""
-    by_epoch = {m["epoch"]: m for m in history}
-    rows = [by_epoch[e] for e in sorted(by_epoch)]
+    rows = by_epoch(history)
     if not rows:
         return ""
     best = max(rows, key=lambda m: m["val_acc1"])["epoch"]

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from .checkpoint import atomic_path
 from .config import ConfigError
+from .logs import by_epoch
 
 PANELS = [("train loss", "train_loss"), ("val loss", "val_loss"), ("val top-1", "val_acc1"),
           ("val top-5", "val_acc5"), ("learning rate", "lr"), ("images / s (training)", "images_per_sec")]
@@ -38,18 +39,18 @@ def load_runs(folders) -> list[tuple[str, list[dict]]]:
         if not metrics.is_file():
             raise ConfigError(f"plot: {p} has no metrics.jsonl (give the run folders of alexnet train, "
                               f"the --out folders)")
-        by_epoch = {}
+        history = []
         for n, line in enumerate(metrics.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 m = json.loads(line)
-                by_epoch[int(m["epoch"])] = m
+                history.append({**m, "epoch": int(m["epoch"])})
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"plot: {metrics} line {n} is not a metrics record") from None
-        if not by_epoch:
+        if not history:
             raise ConfigError(f"plot: {metrics} has no finished epoch yet")
-        runs.append((name if names.count(name) == 1 else str(p), [by_epoch[e] for e in sorted(by_epoch)]))
+        runs.append((name if names.count(name) == 1 else str(p), by_epoch(history)))
     return runs
 
 
@@ -105,17 +106,22 @@ def confusion_figure(matrix, classes: list[str], title: str = ""):
     return fig
 
 
+def png_target_problem(path) -> str | None:
+    """Why a figure cannot be written to `path`, or None."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        return f"{path}: figures are written as PNG; give a file name ending in .png"
+    if not path.parent.is_dir():
+        return f"{path}: the folder {path.parent} does not exist"
+    return None
+
+
 def save(fig, path) -> Path:
     """Write the figure as PNG through a temporary file, so a failed write leaves no half image."""
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"{path}: figures are written as PNG; give a file name ending in .png")
-    if not path.parent.is_dir():
-        raise ConfigError(f"{path}: the folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    problem = png_target_problem(path)
+    if problem:
+        raise ConfigError(problem)
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

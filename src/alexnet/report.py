@@ -5,23 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint import atomic_path
 from .config import ConfigError
-from .logs import summary_table
+from .logs import by_epoch, summary_table
 from .plots import confusion_figure, save
 
 
 def per_class(confusion: list[list[int]], classes: list[str]) -> list[dict]:
     """For each class: its validation images, how many were predicted right, and the accuracy."""
     rows = []
-    for name, row, i in zip(classes, confusion, range(len(classes))):
+    for i, (name, row) in enumerate(zip(classes, confusion)):
         total = sum(row)
         rows.append({"class": name, "images": total, "correct": row[i], "acc": row[i] / total if total else None})
     return rows
 
 
 def write(out: Path, history: list[dict], confusion: list[list[int]], classes: list[str], cfg: dict) -> Path:
-    by_epoch = {m["epoch"]: m for m in history}  # a resumed run may have repeated an epoch: its last line
-    history = [by_epoch[e] for e in sorted(by_epoch)]
+    history = by_epoch(history)
     last = history[-1]
     best = max(history, key=lambda m: m["val_acc1"])
     try:
@@ -60,7 +60,6 @@ def write(out: Path, history: list[dict], confusion: list[list[int]], classes: l
         lines.append(f"| {r['class']} | {r['images']} | {r['correct']} | {acc} |")
     lines += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "", figure, ""]
     path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines))
     return path
