@@ -15,6 +15,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .config import EvalConfig
 from .data import make_loader, eval_transform, ImageFolder
+from .data.batch import to_device
 from .data.synthetic import ensure_dataset
 from .models import create_model
 from .runtime import autocast, resolve_device, resolve_precision
@@ -29,7 +30,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
-             confusion_classes: int = 0, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+             confusion_classes: int = 0, amp_dtype: torch.dtype | None = None, augment=None) -> dict[str, float]:
     """Loss, top-1 and top-5 over the whole split; with `confusion_classes` = C also the C x C matrix of
     counts (row: true class, column: top-1 prediction) as "confusion". Batches of (images, views, 3, H, W)
     (test-time augmentation) are scored by the mean of the views' softmax outputs, the loss being the
@@ -42,12 +43,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
         bad += n_bad
         if target.numel() == 0:
             continue
-        views = images.shape[1] if images.dim() == 5 else 0  # test-time augmentation: views per image
-        images = images.to(device, non_blocking=True)
-        if views:
-            images = images.flatten(0, 1)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        views = images.shape[1] if torch.is_tensor(images) and images.dim() == 5 else 0  # test-time views per image
+        images = to_device(images, device, channels_last, augment)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             outputs = model(images)

@@ -16,7 +16,8 @@ from torch import nn
 
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
-from .data import make_loader, open_splits, train_transform, eval_transform
+from .data import make_loader, open_splits, packed, train_transform, eval_transform
+from .data.batch import to_device
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
@@ -73,7 +74,7 @@ class NonFiniteLoss(RuntimeError):
 def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, device, *, global_step: int,
                     accum_steps: int, channels_last: bool, progress: Progress, sums: dict | None = None,
                     after_step=None, any_rank=lambda flag: flag, max_nonfinite: int = 10,
-                    input_size: int = 224, amp_dtype: torch.dtype | None = None, scaler=None) -> dict:
+                    input_size: int = 224, amp_dtype: torch.dtype | None = None, scaler=None, augment=None) -> dict:
     """One pass over this process's shard. Each optimizer step takes `accum_steps` micro-batches; under
     DDP, gradients are all-reduced only on the last of them (no_sync on the others), which gives the
     same step as one batch of all the images. Returns this process's sums and counts, continuing `sums`
@@ -108,9 +109,7 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                 blank = True
             else:
                 blank = False
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = to_device(images, device, channels_last, augment)
             target = target.to(device, non_blocking=True)
             last_micro = micro == accum_steps - 1
             with nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
@@ -172,6 +171,14 @@ def batch_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
     """The peak learning rate: --lr, or with --lr-scaling linear, --lr x global batch / reference batch."""
     return cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_scaling == "linear" else cfg.lr
+
+
+def data_path(dataset, device: torch.device) -> str:
+    if not isinstance(dataset, packed.PackedSplit):
+        return ""
+    if dataset.batch is None:
+        return " (packed; per-image augmentation: rotation and random-resized crops have no batch path)"
+    return f" (packed; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -248,15 +255,19 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     data_root = cfg.data
     if data_root is None:
         data_root = str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
-    train_set, val_set = open_splits(data_root, train_transform(cfg),
-                                     eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta), cfg.seed,
-                                     on_bad_image=cfg.on_bad_image)
+    transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
+    if packed.is_packed(data_root):
+        train_set, val_set = packed.open_splits(data_root, cfg.resize, *transforms, cfg.seed)
+    else:
+        train_set, val_set = open_splits(data_root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
     classes = train_set.classes
     pin = device.type == "cuda"
-    train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, train=True, seed=cfg.seed,
-                               pin_memory=pin, rank=rank, world=world)
-    val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, train=False, pin_memory=pin,
-                             rank=rank, world=world)
+    train_loader, val_loader = (make_loader(dataset, cfg.batch_size, cfg.workers, train=dataset is train_set,
+                                            seed=cfg.seed, pin_memory=pin, rank=rank, world=world,
+                                            device_type=device.type) for dataset in (train_set, val_set))
+    # the batch path's pixel work: in the loader's workers on a CPU, here on a GPU (see data.batch)
+    train_augment, val_augment = (getattr(d, "batch", None) if device.type != "cpu" else None
+                                  for d in (train_set, val_set))
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch has no full step: {len(train_set)} training images over {world} "
@@ -332,7 +343,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if resumed:
         say(resumed)
     say(f"run folder {out}; {len(train_set)} train and {len(val_set)} val images in {len(classes)} classes "
-        f"from {data_root}; {cfg.arch} (fc width {cfg.fc_width}, "
+        f"from {data_root}{data_path(train_set, device)}; {cfg.arch} (fc width {cfg.fc_width}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}, "
         f"{precision}{', channels_last' if cfg.channels_last else ''}")
     say(f"batch: {cfg.batch_size} per process x {world} process{'es' if world > 1 else ''} x "
@@ -396,7 +407,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                     channels_last=cfg.channels_last, progress=progress,
                                     sums=partial if skip else None, after_step=after_step,
                                     any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop,
-                                    amp_dtype=amp_dtype, scaler=scaler)
+                                    amp_dtype=amp_dtype, scaler=scaler, augment=train_augment)
             except NonFiniteLoss as e:
                 save(epoch, (global_step - epoch_start_step) + skip, None, last)
                 raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
@@ -411,7 +422,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
             final = epoch + 1 == cfg.epochs  # its validation also counts the confusion matrix, for the report
             v = evaluate(model, val_loader, device, cfg.channels_last,
-                         confusion_classes=len(classes) if final else 0, amp_dtype=amp_dtype)
+                         confusion_classes=len(classes) if final else 0, amp_dtype=amp_dtype, augment=val_augment)
             schedule.end_epoch(v["loss"])
             epoch_seconds = seconds / world
             last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),

@@ -2,8 +2,9 @@
 
 from .folder import DataError, ImageFolder, open_splits
 from .images import load_rgb, to_rgb
+from . import packed
 from .loader import EpochSampler, make_loader
 from .transforms import eval_transform, train_transform
 
-__all__ = ["DataError", "ImageFolder", "open_splits", "load_rgb", "to_rgb", "EpochSampler", "make_loader",
+__all__ = ["DataError", "ImageFolder", "open_splits", "load_rgb", "to_rgb", "EpochSampler", "make_loader", "packed",
            "eval_transform", "train_transform"]

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from .packed import collate_batch
+
 
 class EpochSampler(Sampler):
     """Yields (epoch, index) pairs, so the dataset can seed each sample's augmentation from
@@ -68,13 +70,18 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool, seed: int = 0,
-                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+                pin_memory: bool = False, rank: int = 0, world: int = 1, device_type: str = "cpu") -> DataLoader:
+    """A loader of (images, targets, unreadable count) batches. A packed dataset on the batch path
+    (see data.batch) gives its batches finished on the CPU (by the workers), or on a GPU as
+    ((uint8 crops, parameters), targets, 0) for train.device_batch to finish there."""
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
+    augment = getattr(dataset, "batch", None)
+    collate = collate_skipping_bad if augment is None else collate_batch(augment if device_type == "cpu" else None)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate_skipping_bad,
+        collate_fn=collate,
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=train and len(sampler) >= batch_size,

@@ -9,15 +9,14 @@ path as real data.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .cache import build_once, is_complete
 
 CLASSES = ("circle", "ring", "square", "frame", "triangle", "star", "plus", "cross", "crescent", "bars")
 VERSION = 3
@@ -178,29 +177,18 @@ def ensure_dataset(seed: int = 0, cache_dir: str | Path | None = None, *, train_
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     name = f"shapes-v{VERSION}-seed{seed}-{size}px-{train_per_class}x{val_per_class}"
     final = cache / name
-    if (final / "COMPLETE").exists():
+    if is_complete(final):
         return final
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "COMPLETE").exists():
-            return final
-        n = counts(train_per_class, val_per_class)
+    n = counts(train_per_class, val_per_class)
+    step = max(1, sum(n.values()) // 10)
+
+    def progress(split, i, total):
+        if i % step == 0 or i == total:
+            log(f"  {split}: {i}/{total}")
+
+    def build(tmp: Path) -> None:
         log(f"generating the built-in dataset ({n['train']} train, {n['val']} val images) into {final}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
-        try:
-            step = max(1, sum(n.values()) // 10)
+        _write(tmp, seed, n, size, progress)
 
-            def progress(split, i, total):
-                if i % step == 0 or i == total:
-                    log(f"  {split}: {i}/{total}")
-
-            _write(tmp, seed, n, size, progress)
-            (tmp / "COMPLETE").write_text(f"{name}\n")
-            if final.exists():  # an incomplete leftover from an interrupted run
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    build_once(final, build, name)
     return final

@@ -63,10 +63,14 @@ class RandomCrop:
     def __init__(self, size: int):
         self.size = size
 
+    def draw(self, g: torch.Generator, width: int, height: int) -> tuple[int, int]:
+        """(top, left) of the crop."""
+        top = int(torch.randint(0, height - self.size + 1, (), generator=g))
+        left = int(torch.randint(0, width - self.size + 1, (), generator=g))
+        return top, left
+
     def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
-        w, h = img.size
-        top = int(torch.randint(0, h - self.size + 1, (), generator=g))
-        left = int(torch.randint(0, w - self.size + 1, (), generator=g))
+        top, left = self.draw(g, *img.size)
         return img.crop((left, top, left + self.size, top + self.size))
 
     def __repr__(self):
@@ -119,10 +123,11 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
 
+    def draw(self, g: torch.Generator) -> bool:
+        return torch.rand((), generator=g).item() < self.p
+
     def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
-        if torch.rand((), generator=g).item() < self.p:
-            return img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if self.draw(g) else img
 
     def __repr__(self):
         return f"RandomHorizontalFlip({self.p})"
@@ -134,19 +139,24 @@ class ColorJitter:
     def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
         self.b, self.c, self.s, self.h = brightness, contrast, saturation, hue
 
-    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+    OPS = ("brightness", "contrast", "saturation", "hue")
+
+    def draw(self, g: torch.Generator) -> list[tuple[str, float]]:
+        """(operation, factor) pairs in the order they are applied."""
         ops = []
         if self.b:
-            ops.append((F.adjust_brightness, _uniform(g, max(0.0, 1 - self.b), 1 + self.b)))
+            ops.append(("brightness", _uniform(g, max(0.0, 1 - self.b), 1 + self.b)))
         if self.c:
-            ops.append((F.adjust_contrast, _uniform(g, max(0.0, 1 - self.c), 1 + self.c)))
+            ops.append(("contrast", _uniform(g, max(0.0, 1 - self.c), 1 + self.c)))
         if self.s:
-            ops.append((F.adjust_saturation, _uniform(g, max(0.0, 1 - self.s), 1 + self.s)))
+            ops.append(("saturation", _uniform(g, max(0.0, 1 - self.s), 1 + self.s)))
         if self.h:
-            ops.append((F.adjust_hue, _uniform(g, -self.h, self.h)))
-        for i in torch.randperm(len(ops), generator=g).tolist():
-            fn, factor = ops[i]
-            img = fn(img, factor)
+            ops.append(("hue", _uniform(g, -self.h, self.h)))
+        return [ops[i] for i in torch.randperm(len(ops), generator=g).tolist()]
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        for name, factor in self.draw(g):
+            img = getattr(F, f"adjust_{name}")(img, factor)
         return img
 
     def __repr__(self):

@@ -1,0 +1,151 @@
+"""Augmentation of whole batches.
+
+The random draws are made per image in the loader, by the same transform objects and from the same
+per-sample generators as the per-image path (so a sample gets the same crop, flip, jitter factors and
+colour shift either way); the loader then only slices the crop out of the stored uint8 pixels. The pixel
+work (flip, colour jitter, PCA lighting, scaling and normalisation) is done on the whole batch at once:
+on the GPU after the uint8 batch is copied there, or vectorised on the CPU in the loader's workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
+                         RandomHorizontalFlip, Resize, ToTensor, ToTensorNormalize)
+
+JITTER_OPS = ColorJitter.OPS
+# Per-image parameters: flip, the four jitter factors, the jitter order (op codes, -1: none), PCA shift.
+FLIP, FACTORS, ORDER, SHIFT, N_PARAMS = 0, slice(1, 5), slice(5, 9), slice(9, 12), 12
+_SUPPORTED = (Resize, RandomCrop, CenterCrop, RandomHorizontalFlip, ColorJitter, ToTensor, PCALighting, Normalize,
+              ToTensorNormalize)
+
+
+def supports(transform: Compose) -> bool:
+    """Whether the batch path can do this transform: a plain or centre crop of the resized image, flips,
+    colour jitter and PCA lighting (not rotation, random-resized crops or test-time views)."""
+    return all(isinstance(step, _SUPPORTED) for step in transform.steps)
+
+
+class BatchAugment:
+    """`sample(pixels, g)` in the loader: (crop as HWC uint8, parameter vector); `__call__(crops, params)`
+    on a batch: normalised float images (B, 3, H, W) in channels_last layout."""
+
+    def __init__(self, transform: Compose) -> None:
+        if not supports(transform):
+            raise ValueError(f"the batch path cannot do {transform}")
+        self.steps = transform.steps
+        self.crop = next(s for s in self.steps if isinstance(s, (RandomCrop, CenterCrop)))
+        norm = next(s.normalize if isinstance(s, ToTensorNormalize) else s for s in self.steps
+                    if isinstance(s, (Normalize, ToTensorNormalize)))
+        self.mean, self.std = norm.mean.view(1, 3, 1, 1), norm.std.view(1, 3, 1, 1)
+        self.jitter = any(isinstance(s, ColorJitter) for s in self.steps)
+        self.pca = any(isinstance(s, PCALighting) for s in self.steps)
+
+    def sample(self, pixels: np.ndarray, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = pixels.shape[:2]
+        size = self.crop.size
+        params = torch.zeros(N_PARAMS)
+        params[ORDER] = -1
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        for step in self.steps:  # the draws in the order the per-image transform makes them
+            if isinstance(step, RandomCrop):
+                top, left = step.draw(g, w, h)
+            elif isinstance(step, RandomHorizontalFlip):
+                params[FLIP] = float(step.draw(g))
+            elif isinstance(step, ColorJitter):
+                for k, (name, factor) in enumerate(step.draw(g)):
+                    code = JITTER_OPS.index(name)
+                    params[FACTORS.start + code], params[ORDER.start + k] = factor, code
+            elif isinstance(step, PCALighting):
+                params[SHIFT] = step.shift(g)
+        crop = torch.from_numpy(np.ascontiguousarray(pixels[top:top + size, left:left + size]))
+        return crop, params
+
+    def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The permuted uint8 batch is already in
+        channels_last order, so the float result is too, without a copy to change layout."""
+        x = crops.permute(0, 3, 1, 2).float()
+        params = params.to(x.device, torch.float32)
+        flip = params[:, FLIP] > 0.5
+        if flip.any():
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if self.jitter:  # on 8-bit values, as PIL
+            for k in range(ORDER.stop - ORDER.start):
+                codes = params[:, ORDER.start + k]
+                for code, name in enumerate(JITTER_OPS):
+                    idx = (codes == code).nonzero().flatten()
+                    if idx.numel():
+                        x[idx] = _JITTER[name](x[idx], params[idx, FACTORS.start + code].view(-1, 1, 1, 1))
+        x = x.div_(255)
+        if self.pca:  # on the [0, 1] pixels, before normalisation, as the per-image path
+            x = x + params[:, SHIFT].view(-1, 3, 1, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+# The jitter operations work on 8-bit values held in floats and, like PIL's, truncate after each one, so
+# that they give the per-image path's pixels (off by a level in rare rounding cases).
+
+def _blend(base: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend: base + f * (x - base), truncated and clipped to 8 bits."""
+    return torch.floor(base + f * (x - base)).clamp_(0, 255)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """PIL's convert("L"): ITU-R 601-2 luma in fixed point, rounded."""
+    return torch.floor((x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) / 65536)
+
+
+def _brightness(x, f):
+    return _blend(torch.zeros_like(x[:, :1]), x, f)
+
+
+def _contrast(x, f):
+    return _blend(torch.floor(_grey(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5), x, f)
+
+
+def _saturation(x, f):
+    return _blend(_grey(x), x, f)
+
+
+def _hue(x, f):
+    """Rotate the hue by f turns (f in [-0.5, 0.5]) through PIL's 8-bit HSV (hue in 256 steps), with its
+    mix of single and double precision."""
+    dtype, x = x.dtype, x.float()
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    v, _ = x.max(dim=1)
+    delta = v - x.min(dim=1).values
+    grey = delta == 0
+    safe = torch.where(grey, torch.ones_like(delta), delta)
+    rc, gc, bc = ((v - c) / safe for c in (r, g, b))
+    rc, gc, bc = rc.double(), gc.double(), bc.double()
+    h = torch.where(r == v, bc - gc, torch.where(g == v, 2 + rc - bc, 4 + gc - rc)).float()
+    h = torch.remainder(h.double() / 6 + 1, 1).float().double()
+    h = torch.where(grey, 0, torch.floor(h * 255))
+    s = torch.where(grey, 0, torch.floor((delta / torch.where(v > 0, v, torch.ones_like(v))).double() * 255))
+    h = torch.remainder(h + torch.trunc(f.view(-1, 1, 1).double() * 255), 256)  # uint8 arithmetic wraps around
+    sector = torch.floor(h * 6 / 255)
+    fs = ((h * 6 / 255 - sector).float() * s.float()).double()
+    v = v.double()
+    p, q, t = (torch.floor(v * (1 - a / 255) + 0.5) for a in (s, fs, (s.float() - fs.float()).double()))
+    sector = sector.long().remainder(6).unsqueeze(1)
+    table = torch.stack([torch.stack(c, dim=1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], dim=1)
+    rgb = table.gather(2, sector.unsqueeze(2).expand(-1, 3, 1, -1, -1)).squeeze(2)
+    return torch.where((grey | (s == 0)).unsqueeze(1), v.unsqueeze(1).expand(-1, 3, -1, -1), rgb).to(dtype)
+
+
+_JITTER = {"brightness": _brightness, "contrast": _contrast, "saturation": _saturation, "hue": _hue}
+
+
+def to_device(images, device: torch.device, channels_last: bool, augment: BatchAugment | None = None) -> torch.Tensor:
+    """A loader's images on the device, in the layout asked for; (uint8 crops, parameters) from the
+    batch path are copied as uint8 (a quarter of the bytes of fp32) and finished there by `augment`."""
+    if isinstance(images, (tuple, list)):
+        crops, params = (t.to(device, non_blocking=True) for t in images)
+        images = augment(crops, params)
+    else:
+        images = images.to(device, non_blocking=True)
+        if images.dim() == 5:  # test-time views: (images, views, 3, H, W)
+            images = images.flatten(0, 1)
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,45 @@
+"""Folders built once: one process builds, the others wait and then use the result."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+DONE = "COMPLETE"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / DONE).exists()
+
+
+def build_once(final: Path, build: Callable[[Path], None], note: str = "") -> bool:
+    """Make `final` by calling `build(tmp)` on an empty temporary sibling folder, which is renamed into
+    place once `build` returns (with a COMPLETE marker holding `note`). An exclusive lock beside it lets
+    one process build while others, started at the same time, wait and then find it complete. Returns
+    False when it was already complete. An interrupted build leaves no partial `final` behind."""
+    final = Path(final)
+    if is_complete(final):
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(final):
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a plain folder's permissions, not mkdtemp's private ones
+        try:
+            build(tmp)
+            (tmp / DONE).write_text(f"{note or final.name}\n")
+            if final.exists():  # an incomplete leftover from an interrupted run
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return True

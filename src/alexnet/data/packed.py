@@ -1,0 +1,193 @@
+"""The packed form of an ImageFolder dataset: decoded, resized uint8 pixels read through a memory map.
+
+`alexnet data pack DIR OUT` decodes and resizes every image once (the same decode and resize as the
+per-image path) and writes, per split:
+
+    OUT/<split>.u8        the pixels of all images, HWC uint8, one after another
+    OUT/<split>.idx.npy   int64 (images, 4): byte offset, height, width, label
+    OUT/packed.json       format version, resize, classes, image counts, skipped files
+
+Reading an image is then a slice of a memory map: no decoding and no resizing, and the operating
+system's page cache keeps the hot pages in memory for every loader worker at once.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..config import parse_resize
+from .batch import BatchAugment, supports
+from .cache import build_once, is_complete
+from .folder import DataError, find_classes, scan
+from .images import load_rgb
+from .transforms import Compose, Resize, sample_generator
+
+FORMAT_VERSION = 1
+META = "packed.json"
+
+
+def is_packed(root: str | Path) -> bool:
+    return (Path(root) / META).is_file()
+
+
+def read_meta(root: str | Path) -> dict:
+    root = Path(root)
+    if not is_complete(root):
+        raise DataError(f"{root} is an incomplete packed dataset (interrupted while packing?); pack it again")
+    meta = json.loads((root / META).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{root} was packed in format {meta.get('format_version')}; this version reads "
+                        f"{FORMAT_VERSION}: pack it again with `alexnet data pack`")
+    return meta
+
+
+def _decode(job: tuple[str, str]):
+    path, resize = job
+    try:
+        return np.asarray(Resize(parse_resize(resize))(load_rgb(path)), dtype=np.uint8), None
+    except (OSError, SyntaxError, ValueError) as e:
+        return None, f"{path}: {e or type(e).__name__}"
+
+
+def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: str, pool, progress) -> dict:
+    index, skipped, offset = [], [], 0
+    jobs = [(path, resize) for path, _ in samples]
+    with open(out / f"{split}.u8", "wb") as f:
+        decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
+        for (path, label), (pixels, error) in zip(samples, decoded):
+            if error is not None:
+                skipped.append(error)
+                print(f"WARNING: skipping unreadable image {error}", file=sys.stderr, flush=True)
+            else:
+                f.write(pixels.tobytes())
+                index.append((offset, pixels.shape[0], pixels.shape[1], label))
+                offset += pixels.size
+            progress(split)
+    if not index:
+        raise DataError(f"no readable image in the {split} split")
+    np.save(out / f"{split}.idx.npy", np.array(index, dtype=np.int64))
+    return {"images": len(index), "bytes": offset, "skipped": skipped}
+
+
+def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print) -> Path:
+    """Pack the train and val splits of the ImageFolder `source` into `out` (see the module's doc).
+    One process packs; others that ask for the same folder at the same time wait for it and use it."""
+    source, out = Path(source), Path(out)
+    parse_resize(resize)
+    if not source.is_dir():
+        raise DataError(f"data folder {source} does not exist")
+    if is_packed(source):
+        raise DataError(f"{source} is already a packed dataset")
+    if is_complete(out):
+        meta = read_meta(out)
+        if meta["resize"] != resize or meta["source"] != str(source.resolve()):
+            raise DataError(f"{out} already holds {meta['source']} packed at --resize {meta['resize']}; "
+                            f"choose another folder or remove it")
+        log(f"{out} is already packed from {source} at --resize {resize}")
+        return out
+    if out.exists() and any(out.iterdir()) and not is_complete(out):
+        raise DataError(f"{out} exists and is not a packed dataset; choose a new folder")
+    classes = find_classes(source / "train")
+    splits = {"train": scan(source / "train", classes)}
+    val_classes = find_classes(source / "val")
+    missing = sorted(set(val_classes) - set(classes))
+    if missing:
+        raise DataError(f"{source / 'val'} has classes that {source / 'train'} lacks: {', '.join(missing[:5])}")
+    splits["val"] = scan(source / "val", classes)
+    total = sum(len(s) for s in splits.values())
+    done = {"n": 0}
+
+    def progress(split):
+        done["n"] += 1
+        if done["n"] % max(total // 10, 1) == 0 or done["n"] == total:
+            log(f"  {done['n']}/{total} images")
+
+    def build(tmp: Path) -> None:
+        log(f"packing {total} images of {source} at --resize {resize} into {out} with {workers} worker(s)")
+        meta = {"format_version": FORMAT_VERSION, "source": str(source.resolve()), "resize": resize,
+                "classes": classes, "splits": {}}
+        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+        with pool or nullcontext():
+            for split, samples in splits.items():
+                meta["splits"][split] = _pack_split(samples, resize, tmp, split, pool, progress)
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+    if build_once(out, build, f"packed from {source}"):
+        meta = read_meta(out)
+        sizes = {s: m["images"] for s, m in meta["splits"].items()}
+        skipped = sum(len(m["skipped"]) for m in meta["splits"].values())
+        gib = sum(m["bytes"] for m in meta["splits"].values()) / 2**30
+        log(f"packed {sizes['train']} train and {sizes['val']} val images ({gib:.2f} GiB) into {out}"
+            + (f"; {skipped} unreadable file(s) skipped (listed in {out / META})" if skipped else ""))
+    return out
+
+
+class PackedSplit(Dataset):
+    """One split of a packed dataset. Items by index or by (epoch, index), as ImageFolder's. With a
+    BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path; otherwise the
+    per-image transform runs on the stored pixels (its resize is then a no-op)."""
+
+    def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
+                 batch: BatchAugment | None = None) -> None:
+        self.root, self.split = Path(root), split
+        meta = read_meta(self.root)
+        self.classes, self.resize = meta["classes"], meta["resize"]
+        self.index = np.load(self.root / f"{split}.idx.npy")
+        self.transform, self.seed, self.batch = transform, seed, batch
+        self._pixels = None  # opened in each process on first use (a memory map does not travel to workers)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def pixels(self, i: int) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = np.memmap(self.root / f"{self.split}.u8", dtype=np.uint8, mode="r")
+        offset, h, w, _ = self.index[i]
+        return self._pixels[offset:offset + h * w * 3].reshape(h, w, 3)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pixels": None}
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        label = int(self.index[i][3])
+        g = sample_generator(self.seed, epoch, i)
+        if self.batch is not None:
+            return self.batch.sample(self.pixels(i), g), label
+        return self.transform(Image.fromarray(np.array(self.pixels(i))), g), label
+
+
+def open_splits(root: str | Path, resize: str, train_transform: Compose, eval_transform: Compose, seed: int,
+                batch_on: bool = True):
+    """(train, val) of a packed dataset, each on the batch path when its transform allows it."""
+    meta = read_meta(root)
+    if parse_resize(meta["resize"]) != parse_resize(resize):
+        raise DataError(f"{root} was packed at --resize {meta['resize']}, not {resize}: train with --resize "
+                        f"{meta['resize']} or pack again with `alexnet data pack SRC OUT --resize {resize}`")
+    splits = []
+    for split, transform in (("train", train_transform), ("val", eval_transform)):
+        batch = BatchAugment(transform) if batch_on and supports(transform) else None
+        splits.append(PackedSplit(root, split, transform, seed, batch))
+    return tuple(splits)
+
+
+def collate_batch(augment: BatchAugment | None):
+    """A collate function for the batch path: stacks the crops and parameters, and with `augment` (on
+    the CPU) finishes the batch in the loader's worker."""
+    def collate(items):
+        crops = torch.stack([c for (c, _), _ in items])
+        params = torch.stack([p for (_, p), _ in items])
+        target = torch.tensor([label for _, label in items])
+        if augment is not None:
+            return augment(crops, params), target, 0
+        return (crops, params), target, 0
+    return collate

@@ -1,0 +1,161 @@
+"""The packed form (alexnet data pack) and the batch augmentation that reads it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.config import TrainConfig, parse_resize
+from alexnet.data import packed
+from alexnet.data.batch import BatchAugment, supports
+from alexnet.data.images import load_rgb
+from alexnet.data.transforms import Resize, eval_transform, sample_generator, train_transform
+
+from conftest import EXACT, cli, final_weights, max_diff, run_cli, write_folder
+
+
+def odd_folder(root):
+    """Images of several sizes, aspect ratios and modes, and one unreadable file."""
+    rng = np.random.default_rng(0)
+    shapes = {"a": [(50, 40), (40, 61), (72, 72)], "b": [(64, 64), (90, 45), (45, 90)]}
+    for split in ("train", "val"):
+        for cls, sizes in shapes.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                kind = i % 3
+                if kind == 0:
+                    rgb.save(folder / f"{i}.jpg", quality=90)
+                elif kind == 1:
+                    rgb.convert("L").save(folder / f"{i}.png")
+                else:
+                    rgba = rgb.convert("RGBA")
+                    rgba.putalpha(128)
+                    rgba.save(folder / f"{i}.png")
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("resize", ["40", "48x40"])
+def test_pack_round_trips(tmp_path, resize):
+    src = odd_folder(tmp_path / "src")
+    out = packed.pack(src, tmp_path / "packed", resize, workers=0, log=lambda *_: None)
+    meta = packed.read_meta(out)
+    assert meta["classes"] == ["a", "b"] and meta["resize"] == resize
+    assert meta["splits"]["train"]["images"] == 6 and meta["splits"]["val"]["images"] == 6
+    assert len(meta["splits"]["train"]["skipped"]) == 1 and "broken.jpg" in meta["splits"]["train"]["skipped"][0]
+    for split in ("train", "val"):
+        files = sorted(p for p in (src / split).rglob("*") if p.is_file() and p.name != "broken.jpg")
+        files.sort(key=lambda p: (p.parent.name, str(p)))
+        ds = packed.PackedSplit(out, split, transform=None)
+        assert len(ds) == len(files)
+        for i, path in enumerate(files):
+            expected = np.asarray(Resize(parse_resize(resize))(load_rgb(path)))
+            assert np.array_equal(ds.pixels(i), expected), path
+            assert int(ds.index[i][3]) == ["a", "b"].index(path.parent.name)
+
+
+def check_same_draws(cfg: TrainConfig, data, atol: float, mean_atol: float = 1e-6, n: int = 24):
+    """The batch path's output for the packed images against the per-image transform's output for the
+    same images and the same per-sample generators."""
+    transform = train_transform(cfg)
+    assert supports(transform)
+    aug = BatchAugment(transform)
+    ds = packed.PackedSplit(data, "train", transform, seed=3, batch=aug)
+    per_image = packed.PackedSplit(data, "train", transform, seed=3)
+    for epoch in (0, 1):
+        items = [ds[(epoch, i)] for i in range(n)]
+        crops = torch.stack([c for (c, _), _ in items])
+        params = torch.stack([p for (_, p), _ in items])
+        batch = aug(crops, params)
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        expected = torch.stack([per_image[(epoch, i)][0] for i in range(n)])
+        diff = (batch - expected).abs()
+        assert float(diff.max()) <= atol and float(diff.mean()) <= mean_atol, (float(diff.max()), float(diff.mean()))
+        # control: another epoch's draws give other images
+        other = torch.stack([per_image[(epoch + 5, i)][0] for i in range(n)])
+        assert float((batch - other).abs().max()) > 0.5
+    return params
+
+
+@pytest.fixture(scope="module")
+def packed_shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return packed.pack(write_folder(root / "src", classes=3, train_per_class=8, val_per_class=2, size=80),
+                       root / "packed", "72", workers=0, log=lambda *_: None)
+
+
+def test_batch_crop_flip_pca_equal_per_image(packed_shapes):
+    cfg = TrainConfig(resize="72", crop=64, hflip=0.5, pca_lighting=0.1)
+    params = check_same_draws(cfg, packed_shapes, atol=1e-5)
+    assert 0 < int(params[:, 0].sum()) < len(params)  # some flipped, some not
+
+
+def test_batch_colour_jitter_equal_per_image(packed_shapes):
+    # PIL jitters in 8-bit steps, truncating after each operation, hue through its 8-bit HSV; the batch
+    # path does the same arithmetic on the batch, so the pixels are the same.
+    cfg = TrainConfig(resize="72", crop=64, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)
+    params = check_same_draws(cfg, packed_shapes, atol=1e-5)
+    orders = {tuple(p[5:9].tolist()) for p in params}
+    assert len(orders) > 1  # the order of the operations is drawn per image too
+
+
+def test_eval_centre_crop_equal_per_image(packed_shapes):
+    transform = eval_transform("72", 64, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    aug = BatchAugment(transform)
+    ds = packed.PackedSplit(packed_shapes, "val", transform, batch=aug)
+    per_image = packed.PackedSplit(packed_shapes, "val", transform)
+    items = [ds[i] for i in range(len(ds))]
+    batch = aug(torch.stack([c for (c, _), _ in items]), torch.stack([p for (_, p), _ in items]))
+    assert torch.allclose(batch, torch.stack([per_image[i][0] for i in range(len(ds))]), atol=1e-5)
+    assert not supports(eval_transform("72", 64, [0.5] * 3, [0.2] * 3, tta="10crop"))
+
+
+def test_training_from_packed_equals_training_from_jpeg(exact, one_process, tmp_path, capsys):
+    """The same seed through the packed form and the batch path ends with the same weights as through the
+    JPEG files and the per-image transforms (both with flips and random crops)."""
+    code, _, err = cli(capsys, "data", "pack", exact["data"], tmp_path / "packed", "--resize", "72", "--workers", "1")
+    assert code == 0, err
+    out = tmp_path / "run"
+    p = run_cli("train", "--data", tmp_path / "packed", "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
+                "--batch-size", "8")
+    assert "packed; batch augmentation in the loader workers" in p.stdout
+    w = final_weights(out)
+    assert max_diff(w, one_process) <= 1e-5 * max_diff(one_process, exact["w0"])
+    assert max_diff(w, exact["w0"]) > 0
+
+
+def test_concurrent_packers_one_writer(tmp_path):
+    src = write_folder(tmp_path / "src", classes=2, train_per_class=4, val_per_class=2, size=72)
+    procs = [subprocess.Popen([sys.executable, "-m", "alexnet", "data", "pack", str(src), str(tmp_path / "p"),
+                               "--resize", "72", "--workers", "0"], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert sum("packing 12 images" in o for o in outs) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["p", "src"]  # no temporary folder left
+    assert json.loads((tmp_path / "p" / "packed.json").read_text())["splits"]["train"]["images"] == 8
+
+
+def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
+    code, _, err = cli(capsys, "data", "pack", tmp_path / "missing", tmp_path / "p")
+    assert code == 2 and "does not exist" in err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    src = write_folder(tmp_path / "src", classes=2, train_per_class=2, val_per_class=1, size=72)
+    code, _, err = cli(capsys, "data", "pack", src, busy)
+    assert code == 2 and "not a packed dataset" in err and (busy / "keep.txt").read_text() == "mine"
+    code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "80", "--crop", "64", "--epochs", "1")
+    assert code == 2 and "packed at --resize 72, not 80" in err
+    (packed_shapes / "COMPLETE").rename(packed_shapes / "COMPLETE.x")
+    try:
+        code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64")
+        assert code == 2 and "incomplete packed dataset" in err
+    finally:
+        (packed_shapes / "COMPLETE.x").rename(packed_shapes / "COMPLETE")
