@@ -60,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (alexnet train --out)")
     pl.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
 
+    bn = sub.add_parser("bench", help="images/s of our pipeline and the reference pipeline (the PyTorch ImageNet "
+                                      "example's), data, model step and end to end, alternating, medians")
+    bn.add_argument("--data", help="ImageFolder root (default: the built-in dataset)")
+    bn.add_argument("--packed", help="its packed form (default: made once in the cache folder)")
+    bn.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    bn.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    bn.add_argument("--image-size", type=int, default=224, help="crop size; images are resized to 256/224 of it (default: 224)")
+    bn.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default: 10)")
+    bn.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement (default: 3)")
+    bn.add_argument("--rounds", type=int, default=3, help="measurements of each kind; the median is reported (default: 3)")
+    bn.add_argument("--workers", type=int, default=2, help="loader worker processes, for both pipelines (default: 2)")
+    bn.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: torch's default)")
+    bn.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="our pipeline's precision (the reference is fp32) (default: auto)")
+    bn.add_argument("--compile", action="store_true", help="torch.compile our model")
+    bn.add_argument("--pipelines", default="ours,reference", help="comma-separated: ours, reference (default: both)")
+    bn.add_argument("--what", default="data,model,end-to-end", help="comma-separated: data, model, end-to-end (default: all)")
+    bn.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     dsub.required = True
@@ -150,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             from .plots import load_runs, save, training_curves
             runs = load_runs(args.runs)
             print(f"wrote {save(training_curves(runs), args.out)} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+        elif args.command == "bench":
+            from .bench import BenchConfig, run
+            settings = {k: v for k, v in vars(args).items() if k != "command"}
+            settings["pipelines"], settings["what"] = (settings[k].split(",") for k in ("pipelines", "what"))
+            run(BenchConfig(**settings), log=log)
         elif args.command == "data" and args.data_command == "stats":
             from pathlib import Path
             from .stats import channel_stats

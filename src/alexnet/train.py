@@ -288,6 +288,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                  gradient_as_bucket_view=cfg.gradient_as_bucket_view,
                                  static_graph=cfg.static_graph, powersgd_rank=cfg.powersgd_rank,
                                  powersgd_start_step=cfg.powersgd_start_step, log=say)
+    if cfg.compile:  # the DDP wrapper is compiled (its buckets then split the graph); `model` stays the plain one
+        ddp_model = torch.compile(ddp_model, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"))
     optimizer = make_sgd(model.parameters(), cfg.sgd, device, lr=peak_lr, momentum=cfg.momentum,
                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     amp_dtype = resolve_precision(cfg.precision, device, cfg.deterministic)
@@ -345,7 +347,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     say(f"run folder {out}; {len(train_set)} train and {len(val_set)} val images in {len(classes)} classes "
         f"from {data_root}{data_path(train_set, device)}; {cfg.arch} (fc width {cfg.fc_width}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}, "
-        f"{precision}{', channels_last' if cfg.channels_last else ''}")
+        f"{precision}{', channels_last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}")
     say(f"batch: {cfg.batch_size} per process x {world} process{'es' if world > 1 else ''} x "
         f"{cfg.accum_steps} accumulation step{'s' if cfg.accum_steps > 1 else ''} = {global_batch} global; "
         f"lr {peak_lr:g}" + (f" (--lr {cfg.lr:g} scaled by {global_batch}/{cfg.lr_reference_batch})"

@@ -1,0 +1,314 @@
+"""`alexnet bench`: images per second of our training pipeline and of the reference pipeline, measured in
+the same run, alternating, with medians.
+
+Three measurements for each pipeline:
+- data: the loader alone, batches taken and put on the device ready for the model;
+- model: the training step alone (forward, loss, backward, optimizer step) on a batch already there;
+- end to end: both, as training runs them.
+
+The reference pipeline is the PyTorch ImageNet example's: torchvision ImageFolder with PIL,
+RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize in the loader workers, pinned memory,
+fp32, NCHW, torchvision's alexnet, SGD with momentum, the loss and top-1 read every step. Ours: the
+packed form with the batch augmentation, our AlexNet (the torchvision variant), --precision auto,
+channels_last, fused SGD, optionally torch.compile, and our own train_one_epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
+from .data import make_loader, packed, train_transform
+from .data.folder import find_classes
+from .data.batch import to_device
+from .data.synthetic import default_cache_dir, ensure_dataset
+from .models import MIN_INPUT_SIZE, create_model
+from .progress import Progress
+from .runtime import autocast, configure, make_sgd, resolve_device, resolve_precision
+
+# torchvision's AlexNet at 224x224: 0.714 G multiply-adds forward; a trained image costs about three
+# forward passes (forward, and the two products of the backward), 2 FLOP a multiply-add.
+TRAIN_FLOP_PER_IMAGE_224 = 3 * 2 * 0.714e9
+# Dense bf16 peak of the GPUs we quote utilisation for (the vendors' figures, without sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+WHAT = ("data", "model", "end-to-end")
+
+
+@dataclass
+class BenchConfig:
+    data: str | None = None
+    packed: str | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    image_size: int = 224
+    steps: int = 10
+    warmup: int = 3
+    rounds: int = 3
+    workers: int = 2
+    threads: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    pipelines: list = field(default_factory=lambda: ["ours", "reference"])
+    what: list = field(default_factory=lambda: list(WHAT))
+    json: bool = False
+
+
+def validate(cfg: BenchConfig) -> None:
+    if cfg.image_size < MIN_INPUT_SIZE:
+        raise ConfigError(f"--image-size: {cfg.image_size} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
+    for name in ("batch_size", "steps", "rounds"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be 1 or more")
+    if cfg.warmup < 0 or cfg.workers < 0:
+        raise ConfigError("--warmup and --workers: must be 0 or more")
+    for p in cfg.pipelines:
+        if p not in ("ours", "reference"):
+            raise ConfigError(f"--pipelines: {p!r} is not ours or reference")
+    for w in cfg.what:
+        if w not in WHAT:
+            raise ConfigError(f"--what: {w!r} is not one of {', '.join(WHAT)}")
+
+
+class Pipeline:
+    """A loader and a training step; `batches()` is a fresh pass over the loader, `step(batch)` one
+    optimizer step, `ready(batch)` the batch put on the device as the model takes it."""
+
+    name: str
+
+    def batches(self):
+        raise NotImplementedError
+
+
+class Reference(Pipeline):
+    name = "reference"
+
+    def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int) -> None:
+        import torchvision
+        from torchvision import transforms as T
+        tf = T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        dataset = torchvision.datasets.ImageFolder(str(root / "train"), tf)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                                                  num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                                  drop_last=True)
+        self.device = device
+        self.model = torchvision.models.alexnet(num_classes=classes).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def batches(self):
+        return iter(self.loader)
+
+    def ready(self, batch):
+        images, target = batch
+        return images.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+
+    def step(self, batch) -> None:
+        images, target = batch
+        output = self.model(images)
+        loss = self.criterion(output, target)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        # the example reads the loss and top-1 each step for its meters
+        loss.item(), output.argmax(1).eq(target).sum().item()
+
+
+class Ours(Pipeline):
+    name = "ours"
+
+    def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int) -> None:
+        from .train import Schedule
+        self.tcfg = TrainConfig(data=str(root), resize=str(round(cfg.image_size * 256 / 224)),
+                                crop=cfg.image_size, precision=cfg.precision, epochs=1, warmup_epochs=0,
+                                schedule="constant")
+        train, _ = packed.open_splits(root, self.tcfg.resize, train_transform(self.tcfg), train_transform(self.tcfg),
+                                      seed=0)
+        self.loader = make_loader(train, cfg.batch_size, cfg.workers, train=True, pin_memory=device.type == "cuda",
+                                  device_type=device.type)
+        self.augment = train.batch if device.type != "cpu" else None
+        self.device = device
+        self.raw = create_model("alexnet", classes).to(device, memory_format=torch.channels_last)
+        self.model = torch.compile(self.raw) if cfg.compile else self.raw
+        self.optimizer = make_sgd(self.raw.parameters(), "auto", device, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.amp = resolve_precision(cfg.precision, device, False)
+        self.schedule = Schedule(self.tcfg, 1, 0.01)
+        self.criterion = nn.CrossEntropyLoss()
+        self.epoch = itertools.count()
+
+    def batches(self):
+        self.loader.sampler.set_epoch(next(self.epoch))
+        return iter(self.loader)
+
+    def ready(self, batch):
+        images, target, _ = batch
+        return to_device(images, self.device, True, self.augment), target.to(self.device, non_blocking=True)
+
+    def step(self, batch) -> None:
+        self.run_steps([(batch[0], batch[1], 0)])
+
+    def run_steps(self, batches) -> None:
+        """Our train_one_epoch over these batches (it moves and finishes them itself)."""
+        from .train import train_one_epoch
+        train_one_epoch(self.model, _Batches(batches), self.optimizer, self.schedule, self.criterion, self.device,
+                        global_step=0, accum_steps=1, channels_last=True, progress=Progress(0, "", enabled=False),
+                        amp_dtype=self.amp, augment=self.augment)
+
+
+class _Batches:
+    """A sized iterable of prepared batches, for train_one_epoch."""
+
+    def __init__(self, items) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class _Stream:
+    """A sized view of the next `n` batches of a loader iterator, for train_one_epoch."""
+
+    def __init__(self, it, n: int) -> None:
+        self.it, self.n = it, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.it, self.n)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _endless(pipe: Pipeline):
+    while True:
+        yield from pipe.batches()
+
+
+def measure(pipe: Pipeline, what: str, cfg: BenchConfig, device: torch.device) -> float:
+    """Images per second over `steps` batches after `warmup` ones, from a fresh pass over the loader."""
+    n, warm = cfg.steps, cfg.warmup
+    if what == "model":
+        batch = pipe.ready(next(pipe.batches()))
+        for _ in range(max(warm, 1)):
+            pipe.step(batch)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            pipe.step(batch)
+        _sync(device)
+        return n * cfg.batch_size / (time.perf_counter() - start)
+    it = _endless(pipe)
+    if what == "data":
+        for _ in range(warm):
+            pipe.ready(next(it))
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            pipe.ready(next(it))
+        _sync(device)
+        return n * cfg.batch_size / (time.perf_counter() - start)
+    if isinstance(pipe, Ours):  # end to end through our training loop
+        if warm:
+            pipe.run_steps(_Stream(it, warm))
+        _sync(device)
+        start = time.perf_counter()
+        pipe.run_steps(_Stream(it, n))
+        _sync(device)
+        return n * cfg.batch_size / (time.perf_counter() - start)
+    for _ in range(warm):
+        pipe.step(pipe.ready(next(it)))
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        pipe.step(pipe.ready(next(it)))
+    _sync(device)
+    return n * cfg.batch_size / (time.perf_counter() - start)
+
+
+def packed_for(source: Path, resize: str, given: str | None, log) -> Path:
+    """The packed form of `source` at `resize`: `given`, or one made once in the cache folder."""
+    if given:
+        if not packed.is_packed(given):
+            raise ConfigError(f"--packed {given} is not a packed dataset (make one with alexnet data pack)")
+        return Path(given)
+    key = hashlib.sha256(f"{source.resolve()}|{resize}".encode()).hexdigest()[:12]
+    out = default_cache_dir() / "packed" / f"{source.name}-{resize}-{key}"
+    return packed.pack(source, out, resize, workers=2, log=log)
+
+
+def run(cfg: BenchConfig, log=print) -> dict:
+    validate(cfg)
+    threads = configure(False, cfg.threads)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    source = Path(cfg.data) if cfg.data else ensure_dataset(log=log)
+    if packed.is_packed(source):
+        raise ConfigError(f"--data {source}: give the ImageFolder (the reference pipeline reads its JPEGs); "
+                          f"the packed form goes to --packed")
+    resize = str(round(cfg.image_size * 256 / 224))
+    classes = len(find_classes(source / "train"))
+    pipes = []
+    for name in cfg.pipelines:
+        if name == "ours":
+            pipes.append(Ours(packed_for(source, resize, cfg.packed, log), cfg, device, classes))
+        else:
+            pipes.append(Reference(source, cfg, device, classes))
+    amp = resolve_precision(cfg.precision, device, False)
+    log(f"bench on {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"{threads} threads, {cfg.workers} loader workers: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} "
+        f"crops of {resize} images from {source}; ours: {'fp32' if amp is None else str(amp).split('.')[-1]}, "
+        f"channels_last{', compiled' if cfg.compile else ''}; reference: fp32, NCHW; {cfg.rounds} rounds of "
+        f"{cfg.steps} steps after {cfg.warmup}, alternating")
+    rates = {(p.name, w): [] for p in pipes for w in cfg.what}
+    for r in range(cfg.rounds):
+        for what in cfg.what:
+            for pipe in (pipes if r % 2 == 0 else pipes[::-1]):  # alternate who goes first
+                rate = measure(pipe, what, cfg, device)
+                rates[(pipe.name, what)].append(rate)
+                log(f"round {r + 1}/{cfg.rounds}: {pipe.name:9s} {what:10s} {rate:9.1f} img/s")
+    result = {"device": str(device), "batch_size": cfg.batch_size, "image_size": cfg.image_size,
+              "rounds": cfg.rounds, "steps": cfg.steps,
+              "median": {f"{p}/{w}": statistics.median(v) for (p, w), v in rates.items()},
+              "all": {f"{p}/{w}": v for (p, w), v in rates.items()}}
+    med = result["median"]
+    ratios = {}
+    if "ours/end-to-end" in med and "reference/end-to-end" in med:
+        ratios["end-to-end ours / reference"] = med["ours/end-to-end"] / med["reference/end-to-end"]
+    for p in ("ours", "reference"):
+        if f"{p}/end-to-end" in med and f"{p}/model" in med:
+            ratios[f"{p} end-to-end / own model step"] = med[f"{p}/end-to-end"] / med[f"{p}/model"]
+    result["ratios"] = ratios
+    if device.type == "cuda" and "ours/end-to-end" in med:
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        flop = TRAIN_FLOP_PER_IMAGE_224 * (cfg.image_size / 224) ** 2
+        if peak:
+            result["mfu"] = med["ours/end-to-end"] * flop / peak
+    if cfg.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'median img/s':24s}" + "".join(f"{w:>12s}" for w in cfg.what))
+        for p in pipes:
+            print(f"{p.name:24s}" + "".join(f"{med[f'{p.name}/{w}']:12.1f}" for w in cfg.what))
+        for k, v in ratios.items():
+            print(f"{k}: {v:.2f}x")
+        if "mfu" in result:
+            print(f"model FLOP utilisation (ours, end to end): {result['mfu']:.1%} of the bf16 peak")
+    return result

@@ -1,0 +1,43 @@
+"""alexnet bench and --compile."""
+
+import re
+import statistics
+
+from alexnet.bench import BenchConfig, run
+
+from conftest import cli, max_diff, train_run
+
+
+def test_bench_measures_both_pipelines_alternating(tmp_path, monkeypatch, tiny_data):
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path))  # where the packed form is made once
+    lines = []
+    result = run(BenchConfig(data=str(tiny_data), image_size=64, batch_size=4, steps=1, warmup=1, rounds=2,
+                             workers=1), log=lines.append)
+    keys = {f"{p}/{w}" for p in ("ours", "reference") for w in ("data", "model", "end-to-end")}
+    assert set(result["median"]) == keys == set(result["all"])
+    for k in keys:
+        assert len(result["all"][k]) == 2 and all(v > 0 for v in result["all"][k])
+        assert result["median"][k] == statistics.median(result["all"][k])
+    assert result["ratios"]["end-to-end ours / reference"] == (result["median"]["ours/end-to-end"]
+                                                              / result["median"]["reference/end-to-end"])
+    # the pipelines take turns going first
+    order = re.findall(r"round (\d)/2: (\w+)\s+data", "\n".join(lines))
+    assert order == [("1", "ours"), ("1", "reference"), ("2", "reference"), ("2", "ours")]
+    assert any("reference: fp32, NCHW" in line for line in lines)
+    assert any(p.name.startswith("tiny") for p in (tmp_path / "packed").iterdir())
+
+
+def test_bench_errors(capsys, tiny_data):
+    code, _, err = cli(capsys, "bench", "--data", tiny_data, "--image-size", "32")
+    assert code == 2 and "below AlexNet's smallest input" in err
+    code, _, err = cli(capsys, "bench", "--data", tiny_data, "--what", "speed")
+    assert code == 2 and "'speed' is not one of" in err
+
+
+def test_compiled_training_equals_eager(exact, one_process):
+    """--compile goes through torch.compile (here with its eager backend, which traces the model with
+    TorchDynamo but runs the same kernels), and checkpoints the plain model: same keys, same weights."""
+    w, p = train_run(exact, "compiled", "--batch-size", "8", "--compile", env={"ALEXNET_COMPILE_BACKEND": "eager"})
+    assert "compiled" in p.stdout
+    assert w.keys() == one_process.keys()
+    assert max_diff(w, one_process) <= 1e-5 * max_diff(one_process, exact["w0"])
