@@ -152,10 +152,46 @@ def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
     code, _, err = cli(capsys, "data", "pack", src, busy)
     assert code == 2 and "not a packed dataset" in err and (busy / "keep.txt").read_text() == "mine"
     code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "80", "--crop", "64", "--epochs", "1")
-    assert code == 2 and "packed at --resize 72, not 80" in err
+    assert code == 2 and "packed at --resize 72, not 80: use --resize 72" in err
     (packed_shapes / "COMPLETE").rename(packed_shapes / "COMPLETE.x")
     try:
         code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64")
         assert code == 2 and "incomplete packed dataset" in err
     finally:
         (packed_shapes / "COMPLETE.x").rename(packed_shapes / "COMPLETE")
+
+
+def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path):
+    """On a GPU the JPEG path decodes and resizes in the workers and sends uint8 crops with their draws;
+    run here on the CPU, that flow gives the per-image loader's batches, unreadable files counted alike."""
+    from alexnet.data import ImageFolder, make_loader
+    from alexnet.data.batch import to_device
+    src = odd_folder(tmp_path / "src")
+    cfg = TrainConfig(resize="40", crop=36, hflip=0.5, brightness=0.3, saturation=0.3)
+    transform = train_transform(cfg)
+    per_image = ImageFolder(src, "train", transform, seed=1)
+    on_batches = ImageFolder(src, "train", transform, seed=1)
+    on_batches.batch = BatchAugment(transform)
+    a = make_loader(per_image, 3, 0, train=False)  # in order, nothing dropped: the unreadable file is met
+    b = make_loader(on_batches, 3, 0, train=False, device_type="cuda")
+    bad = [0, 0]
+    for (x, tx, bx), (y, ty, by) in zip(a, b):
+        assert isinstance(y, tuple) and y[0].dtype == torch.uint8  # what would cross to the GPU
+        bad[0], bad[1] = bad[0] + bx, bad[1] + by
+        assert torch.equal(tx, ty)
+        assert torch.allclose(x, to_device(y, torch.device("cpu"), True, on_batches.batch), atol=1e-5)
+    assert bad == [1, 1]
+
+
+def test_eval_on_packed_equals_eval_on_jpeg(shipped, tiny_data, tmp_path, capsys):
+    out, _ = shipped
+    ckpt = out / "checkpoints" / "last.pt"
+    packed.pack(tiny_data, tmp_path / "p", "72", workers=0, log=lambda *_: None)
+    results = []
+    for data in (tiny_data, tmp_path / "p"):
+        code, stdout, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--json", "--workers", "0")
+        assert code == 0, err
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert results[0]["count"] == results[1]["count"] == 12
+    assert results[0]["correct1"] == results[1]["correct1"]
+    assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5

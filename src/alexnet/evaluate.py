@@ -14,8 +14,8 @@ from torch import nn
 
 from . import checkpoint, distributed
 from .config import EvalConfig
-from .data import make_loader, eval_transform, ImageFolder
-from .data.batch import to_device
+from .data import make_loader, eval_transform, ImageFolder, packed
+from .data.batch import BatchAugment, supports, to_device
 from .data.synthetic import ensure_dataset
 from .models import create_model
 from .runtime import autocast, resolve_device, resolve_precision
@@ -85,15 +85,22 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
         data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"],
                               log=log if distributed.is_main() else (lambda *a: None))
     transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"], cfg.tta)
-    val = ImageFolder(data, "val", transform, classes=state["classes"])
+    if packed.is_packed(data):
+        packed.check_resize(data, tcfg["resize"])
+        val = packed.PackedSplit(data, "val", transform, batch=BatchAugment(transform) if supports(transform) else None)
+        if val.classes != list(state["classes"]):
+            raise checkpoint.CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
+    else:
+        val = ImageFolder(data, "val", transform, classes=state["classes"])
     loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
-                         rank=distributed.rank(), world=distributed.world_size())
+                         rank=distributed.rank(), world=distributed.world_size(), device_type=device.type)
+    augment = val.batch if device.type != "cpu" else None
     model = model_from_checkpoint(state).to(device)
     classes = list(state["classes"])
     # the run's own precision, as its validation used (checkpoints from before --precision were fp32)
     amp_dtype = resolve_precision(tcfg.get("precision", "fp32"), device, tcfg.get("deterministic", False))
     metrics = evaluate(model, loader, device, confusion_classes=len(classes) if cfg.confusion else 0,
-                       amp_dtype=amp_dtype)
+                       amp_dtype=amp_dtype, augment=augment)
     if not distributed.is_main():
         return metrics
     if cfg.confusion:

@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
 from .data import make_loader, open_splits, packed, train_transform, eval_transform
-from .data.batch import to_device
+from .data.batch import BatchAugment, supports, to_device
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
@@ -174,11 +174,12 @@ def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
 
 
 def data_path(dataset, device: torch.device) -> str:
-    if not isinstance(dataset, packed.PackedSplit):
-        return ""
+    kind = "packed" if isinstance(dataset, packed.PackedSplit) else "JPEG"
     if dataset.batch is None:
-        return " (packed; per-image augmentation: rotation and random-resized crops have no batch path)"
-    return f" (packed; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
+        if kind == "JPEG" and device.type == "cpu":
+            return ""
+        return f" ({kind}; per-image augmentation: rotation and random-resized crops have no batch path)"
+    return f" ({kind}; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -260,6 +261,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         train_set, val_set = packed.open_splits(data_root, cfg.resize, *transforms, cfg.seed)
     else:
         train_set, val_set = open_splits(data_root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
+        if device.type == "cuda":  # JPEGs decoded and resized in the workers, sent as uint8, augmented on the GPU
+            for dataset in (train_set, val_set):
+                dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
     classes = train_set.classes
     pin = device.type == "cuda"
     train_loader, val_loader = (make_loader(dataset, cfg.batch_size, cfg.workers, train=dataset is train_set,

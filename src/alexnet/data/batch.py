@@ -43,6 +43,13 @@ class BatchAugment:
         self.jitter = any(isinstance(s, ColorJitter) for s in self.steps)
         self.pca = any(isinstance(s, PCALighting) for s in self.steps)
 
+    def resize(self, img) -> np.ndarray:
+        """The transform's resize of a decoded image, as uint8 HWC pixels (for the JPEG path)."""
+        for step in self.steps:
+            if isinstance(step, Resize):
+                img = step(img)
+        return np.asarray(img, dtype=np.uint8)
+
     def sample(self, pixels: np.ndarray, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = pixels.shape[:2]
         size = self.crop.size

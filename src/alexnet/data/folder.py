@@ -61,6 +61,7 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise DataError(f"{split_dir} holds no images")
         self.transform, self.seed, self.on_bad_image = transform, seed, on_bad_image
+        self.batch = None  # a BatchAugment: decode and resize here, the rest on whole batches (see data.batch)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -77,7 +78,10 @@ class ImageFolder(Dataset):
                 raise DataError(f"unreadable image {path}: {e} (--on-bad-image skip skips such files)") from None
             print(f"WARNING: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
             return None
-        return self.transform(img, sample_generator(self.seed, epoch, index)), label
+        g = sample_generator(self.seed, epoch, index)
+        if self.batch is not None:
+            return self.batch.sample(self.batch.resize(img), g), label
+        return self.transform(img, g), label
 
 
 def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int,

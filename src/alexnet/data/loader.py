@@ -71,9 +71,9 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool, seed: int = 0,
                 pin_memory: bool = False, rank: int = 0, world: int = 1, device_type: str = "cpu") -> DataLoader:
-    """A loader of (images, targets, unreadable count) batches. A packed dataset on the batch path
-    (see data.batch) gives its batches finished on the CPU (by the workers), or on a GPU as
-    ((uint8 crops, parameters), targets, 0) for train.device_batch to finish there."""
+    """A loader of (images, targets, unreadable count) batches. A dataset on the batch path (its `batch`
+    set, see data.batch) gives its batches finished on the CPU (by the workers), or for a GPU as
+    ((uint8 crops, parameters), targets, unreadable count) for data.batch.to_device to finish there."""
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
     augment = getattr(dataset, "batch", None)
     collate = collate_skipping_bad if augment is None else collate_batch(augment if device_type == "cpu" else None)

@@ -166,13 +166,18 @@ class PackedSplit(Dataset):
         return self.transform(Image.fromarray(np.array(self.pixels(i))), g), label
 
 
+def check_resize(root: str | Path, resize: str) -> None:
+    """The stored images are resized already: a model made for another resize needs another pack."""
+    meta = read_meta(root)
+    if parse_resize(meta["resize"]) != parse_resize(resize):
+        raise DataError(f"{root} was packed at --resize {meta['resize']}, not {resize}: use --resize "
+                        f"{meta['resize']} or pack again with `alexnet data pack SRC OUT --resize {resize}`")
+
+
 def open_splits(root: str | Path, resize: str, train_transform: Compose, eval_transform: Compose, seed: int,
                 batch_on: bool = True):
     """(train, val) of a packed dataset, each on the batch path when its transform allows it."""
-    meta = read_meta(root)
-    if parse_resize(meta["resize"]) != parse_resize(resize):
-        raise DataError(f"{root} was packed at --resize {meta['resize']}, not {resize}: train with --resize "
-                        f"{meta['resize']} or pack again with `alexnet data pack SRC OUT --resize {resize}`")
+    check_resize(root, resize)
     splits = []
     for split, transform in (("train", train_transform), ("val", eval_transform)):
         batch = BatchAugment(transform) if batch_on and supports(transform) else None
@@ -184,10 +189,14 @@ def collate_batch(augment: BatchAugment | None):
     """A collate function for the batch path: stacks the crops and parameters, and with `augment` (on
     the CPU) finishes the batch in the loader's worker."""
     def collate(items):
-        crops = torch.stack([c for (c, _), _ in items])
-        params = torch.stack([p for (_, p), _ in items])
-        target = torch.tensor([label for _, label in items])
+        good = [item for item in items if item is not None]  # None: an unreadable file (JPEG path)
+        bad = len(items) - len(good)
+        if not good:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+        crops = torch.stack([c for (c, _), _ in good])
+        params = torch.stack([p for (_, p), _ in good])
+        target = torch.tensor([label for _, label in good])
         if augment is not None:
-            return augment(crops, params), target, 0
-        return (crops, params), target, 0
+            return augment(crops, params), target, bad
+        return (crops, params), target, bad
     return collate
