@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class BenchConfig:
     pipelines: list = field(default_factory=lambda: ["ours", "reference"])
     what: list = field(default_factory=lambda: list(WHAT))
     json: bool = False
+    profile: str | None = None
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -138,7 +140,9 @@ class Ours(Pipeline):
         self.augment = train.batch if device.type != "cpu" else None
         self.device = device
         self.raw = create_model("alexnet", classes).to(device, memory_format=torch.channels_last)
-        self.model = torch.compile(self.raw) if cfg.compile else self.raw
+        self.model = self.raw
+        if cfg.compile:
+            self.model = torch.compile(self.raw, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"))
         self.optimizer = make_sgd(self.raw.parameters(), "auto", device, lr=0.01, momentum=0.9, weight_decay=1e-4)
         self.amp = resolve_precision(cfg.precision, device, False)
         self.schedule = Schedule(self.tcfg, 1, 0.01)
@@ -241,6 +245,26 @@ def measure(pipe: Pipeline, what: str, cfg: BenchConfig, device: torch.device) -
     return n * cfg.batch_size / (time.perf_counter() - start)
 
 
+def profile(pipe: Ours, cfg: BenchConfig, device: torch.device, folder: Path, log) -> str:
+    """`steps` end-to-end steps of our pipeline under torch.profiler: a Chrome trace (open it in
+    chrome://tracing or Perfetto) and a table of the operations that took the most time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    it = _endless(pipe)
+    pipe.run_steps(_Stream(it, max(cfg.warmup, 1)))
+    with torch_profile(activities=activities) as prof:
+        pipe.run_steps(_Stream(it, cfg.steps))
+        _sync(device)
+    trace = folder / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=20)
+    (folder / "top-ops.txt").write_text(table + "\n")
+    log(f"profile of {cfg.steps} end-to-end steps: {trace}, the top operations in {folder / 'top-ops.txt'}")
+    return str(trace)
+
+
 def packed_for(source: Path, resize: str, given: str | None, log) -> Path:
     """The packed form of `source` at `resize`: `given`, or one made once in the cache folder."""
     if given:
@@ -301,6 +325,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
         flop = TRAIN_FLOP_PER_IMAGE_224 * (cfg.image_size / 224) ** 2
         if peak:
             result["mfu"] = med["ours/end-to-end"] * flop / peak
+    ours = next((p for p in pipes if p.name == "ours"), None)
+    if cfg.profile and ours is not None:
+        result["profile"] = profile(ours, cfg, device, Path(cfg.profile), log)
     if cfg.json:
         print(json.dumps(result))
     else:

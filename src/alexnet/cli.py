@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--pipelines", default="ours,reference", help="comma-separated: ours, reference (default: both)")
     bn.add_argument("--what", default="data,model,end-to-end", help="comma-separated: data, model, end-to-end (default: all)")
     bn.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    bn.add_argument("--profile", metavar="DIR", help="also profile our end-to-end steps: DIR/trace.json (Chrome "
+                                                     "trace) and DIR/top-ops.txt")
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
