@@ -32,6 +32,10 @@ def test_bench_errors(capsys, tiny_data):
     assert code == 2 and "below AlexNet's smallest input" in err
     code, _, err = cli(capsys, "bench", "--data", tiny_data, "--what", "speed")
     assert code == 2 and "'speed' is not one of" in err
+    code, _, err = cli(capsys, "bench", "--data", tiny_data, "--batch-size", "100")
+    assert code == 2 and "has only 24 files" in err
+    code, _, err = cli(capsys, "bench", "--data", tiny_data, "--packed", tiny_data, "--batch-size", "8")
+    assert code == 2 and "is not a packed dataset" in err
 
 
 def test_compiled_training_equals_eager(exact, one_process):
@@ -41,3 +45,57 @@ def test_compiled_training_equals_eager(exact, one_process):
     assert "compiled" in p.stdout
     assert w.keys() == one_process.keys()
     assert max_diff(w, one_process) <= 1e-5 * max_diff(one_process, exact["w0"])
+
+
+class Counting:
+    """A pipeline that counts what measure() asks of it."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.passes, self.taken, self.readied, self.steps = 0, 0, 0, 0
+
+    def batches(self):
+        self.passes += 1
+        for i in range(1000):
+            self.taken += 1
+            yield i
+
+    def ready(self, batch):
+        self.readied += 1
+        return batch
+
+    def step(self, batch):
+        self.steps += 1
+
+
+def test_measure_times_what_it_says():
+    from alexnet.bench import measure
+    import torch
+    cfg = BenchConfig(batch_size=8, steps=5, warmup=2)
+    cpu = torch.device("cpu")
+    model = Counting()
+    assert measure(model, "model", cfg, cpu) > 0
+    assert (model.passes, model.taken, model.readied, model.steps) == (1, 1, 1, 7)  # one batch, reused
+    data = Counting()
+    measure(data, "data", cfg, cpu)
+    assert (data.taken, data.readied, data.steps) == (7, 7, 0)  # the loader alone
+    both = Counting()
+    measure(both, "end-to-end", cfg, cpu)
+    assert (both.taken, both.readied, both.steps) == (7, 7, 7)
+
+
+def test_reference_is_the_imagenet_example(tiny_data):
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+    from alexnet.bench import Reference
+    ref = Reference(tiny_data, BenchConfig(batch_size=4, image_size=64), torch.device("cpu"), 3)
+    steps = ref.loader.dataset.transform.transforms
+    assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert isinstance(ref.loader.dataset, torchvision.datasets.ImageFolder) and ref.loader.num_workers == 2
+    assert type(ref.model) is torchvision.models.AlexNet
+    assert ref.optimizer.defaults["momentum"] == 0.9 and not ref.optimizer.defaults.get("fused")
+    assert next(ref.model.parameters()).dtype == torch.float32
+    images, _ = ref.ready(next(iter(ref.loader)))
+    assert images.is_contiguous() and images.dtype == torch.float32  # NCHW fp32

@@ -44,7 +44,8 @@ def odd_folder(root):
 @pytest.mark.parametrize("resize", ["40", "48x40"])
 def test_pack_round_trips(tmp_path, resize):
     src = odd_folder(tmp_path / "src")
-    out = packed.pack(src, tmp_path / "packed", resize, workers=0, log=lambda *_: None)
+    workers = 1 if "x" in resize else 0  # the decoding pool and the in-process path
+    out = packed.pack(src, tmp_path / "packed", resize, workers=workers, log=lambda *_: None)
     meta = packed.read_meta(out)
     assert meta["classes"] == ["a", "b"] and meta["resize"] == resize
     assert meta["splits"]["train"]["images"] == 6 and meta["splits"]["val"]["images"] == 6
@@ -103,6 +104,56 @@ def test_batch_colour_jitter_equal_per_image(packed_shapes):
     params = check_same_draws(cfg, packed_shapes, atol=1e-5)
     orders = {tuple(p[5:9].tolist()) for p in params}
     assert len(orders) > 1  # the order of the operations is drawn per image too
+
+
+def test_jitter_arithmetic_equals_pil_on_edge_colours():
+    """Greys, black, white, saturated and random colours, factors over their whole ranges."""
+    import torchvision.transforms.functional as F
+    from alexnet.data.batch import _JITTER
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pixels[:4] = np.array([[0, 0, 0], [255, 255, 255], [128, 128, 128], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                           [255, 255, 0], [1, 0, 0]], dtype=np.uint8).repeat(4, axis=0)[None]
+    img = Image.fromarray(pixels)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+    ranges = {"brightness": np.linspace(0, 2, 9), "contrast": np.linspace(0, 2, 9),
+              "saturation": np.linspace(0, 2, 9), "hue": np.linspace(-0.5, 0.5, 11)}
+    for name, factors in ranges.items():
+        for f in factors:
+            expected = np.asarray(getattr(F, f"adjust_{name}")(img, float(f)))
+            param = float(np.trunc(f * 255)) if name == "hue" else float(f)  # as BatchAugment.sample stores it
+            got = _JITTER[name](x.clone(), torch.tensor([param]).view(-1, 1, 1, 1))[0].permute(1, 2, 0).numpy()
+            assert np.array_equal(got.astype(np.uint8), expected), (name, f)
+
+
+@pytest.mark.parametrize("crop", [33, 36])  # odd and even margins on non-square images
+def test_odd_sizes_equal_per_image(tmp_path, crop):
+    data = packed.pack(odd_folder(tmp_path / "src"), tmp_path / "p", "40", workers=0, log=lambda *_: None)
+    cfg = TrainConfig(resize="40", crop=crop, hflip=0.5, pca_lighting=0.1)
+    check_same_draws(cfg, data, atol=1e-5, n=6)
+    transform = eval_transform("40", crop, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    aug = BatchAugment(transform)
+    ds, per_image = packed.PackedSplit(data, "val", transform, batch=aug), packed.PackedSplit(data, "val", transform)
+    shapes = {tuple(ds.pixels(i).shape[:2]) for i in range(len(ds))}
+    assert any(h != w for h, w in shapes)
+    items = [ds[i] for i in range(len(ds))]
+    batch = aug(torch.stack([c for (c, _), _ in items]), torch.stack([p for (_, p), _ in items]))
+    assert torch.allclose(batch, torch.stack([per_image[i][0] for i in range(len(ds))]), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_batch_augment_on_gpu_equals_cpu(packed_shapes):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = TrainConfig(resize="72", crop=64, hflip=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                      pca_lighting=0.1)
+    aug = BatchAugment(train_transform(cfg))
+    ds = packed.PackedSplit(packed_shapes, "train", train_transform(cfg), seed=3, batch=aug)
+    items = [ds[(0, i)] for i in range(16)]
+    crops, params = torch.stack([c for (c, _), _ in items]), torch.stack([p for (_, p), _ in items])
+    cpu = aug(crops, params)
+    gpu = aug(crops.cuda(), params.cuda()).cpu()
+    assert (gpu - cpu).abs().max() <= 1 / 255 / 0.225 + 1e-5  # at most a level where a rounding differs
 
 
 def test_eval_centre_crop_equal_per_image(packed_shapes):

@@ -135,8 +135,9 @@ class Ours(Pipeline):
                                 schedule="constant")
         train, _ = packed.open_splits(root, self.tcfg.resize, train_transform(self.tcfg), train_transform(self.tcfg),
                                       seed=0)
+        # workers stopped after each measurement (as the reference's): none go on working in the background
         self.loader = make_loader(train, cfg.batch_size, cfg.workers, train=True, pin_memory=device.type == "cuda",
-                                  device_type=device.type)
+                                  device_type=device.type, persistent=False)
         self.augment = train.batch if device.type != "cpu" else None
         self.device = device
         self.raw = create_model("alexnet", classes).to(device, memory_format=torch.channels_last)
@@ -268,8 +269,6 @@ def profile(pipe: Ours, cfg: BenchConfig, device: torch.device, folder: Path, lo
 def packed_for(source: Path, resize: str, given: str | None, log) -> Path:
     """The packed form of `source` at `resize`: `given`, or one made once in the cache folder."""
     if given:
-        if not packed.is_packed(given):
-            raise ConfigError(f"--packed {given} is not a packed dataset (make one with alexnet data pack)")
         return Path(given)
     key = hashlib.sha256(f"{source.resolve()}|{resize}".encode()).hexdigest()[:12]
     out = default_cache_dir() / "packed" / f"{source.name}-{resize}-{key}"
@@ -287,7 +286,19 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise ConfigError(f"--data {source}: give the ImageFolder (the reference pipeline reads its JPEGs); "
                           f"the packed form goes to --packed")
     resize = str(round(cfg.image_size * 256 / 224))
-    classes = len(find_classes(source / "train"))
+    class_names = find_classes(source / "train")
+    images = sum(len(files) for _, _, files in os.walk(source / "train"))
+    if images < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: {source / 'train'} has only {images} files")
+    if images > 100_000 and not cfg.packed:
+        raise ConfigError(f"{source / 'train'} has {images} files: pack it first (`alexnet data pack {source} "
+                          f"OUT --resize {resize}`, once) and pass --packed OUT")
+    if cfg.packed:
+        if not packed.is_packed(cfg.packed):
+            raise ConfigError(f"--packed {cfg.packed} is not a packed dataset (make one with alexnet data pack)")
+        if packed.read_meta(cfg.packed)["classes"] != class_names:
+            raise ConfigError(f"--packed {cfg.packed} is not a packed form of {source} (its classes differ)")
+    classes = len(class_names)
     pipes = []
     for name in cfg.pipelines:
         if name == "ours":

@@ -259,6 +259,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(data_root):
         train_set, val_set = packed.open_splits(data_root, cfg.resize, *transforms, cfg.seed)
+        if cfg.random_resized_crop:
+            say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
+                f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
     else:
         train_set, val_set = open_splits(data_root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
         if device.type == "cuda":  # JPEGs decoded and resized in the workers, sent as uint8, augmented on the GPU

@@ -9,6 +9,8 @@ on the GPU after the uint8 batch is copied there, or vectorised on the CPU in th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -16,7 +18,8 @@ from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALightin
                          RandomHorizontalFlip, Resize, ToTensor, ToTensorNormalize)
 
 JITTER_OPS = ColorJitter.OPS
-# Per-image parameters: flip, the four jitter factors, the jitter order (op codes, -1: none), PCA shift.
+# Per-image parameters: flip, the four jitter factors (hue's in steps of 1/255 turn), the jitter order (op
+# codes, -1: none), the PCA shift.
 FLIP, FACTORS, ORDER, SHIFT, N_PARAMS = 0, slice(1, 5), slice(5, 9), slice(9, 12), 12
 _SUPPORTED = (Resize, RandomCrop, CenterCrop, RandomHorizontalFlip, ColorJitter, ToTensor, PCALighting, Normalize,
               ToTensorNormalize)
@@ -42,6 +45,7 @@ class BatchAugment:
         self.mean, self.std = norm.mean.view(1, 3, 1, 1), norm.std.view(1, 3, 1, 1)
         self.jitter = any(isinstance(s, ColorJitter) for s in self.steps)
         self.pca = any(isinstance(s, PCALighting) for s in self.steps)
+        self.flip = any(isinstance(s, RandomHorizontalFlip) for s in self.steps)
 
     def resize(self, img) -> np.ndarray:
         """The transform's resize of a decoded image, as uint8 HWC pixels (for the JPEG path)."""
@@ -64,6 +68,8 @@ class BatchAugment:
             elif isinstance(step, ColorJitter):
                 for k, (name, factor) in enumerate(step.draw(g)):
                     code = JITTER_OPS.index(name)
+                    if name == "hue":  # PIL turns the hue in steps of 1/255, truncated in double precision
+                        factor = float(math.trunc(factor * 255))
                     params[FACTORS.start + code], params[ORDER.start + k] = factor, code
             elif isinstance(step, PCALighting):
                 params[SHIFT] = step.shift(g)
@@ -75,9 +81,8 @@ class BatchAugment:
         channels_last order, so the float result is too, without a copy to change layout."""
         x = crops.permute(0, 3, 1, 2).float()
         params = params.to(x.device, torch.float32)
-        flip = params[:, FLIP] > 0.5
-        if flip.any():
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if self.flip:  # a mask, not a test of it: no wait for the device
+            x = torch.where((params[:, FLIP] > 0.5).view(-1, 1, 1, 1), x.flip(3), x)
         if self.jitter:  # on 8-bit values, as PIL
             for k in range(ORDER.stop - ORDER.start):
                 codes = params[:, ORDER.start + k]
@@ -117,8 +122,8 @@ def _saturation(x, f):
 
 
 def _hue(x, f):
-    """Rotate the hue by f turns (f in [-0.5, 0.5]) through PIL's 8-bit HSV (hue in 256 steps), with its
-    mix of single and double precision."""
+    """Rotate the hue by f steps of 1/255 turn through PIL's 8-bit HSV, with its mix of single and double
+    precision."""
     dtype, x = x.dtype, x.float()
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     v, _ = x.max(dim=1)
@@ -131,7 +136,7 @@ def _hue(x, f):
     h = torch.remainder(h.double() / 6 + 1, 1).float().double()
     h = torch.where(grey, 0, torch.floor(h * 255))
     s = torch.where(grey, 0, torch.floor((delta / torch.where(v > 0, v, torch.ones_like(v))).double() * 255))
-    h = torch.remainder(h + torch.trunc(f.view(-1, 1, 1).double() * 255), 256)  # uint8 arithmetic wraps around
+    h = torch.remainder(h + f.view(-1, 1, 1).double(), 256)  # uint8 arithmetic wraps around
     sector = torch.floor(h * 6 / 255)
     fs = ((h * 6 / 255 - sector).float() * s.float()).double()
     v = v.double()

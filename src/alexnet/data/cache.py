@@ -16,11 +16,13 @@ def is_complete(folder: Path) -> bool:
     return (folder / DONE).exists()
 
 
-def build_once(final: Path, build: Callable[[Path], None], note: str = "") -> bool:
+def build_once(final: Path, build: Callable[[Path], None], note: str = "", replace_incomplete: bool = False) -> bool:
     """Make `final` by calling `build(tmp)` on an empty temporary sibling folder, which is renamed into
     place once `build` returns (with a COMPLETE marker holding `note`). An exclusive lock beside it lets
     one process build while others, started at the same time, wait and then find it complete. Returns
-    False when it was already complete. An interrupted build leaves no partial `final` behind."""
+    False when it was already complete. An interrupted build leaves no partial `final` behind. An
+    existing `final` without the marker is replaced only when empty, or with `replace_incomplete` (for
+    folders of our own cache)."""
     final = Path(final)
     if is_complete(final):
         return False
@@ -36,8 +38,11 @@ def build_once(final: Path, build: Callable[[Path], None], note: str = "") -> bo
         try:
             build(tmp)
             (tmp / DONE).write_text(f"{note or final.name}\n")
-            if final.exists():  # an incomplete leftover from an interrupted run
-                shutil.rmtree(final)
+            if final.exists():
+                if replace_incomplete:  # a leftover in our cache
+                    shutil.rmtree(final)
+                else:
+                    final.rmdir()  # an empty folder only: a user's files are never removed
             os.rename(tmp, final)
         finally:
             if tmp.exists():

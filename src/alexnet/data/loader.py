@@ -70,7 +70,8 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool, seed: int = 0,
-                pin_memory: bool = False, rank: int = 0, world: int = 1, device_type: str = "cpu") -> DataLoader:
+                pin_memory: bool = False, rank: int = 0, world: int = 1, device_type: str = "cpu",
+                persistent: bool = True) -> DataLoader:
     """A loader of (images, targets, unreadable count) batches. A dataset on the batch path (its `batch`
     set, see data.batch) gives its batches finished on the CPU (by the workers), or for a GPU as
     ((uint8 crops, parameters), targets, unreadable count) for data.batch.to_device to finish there."""
@@ -85,7 +86,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool,
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=train and len(sampler) >= batch_size,
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         # Its own generator: starting an epoch's iterator then draws nothing from the global generator,
         # which dropout uses, so a resume inside an epoch continues the same random stream.

@@ -43,7 +43,10 @@ def read_meta(root: str | Path) -> dict:
     root = Path(root)
     if not is_complete(root):
         raise DataError(f"{root} is an incomplete packed dataset (interrupted while packing?); pack it again")
-    meta = json.loads((root / META).read_text())
+    try:
+        meta = json.loads((root / META).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{root / META} cannot be read ({e}); pack the data again") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{root} was packed in format {meta.get('format_version')}; this version reads "
                         f"{FORMAT_VERSION}: pack it again with `alexnet data pack`")
@@ -88,12 +91,7 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
     if is_packed(source):
         raise DataError(f"{source} is already a packed dataset")
     if is_complete(out):
-        meta = read_meta(out)
-        if meta["resize"] != resize or meta["source"] != str(source.resolve()):
-            raise DataError(f"{out} already holds {meta['source']} packed at --resize {meta['resize']}; "
-                            f"choose another folder or remove it")
-        log(f"{out} is already packed from {source} at --resize {resize}")
-        return out
+        return _same_pack(out, source, resize, log)
     if out.exists() and any(out.iterdir()) and not is_complete(out):
         raise DataError(f"{out} exists and is not a packed dataset; choose a new folder")
     classes = find_classes(source / "train")
@@ -121,13 +119,23 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
                 meta["splits"][split] = _pack_split(samples, resize, tmp, split, pool, progress)
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
 
-    if build_once(out, build, f"packed from {source}"):
-        meta = read_meta(out)
-        sizes = {s: m["images"] for s, m in meta["splits"].items()}
-        skipped = sum(len(m["skipped"]) for m in meta["splits"].values())
-        gib = sum(m["bytes"] for m in meta["splits"].values()) / 2**30
-        log(f"packed {sizes['train']} train and {sizes['val']} val images ({gib:.2f} GiB) into {out}"
-            + (f"; {skipped} unreadable file(s) skipped (listed in {out / META})" if skipped else ""))
+    if not build_once(out, build, f"packed from {source}"):  # another process packed it meanwhile
+        return _same_pack(out, source, resize, log)
+    meta = read_meta(out)
+    sizes = {s: m["images"] for s, m in meta["splits"].items()}
+    skipped = sum(len(m["skipped"]) for m in meta["splits"].values())
+    gib = sum(m["bytes"] for m in meta["splits"].values()) / 2**30
+    log(f"packed {sizes['train']} train and {sizes['val']} val images ({gib:.2f} GiB) into {out}"
+        + (f"; {skipped} unreadable file(s) skipped (listed in {out / META})" if skipped else ""))
+    return out
+
+
+def _same_pack(out: Path, source: Path, resize: str, log) -> Path:
+    meta = read_meta(out)
+    if meta["resize"] != resize or meta["source"] != str(source.resolve()):
+        raise DataError(f"{out} already holds {meta['source']} packed at --resize {meta['resize']}; "
+                        f"choose another folder or remove it")
+    log(f"{out} is already packed from {source} at --resize {resize}")
     return out
 
 

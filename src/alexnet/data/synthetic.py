@@ -190,5 +190,5 @@ def ensure_dataset(seed: int = 0, cache_dir: str | Path | None = None, *, train_
         log(f"generating the built-in dataset ({n['train']} train, {n['val']} val images) into {final}")
         _write(tmp, seed, n, size, progress)
 
-    build_once(final, build, name)
+    build_once(final, build, name, replace_incomplete=True)
     return final
