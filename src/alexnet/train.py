@@ -173,6 +173,22 @@ def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_scaling == "linear" else cfg.lr
 
 
+def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
+    """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded and resized in the
+    workers, the rest on batches on the GPU); see data.batch for the batch path."""
+    transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
+    if packed.is_packed(root):
+        if cfg.random_resized_crop:
+            say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
+                f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
+        return packed.open_splits(root, cfg.resize, *transforms, cfg.seed)
+    splits = open_splits(root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
+    if device.type == "cuda":
+        for dataset in splits:
+            dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
+    return splits
+
+
 def data_path(dataset, device: torch.device) -> str:
     kind = "packed" if isinstance(dataset, packed.PackedSplit) else "JPEG"
     if dataset.batch is None:
@@ -256,17 +272,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     data_root = cfg.data
     if data_root is None:
         data_root = str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
-    transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
-    if packed.is_packed(data_root):
-        train_set, val_set = packed.open_splits(data_root, cfg.resize, *transforms, cfg.seed)
-        if cfg.random_resized_crop:
-            say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
-                f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
-    else:
-        train_set, val_set = open_splits(data_root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
-        if device.type == "cuda":  # JPEGs decoded and resized in the workers, sent as uint8, augmented on the GPU
-            for dataset in (train_set, val_set):
-                dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
+    train_set, val_set = datasets(cfg, data_root, device, say)
     classes = train_set.classes
     pin = device.type == "cuda"
     train_loader, val_loader = (make_loader(dataset, cfg.batch_size, cfg.workers, train=dataset is train_set,
