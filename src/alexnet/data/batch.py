@@ -32,8 +32,9 @@ def supports(transform: Compose) -> bool:
 
 
 class BatchAugment:
-    """`sample(pixels, g)` in the loader: (crop as HWC uint8, parameter vector); `__call__(crops, params)`
-    on a batch: normalised float images (B, 3, H, W) in channels_last layout."""
+    """`sample(pixels, g)` in the loader: (crop as HWC uint8, already mirrored when the flip was drawn,
+    parameter vector); `__call__(crops, params)` on a batch: normalised float images (B, 3, H, W) in
+    channels_last layout."""
 
     def __init__(self, transform: Compose) -> None:
         if not supports(transform):
@@ -45,7 +46,6 @@ class BatchAugment:
         self.mean, self.std = norm.mean.view(1, 3, 1, 1), norm.std.view(1, 3, 1, 1)
         self.jitter = any(isinstance(s, ColorJitter) for s in self.steps)
         self.pca = any(isinstance(s, PCALighting) for s in self.steps)
-        self.flip = any(isinstance(s, RandomHorizontalFlip) for s in self.steps)
 
     def resize(self, img) -> np.ndarray:
         """The transform's resize of a decoded image, as uint8 HWC pixels (for the JPEG path)."""
@@ -73,16 +73,16 @@ class BatchAugment:
                     params[FACTORS.start + code], params[ORDER.start + k] = factor, code
             elif isinstance(step, PCALighting):
                 params[SHIFT] = step.shift(g)
-        crop = torch.from_numpy(np.ascontiguousarray(pixels[top:top + size, left:left + size]))
-        return crop, params
+        crop = pixels[top:top + size, left:left + size]
+        if params[FLIP]:  # mirrored while it is copied out anyway: no pass of its own
+            crop = crop[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(crop)), params
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The permuted uint8 batch is already in
         channels_last order, so the float result is too, without a copy to change layout."""
         x = crops.permute(0, 3, 1, 2).float()
         params = params.to(x.device, torch.float32)
-        if self.flip:  # a mask, not a test of it: no wait for the device
-            x = torch.where((params[:, FLIP] > 0.5).view(-1, 1, 1, 1), x.flip(3), x)
         if self.jitter:  # on 8-bit values, as PIL
             for k in range(ORDER.stop - ORDER.start):
                 codes = params[:, ORDER.start + k]
@@ -90,10 +90,13 @@ class BatchAugment:
                     idx = (codes == code).nonzero().flatten()
                     if idx.numel():
                         x[idx] = _JITTER[name](x[idx], params[idx, FACTORS.start + code].view(-1, 1, 1, 1))
-        x = x.div_(255)
-        if self.pca:  # on the [0, 1] pixels, before normalisation, as the per-image path
-            x = x + params[:, SHIFT].view(-1, 3, 1, 1)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        # (x / 255 + shift - mean) / std in one pass: x * scale + bias, the PCA shift (added on the [0, 1]
+        # pixels before normalisation, as the per-image path) folded into each image's bias
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        bias = -mean / std
+        if self.pca:
+            bias = bias + params[:, SHIFT].view(-1, 3, 1, 1) / std
+        return torch.addcmul(bias, x, 1 / (255 * std))
 
 
 # The jitter operations work on 8-bit values held in floats and, like PIL's, truncate after each one, so
