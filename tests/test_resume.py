@@ -61,6 +61,20 @@ def test_resume_inside_an_epoch_gives_the_same_weights(exact, straight):
 
 
 @pytest.mark.slow
+def test_resume_with_the_other_memory_layout(exact, straight):
+    """A channels_last run (fused SGD) resumed with --no-channels-last: its momentum buffers are stored
+    channels_last, its parameters are now NCHW; the rest of the run must still equal the straight one up to
+    rounding. (Fused SGD on CPUs reads all of them in memory order: unmatched layouts mix up elements.)"""
+    src = straight / "checkpoints" / "step-000000008.pt"
+    state = checkpoint.load_run(src)
+    conv = state["optimizer"]["state"][0]["momentum_buffer"]
+    assert conv.dim() == 4 and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    w, _ = resume_from(exact, src, "other-layout", "--epochs", "2", "--no-channels-last", "--sgd", "fused")
+    moved = max_diff(final_weights(straight), state["model"])
+    assert max_diff(w, final_weights(straight)) <= 1e-4 * moved
+
+
+@pytest.mark.slow
 def test_two_processes_resume_inside_an_epoch_exactly(exact):
     out = exact["root"] / "straight2"
     run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "1", "--checkpoint-every", "1",

@@ -71,6 +71,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (the momentum buffers) its parameter's memory layout. A
+    checkpoint saved with one layout and resumed with the other (--channels-last changed) would otherwise
+    pair channels_last parameters with NCHW buffers, and torch's fused SGD on CPUs walks all of them in
+    memory order: the update would then mix up elements."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                        and value.stride() != param.stride()):
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def configure(deterministic: bool, threads: int) -> int:
     """Set the thread count and, when asked, deterministic algorithms. Returns the thread count."""
     if deterministic:

@@ -22,8 +22,8 @@ from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
 from .progress import Progress
-from .runtime import (autocast, configure, make_sgd, resolve_device, resolve_precision, rng_state,
-                      seed_everything, set_rng_state)
+from .runtime import (autocast, configure, make_sgd, match_state_layouts, resolve_device, resolve_precision,
+                      rng_state, seed_everything, set_rng_state)
 
 
 class Schedule:
@@ -326,6 +326,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            match_state_layouts(optimizer)
             for group in optimizer.param_groups:  # the implementation asked for now, not the saved one
                 group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
         except (RuntimeError, ValueError) as e:
