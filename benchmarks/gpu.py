@@ -4,9 +4,13 @@ utilisation and a profile.
 
     python benchmarks/gpu.py [--images 20480] [--workdir /tmp/alexnet-gpu-bench] [--workers 12]
                              [--device cuda] [--batch-size 512] [--no-compile] [--rounds 3] [--steps 20]
+                             [--jpeg-epochs 1]
 
 The images are the built-in dataset's shapes drawn at 256 px and written as JPEGs (an ImageFolder, which
-the reference pipeline reads), by all cores in parallel.
+the reference pipeline reads), by all cores in parallel. With --jpeg-epochs N it then trains N epochs
+from the JPEG files twice, decoding them on the GPU (--jpeg-decode device) and in the loader workers
+(--jpeg-decode workers), and prints both training throughputs. The generated images are 256x256 and
+are read at --resize 256, so neither JPEG run resizes: photos of other sizes cost both paths more.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--jpeg-epochs", type=int, default=0)
     a = p.parse_args()
     work = Path(a.workdir)
     start = time.perf_counter()
@@ -74,7 +79,26 @@ def main() -> int:
     print(json.dumps({"end_to_end_img_s": result["median"].get("ours/end-to-end"),
                       "ratios": result["ratios"], "mfu": result.get("mfu")}, indent=1))
     print((work / "profile" / "top-ops.txt").read_text())
+    if a.jpeg_epochs:
+        print(json.dumps(jpeg_paths(a, work, alexnet), indent=1))
     return 0
+
+
+def jpeg_paths(a, work: Path, alexnet: list[str]) -> dict:
+    """Training images/s from the JPEG files, decoded on the GPU and in the workers (the last epoch's)."""
+    speeds = {}
+    for decode in ("device", "workers"):
+        out = work / f"jpeg-{decode}"
+        cmd = [*alexnet, "train", "--data", str(work / "src"), "--out", str(out), "--device", a.device,
+               "--epochs", str(a.jpeg_epochs), "--batch-size", str(a.batch_size), "--precision", a.precision,
+               "--resize", str(round(a.image_size * 256 / 224)), "--crop", str(a.image_size), "--workers",
+               str(a.workers), "--jpeg-decode", decode, "--quiet"] + ([] if a.no_compile else ["--compile"])
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        last = json.loads((out / "metrics.jsonl").read_text().strip().splitlines()[-1])
+        speeds[f"jpeg-{decode}/img_s"] = last["images_per_sec"]
+    speeds["device/workers"] = speeds["jpeg-device/img_s"] / speeds["jpeg-workers/img_s"]
+    return speeds
 
 
 if __name__ == "__main__":

@@ -31,3 +31,32 @@ def test_two_gpus_nccl_agree(tiny_data, tmp_path):
     assert "backend nccl" in p.stdout
     ranks = shas(p.stdout)
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+
+
+def test_jpeg_decoded_on_the_gpu_matches_the_workers(tmp_path):
+    """nvJPEG's pixels are not libjpeg-turbo's to the bit: the batches agree in labels, unreadable counts
+    and draws, and their images to about a level."""
+    from alexnet.config import TrainConfig
+    from alexnet.data.batch import on_device
+    from test_jpeg import loaders, mixed_folder
+    root = mixed_folder(tmp_path / "src")
+    a, b = loaders(root, TrainConfig(resize="40", crop=36, hflip=0.5, brightness=0.3))
+    bad, on_cpu = [0, 0], []
+    cuda = torch.device("cuda")
+    for batch_a, batch_b in zip(a, b):
+        x, tx, bx = on_device(batch_a, cuda, True, a.dataset.batch)
+        y, ty, by = on_device(batch_b, cuda, True, b.dataset.batch)
+        on_cpu += getattr(batch_b[0][0], "on_cpu", [])
+        bad = [bad[0] + bx, bad[1] + by]
+        assert torch.equal(tx, ty) and x.shape == y.shape
+        assert (x - y).abs().mean() < 0.03, (x - y).abs().mean()  # about 1.5 levels of 255 in normalised units
+    assert bad == [2, 2]
+    assert [p.rsplit("/", 1)[-1] for p in on_cpu] == ["truncated.jpg"]  # nvJPEG decoded every other JPEG
+
+
+def test_training_from_jpegs_decoded_on_the_gpu(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "alexnet", "train", "--data", str(tiny_data), "--out", str(out), *TINY,
+                        "--epochs", "2", "--jpeg-decode", "device"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "decoded on the device" in p.stdout and (out / "checkpoints" / "last.pt").is_file()

@@ -30,7 +30,7 @@ from torch import nn
 from .config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
 from .data import make_loader, packed, train_transform
 from .data.folder import find_classes
-from .data.batch import to_device
+from .data.batch import on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
 from .models import MIN_INPUT_SIZE, create_model
 from .progress import Progress
@@ -155,8 +155,8 @@ class Ours(Pipeline):
         return iter(self.loader)
 
     def ready(self, batch):
-        images, target, _ = batch
-        return to_device(images, self.device, True, self.augment), target.to(self.device, non_blocking=True)
+        images, target, _ = on_device(batch, self.device, True, self.augment)
+        return images, target
 
     def step(self, batch) -> None:
         self.run_steps([(batch[0], batch[1], 0)])

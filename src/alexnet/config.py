@@ -111,6 +111,9 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(10, "steps with a non-finite loss are skipped; this many in a row stop the run")
     device: str = opt("auto", "device: auto (cuda when present), cpu, cuda or cuda:N")
     workers: int = opt(2, "data loader worker processes (0: load in the main process)")
+    jpeg_decode: str = opt("auto", "JPEG files on a GPU: decoded there a batch at a time with nvJPEG (device) or in the "
+                                   "loader workers (workers); auto: device where torchvision can, else workers",
+                           ("auto", "device", "workers"))
     seed: int = opt(0, "seed of weights, shuffling and augmentation")
     deterministic: bool = opt(False, "reproducible to the bit: fp32, deterministic algorithms, a fixed thread count")
     threads: int = opt(0, "CPU threads for the model (0: torch's default; 1 under --deterministic)")

@@ -15,7 +15,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .config import EvalConfig
 from .data import make_loader, eval_transform, ImageFolder, packed
-from .data.batch import BatchAugment, supports, to_device
+from .data.batch import BatchAugment, on_device, supports
 from .data.synthetic import ensure_dataset
 from .models import create_model
 from .runtime import autocast, resolve_device, resolve_precision
@@ -39,13 +39,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     loss_sum, correct1, correct5, count, bad = 0.0, 0, 0, 0, 0
     c = confusion_classes
     confusion = torch.zeros(c * c, dtype=torch.int64)
-    for images, target, n_bad in loader:
+    for batch in loader:
+        views = batch[0].shape[1] if torch.is_tensor(batch[0]) and batch[0].dim() == 5 else 0  # test-time views per image
+        images, target, n_bad = on_device(batch, device, channels_last, augment)
         bad += n_bad
         if target.numel() == 0:
             continue
-        views = images.shape[1] if torch.is_tensor(images) and images.dim() == 5 else 0  # test-time views per image
-        images = to_device(images, device, channels_last, augment)
-        target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             outputs = model(images)
         if views:  # the softmax outputs averaged over the views (the paper's 10-patch prediction)

@@ -16,8 +16,9 @@ from torch import nn
 
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
-from .data import make_loader, open_splits, packed, train_transform, eval_transform
-from .data.batch import BatchAugment, supports, to_device
+from .data import DataError, make_loader, open_splits, packed, train_transform, eval_transform
+from .data.batch import BatchAugment, on_device, supports, to_device
+from .data.jpeg import device_decoding_available, device_decoding_works
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
@@ -100,17 +101,16 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_correct, step_seen = 0.0, 0, 0
         for micro in range(accum_steps):
-            images, target, n_bad = next(batches)
+            images, target, n_bad = on_device(next(batches), device, channels_last, augment)
             bad += n_bad
             if target.numel() == 0:
                 # Every image of this micro-batch was unreadable: a zero-weighted step on a blank image keeps
                 # this rank in step with the others (DDP all-reduces on every rank at every step).
-                images, target = torch.zeros(1, 3, input_size, input_size), torch.zeros(1, dtype=torch.long)
+                images = to_device(torch.zeros(1, 3, input_size, input_size), device, channels_last)
+                target = torch.zeros(1, dtype=torch.long, device=device)
                 blank = True
             else:
                 blank = False
-            images = to_device(images, device, channels_last, augment)
-            target = target.to(device, non_blocking=True)
             last_micro = micro == accum_steps - 1
             with nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
                 with autocast(device, amp_dtype):
@@ -174,8 +174,9 @@ def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
 
 
 def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
-    """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded and resized in the
-    workers, the rest on batches on the GPU); see data.batch for the batch path."""
+    """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded there a batch at a time,
+    or in the workers with --jpeg-decode workers, the rest on batches on the GPU); see data.batch for the
+    batch path and data.jpeg for the decoding."""
     transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(root):
         if cfg.random_resized_crop:
@@ -183,9 +184,25 @@ def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
                 f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
         return packed.open_splits(root, cfg.resize, *transforms, cfg.seed)
     splits = open_splits(root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
-    if device.type == "cuda":
-        for dataset in splits:
-            dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
+    if cfg.jpeg_decode == "device" and not (device.type == "cuda" and device_decoding_available()):
+        raise ConfigError("--jpeg-decode device needs a CUDA device and torchvision 0.19 or later; "
+                          "use --jpeg-decode workers")
+    if device.type != "cuda":
+        return splits
+    for dataset in splits:
+        dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
+    if cfg.jpeg_decode == "device" and splits[0].batch is None:
+        raise ConfigError("--jpeg-decode device needs the batch path, which rotation and --random-resized-crop "
+                          "do not have; use --jpeg-decode workers")
+    if cfg.jpeg_decode != "workers" and device_decoding_available():
+        problem = device_decoding_works(device)
+        if problem is None:
+            for dataset in splits:
+                dataset.decode_on_device = dataset.batch is not None
+        elif cfg.jpeg_decode == "device":
+            raise DataError(f"{device} cannot decode JPEGs here ({problem}); use --jpeg-decode workers")
+        else:
+            say(f"WARNING: {device} cannot decode JPEGs here ({problem}); decoding them in the loader workers")
     return splits
 
 
@@ -195,7 +212,8 @@ def data_path(dataset, device: torch.device) -> str:
         if kind == "JPEG" and device.type == "cpu":
             return ""
         return f" ({kind}; per-image augmentation: rotation and random-resized crops have no batch path)"
-    return f" ({kind}; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
+    decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
+    return f" ({kind}{decoded}; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
 
 
 def default_out(cfg: TrainConfig) -> Path:

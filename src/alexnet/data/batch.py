@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from .jpeg import JpegBatch
 from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
                          RandomHorizontalFlip, Resize, ToTensor, ToTensorNormalize)
 
@@ -54,8 +55,23 @@ class BatchAugment:
                 img = step(img)
         return np.asarray(img, dtype=np.uint8)
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of this size after the transform's resize."""
+        for step in self.steps:
+            if isinstance(step, Resize):
+                width, height = step.target(width, height)
+        return width, height
+
     def sample(self, pixels: np.ndarray, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = pixels.shape[:2]
+        top, left, params = self.draw(*pixels.shape[:2], g)
+        size = self.crop.size
+        crop = pixels[top:top + size, left:left + size]
+        if params[FLIP]:  # mirrored while it is copied out anyway: no pass of its own
+            crop = crop[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(crop)), params
+
+    def draw(self, h: int, w: int, g: torch.Generator | None) -> tuple[int, int, torch.Tensor]:
+        """(top, left, parameters) of the crop of an h x w resized image."""
         size = self.crop.size
         params = torch.zeros(N_PARAMS)
         params[ORDER] = -1
@@ -73,10 +89,7 @@ class BatchAugment:
                     params[FACTORS.start + code], params[ORDER.start + k] = factor, code
             elif isinstance(step, PCALighting):
                 params[SHIFT] = step.shift(g)
-        crop = pixels[top:top + size, left:left + size]
-        if params[FLIP]:  # mirrored while it is copied out anyway: no pass of its own
-            crop = crop[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(crop)), params
+        return top, left, params
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The permuted uint8 batch is already in
@@ -153,11 +166,28 @@ def _hue(x, f):
 _JITTER = {"brightness": _brightness, "contrast": _contrast, "saturation": _saturation, "hue": _hue}
 
 
+def on_device(batch, device: torch.device, channels_last: bool, augment: BatchAugment | None = None):
+    """A loader's batch (images, targets, unreadable count) with its images and targets on the device (see
+    `to_device`); JPEG files left to the device (data.jpeg) are decoded there first, and an image it finds
+    unreadable is dropped and counted. A batch with no image is returned as it is."""
+    images, target, bad = batch
+    if target.numel() and isinstance(images, (tuple, list)) and isinstance(images[0], JpegBatch):
+        crops, keep = images[0].decode(device)
+        params = images[1]
+        if keep is not None:
+            crops, params, target = crops[keep.to(device)], params[keep], target[keep]
+            bad += int((~keep).sum())
+        images = (crops, params)
+    if not target.numel():
+        return torch.empty(0), target, bad
+    return to_device(images, device, channels_last, augment), target.to(device, non_blocking=True), bad
+
+
 def to_device(images, device: torch.device, channels_last: bool, augment: BatchAugment | None = None) -> torch.Tensor:
     """A loader's images on the device, in the layout asked for; (uint8 crops, parameters) from the
     batch path are copied as uint8 (a quarter of the bytes of fp32) and finished there by `augment`."""
     if isinstance(images, (tuple, list)):
-        crops, params = (t.to(device, non_blocking=True) for t in images)
+        crops, params = (t.to(device, non_blocking=True) for t in images)  # crops from data.jpeg are there already
         images = augment(crops, params)
     else:
         images = images.to(device, non_blocking=True)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import is_image_name, load_rgb
+from .jpeg import read_encoded
 from .transforms import Compose, sample_generator
 
 
@@ -62,6 +63,7 @@ class ImageFolder(Dataset):
             raise DataError(f"{split_dir} holds no images")
         self.transform, self.seed, self.on_bad_image = transform, seed, on_bad_image
         self.batch = None  # a BatchAugment: decode and resize here, the rest on whole batches (see data.batch)
+        self.decode_on_device = False  # with `batch`: JPEG files decoded on the GPU (see data.jpeg)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -71,6 +73,10 @@ class ImageFolder(Dataset):
         (the loader's collate drops it and counts it)."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
+        if self.decode_on_device:
+            encoded = read_encoded(path, self.batch, sample_generator(self.seed, epoch, index))
+            if encoded is not None:
+                return encoded, label
         try:
             img = load_rgb(path)
         except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, empty, not an image

@@ -77,7 +77,9 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool,
     ((uint8 crops, parameters), targets, unreadable count) for data.batch.to_device to finish there."""
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
     augment = getattr(dataset, "batch", None)
-    collate = collate_skipping_bad if augment is None else collate_batch(augment if device_type == "cpu" else None)
+    strict = getattr(dataset, "on_bad_image", "skip") == "error"
+    collate = (collate_skipping_bad if augment is None
+               else collate_batch(augment, finish=device_type == "cpu", strict=strict))
     return DataLoader(
         dataset,
         batch_size=batch_size,

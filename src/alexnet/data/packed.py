@@ -29,6 +29,7 @@ from .batch import BatchAugment, supports
 from .cache import build_once, is_complete
 from .folder import DataError, find_classes, scan
 from .images import load_rgb
+from .jpeg import Encoded, JpegBatch
 from .transforms import Compose, Resize, sample_generator
 
 FORMAT_VERSION = 1
@@ -193,18 +194,21 @@ def open_splits(root: str | Path, resize: str, train_transform: Compose, eval_tr
     return tuple(splits)
 
 
-def collate_batch(augment: BatchAugment | None):
-    """A collate function for the batch path: stacks the crops and parameters, and with `augment` (on
-    the CPU) finishes the batch in the loader's worker."""
+def collate_batch(augment: BatchAugment, finish: bool, strict: bool = False):
+    """A collate function for the batch path: stacks the crops and parameters, and with `finish` (on the
+    CPU) finishes the batch in the loader's worker. Files left for the device to decode (data.jpeg) make
+    a JpegBatch in place of the crops; `strict`: an image the device cannot decode is an error."""
     def collate(items):
         good = [item for item in items if item is not None]  # None: an unreadable file (JPEG path)
         bad = len(items) - len(good)
         if not good:
             return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-        crops = torch.stack([c for (c, _), _ in good])
         params = torch.stack([p for (_, p), _ in good])
         target = torch.tensor([label for _, label in good])
-        if augment is not None:
+        if any(isinstance(c, Encoded) for (c, _), _ in good):
+            return (JpegBatch([c for (c, _), _ in good], augment.crop.size, strict), params), target, bad
+        crops = torch.stack([c for (c, _), _ in good])
+        if finish:
             return augment(crops, params), target, bad
         return (crops, params), target, bad
     return collate

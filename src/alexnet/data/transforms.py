@@ -44,13 +44,15 @@ class Resize:
     def __init__(self, size):
         self.size = size
 
-    def __call__(self, img: Image.Image, g=None) -> Image.Image:
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing an image of this size."""
         if isinstance(self.size, int):
-            w, h = img.size
-            s = self.size / min(w, h)
-            target = (max(self.size, round(w * s)), max(self.size, round(h * s)))
-        else:
-            target = (self.size[1], self.size[0])
+            s = self.size / min(width, height)
+            return max(self.size, round(width * s)), max(self.size, round(height * s))
+        return self.size[1], self.size[0]
+
+    def __call__(self, img: Image.Image, g=None) -> Image.Image:
+        target = self.target(*img.size)
         if target == img.size:
             return img
         return img.resize(target, Image.BILINEAR, reducing_gap=None)

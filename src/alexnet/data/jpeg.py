@@ -1,0 +1,207 @@
+"""JPEG files decoded on the GPU, a batch at a time (nvJPEG through torchvision.io.decode_jpeg).
+
+On the JPEG path with a GPU, a loader worker then does almost nothing per image: it reads the file's
+bytes and its header (for the size, so that it draws the crop, flip and colour parameters exactly as the
+per-image path would), and the collate packs a batch's files into one byte tensor. On the device the
+whole batch is decoded at once, each image is resized, cropped and mirrored there, and the batch
+augmentation (data.batch) does the rest.
+
+The resize is PIL's bilinear resize with its antialiasing, done as PIL mostly does it: the horizontal
+pass, rounded to 8 bits (halves up), then the vertical one, in floating point where PIL uses fixed
+point. Given the same decoded pixels it is never more than one level from PIL's; resizing common photo
+sizes to 256 on the shorter side, it is equal on 96% (640x427) to 100% (500x375) of the pixels. For an
+exact WxH size PIL sometimes takes the vertical pass first, and then up to a quarter of the pixels are
+a level off (tests/test_jpeg.py). nvJPEG's pixels are not libjpeg-turbo's to the bit either (another
+inverse DCT and chroma upsampling), as no two JPEG decoders' are, so the device path is close to the
+workers' path, not equal to it.
+
+Files that are not RGB or greyscale JPEGs (PNG, CMYK JPEG, ...) are decoded and cropped in the worker as
+before and join the batch as crops. A batch the device cannot decode in one go is decoded image by image,
+and an image the device cannot decode is decoded on the CPU; one that cannot be decoded at all is an
+unreadable image, skipped and counted, or an error under --on-bad-image error, as in the workers.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import to_rgb
+
+
+def device_decoding_available() -> bool:
+    """Whether this torchvision decodes lists of JPEGs on a CUDA device (0.19 and later)."""
+    try:
+        import inspect
+
+        from torchvision.io import decode_jpeg
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and "device" in inspect.signature(decode_jpeg).parameters
+
+
+def device_decoding_works(device: torch.device) -> str | None:
+    """None when the device decodes a small JPEG to the right pixels; otherwise why not (no nvJPEG in this
+    torchvision build, a ROCm build, a driver problem), so that the caller can decode in the workers
+    rather than have every batch fall back to the CPU image by image."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buffer, format="JPEG", quality=95)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        got = decode_jpeg([data], mode=ImageReadMode.RGB, device=device)[0]
+    except RuntimeError as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    error = (got.float().mean(dim=(1, 2)).cpu() - torch.tensor([200.0, 30.0, 90.0])).abs().max()
+    return None if error < 8 else f"decoded a test image {float(error):.0f} levels off"
+
+
+class Encoded(NamedTuple):
+    """One JPEG file as a worker hands it over: its bytes, and (resized height, resized width, top,
+    left, flip) of its crop."""
+    data: torch.Tensor
+    geometry: torch.Tensor
+    path: str
+
+
+def read_encoded(path: str, augment, g: torch.Generator) -> tuple[Encoded, torch.Tensor] | None:
+    """(the encoded file, its batch-augmentation parameters), with the same draws as `augment.sample`
+    makes on the decoded image; None when the file is not an RGB or greyscale JPEG (or cannot be opened),
+    so that the worker decodes it itself (and reports it when it is unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            width, height = img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    width, height = augment.resized_size(width, height)
+    top, left, params = augment.draw(height, width, g)
+    geometry = torch.tensor([height, width, top, left, int(params[0])])
+    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry, path), params
+
+
+class JpegBatch:
+    """A batch on the JPEG device-decoding path: the encoded files (their bytes end to end, one tensor for
+    the batch rather than one shared-memory handle per file), their crop geometry and their positions in
+    the batch, and the crops of the files the workers decoded themselves with their positions.
+    `decode(device)` gives the (B, S, S, 3) uint8 crops on the device."""
+
+    def __init__(self, items: list, size: int, strict: bool) -> None:
+        encoded = [(i, e) for i, e in enumerate(items) if isinstance(e, Encoded)]
+        decoded = [(i, c) for i, c in enumerate(items) if not isinstance(c, Encoded)]
+        self.count, self.size, self.strict = len(items), size, strict
+        self.where = torch.tensor([i for i, _ in encoded], dtype=torch.long)
+        self.lengths = [e.data.numel() for _, e in encoded]
+        self.data = torch.cat([e.data for _, e in encoded]) if encoded else torch.empty(0, dtype=torch.uint8)
+        self.geometry = torch.stack([e.geometry for _, e in encoded]) if encoded else torch.empty(0, 5, dtype=torch.long)
+        self.paths = [e.path for _, e in encoded]
+        self.crop_where = torch.tensor([i for i, _ in decoded], dtype=torch.long)
+        self.crops = torch.stack([c for _, c in decoded]) if decoded else None
+        self.on_cpu: list[str] = []  # files the device could not decode, tried on the CPU instead
+
+    def pin_memory(self) -> "JpegBatch":  # the loader's pinning calls this; the bytes stay in host memory for nvJPEG
+        if self.crops is not None:
+            self.crops = self.crops.pin_memory()
+        return self
+
+    def decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(crops (B, S, S, 3) uint8 on `device`, mask of the images kept or None when all were): an image
+        that cannot be decoded is dropped (its slot left blank) or, when strict, raises DataError."""
+        s = self.size
+        out = torch.empty(self.count, s, s, 3, dtype=torch.uint8, device=device)
+        if self.crops is not None:
+            out[self.crop_where.to(device)] = self.crops.to(device, non_blocking=True)
+        keep = torch.ones(self.count, dtype=torch.bool)
+        if self.paths:
+            images = self._decode_all(device)
+            for k, img in enumerate(images):
+                if img is None:
+                    keep[self.where[k]] = False
+            good = [k for k, img in enumerate(images) if img is not None]
+            if good:
+                crops = resize_crop_flip([images[k] for k in good], self.geometry[good], s)
+                out[self.where[good].to(device)] = crops.permute(0, 2, 3, 1)
+        return out, (None if bool(keep.all()) else keep)
+
+    def _decode_all(self, device: torch.device) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        files = list(self.data.split(self.lengths))
+        if device.type == "cuda":
+            # nvJPEG's hardware decoder writes its outputs without waiting for work already queued on our
+            # stream, and the caching allocator may hand it memory that work still reads (freed by the
+            # last step): let the stream drain first (pytorch/vision#9606). The next step needs these
+            # images anyway, so little overlap is lost.
+            torch.cuda.current_stream(device).synchronize()
+        try:
+            return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:  # one bad file fails the whole call: decode them one by one to find it
+            pass
+        images = []
+        for data, path in zip(files, self.paths):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                self.on_cpu.append(path)
+                print(f"WARNING: {device} could not decode {path} ({str(e).splitlines()[0] if str(e) else e!r}); "
+                      f"trying the CPU", file=sys.stderr, flush=True)
+                images.append(self._on_cpu(data, path, device))
+        return images
+
+    def _on_cpu(self, data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
+        from .folder import DataError
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                img.load()
+                pixels = torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8))
+        except (OSError, SyntaxError, ValueError) as e:
+            if self.strict:
+                raise DataError(f"unreadable image {path}: {e} (--on-bad-image skip skips such files)") from None
+            print(f"WARNING: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+            return None
+        return pixels.permute(2, 0, 1).to(device)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear with antialiasing on 8-bit values held in floats, rounded back to 8-bit values."""
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x.add_(0.5).floor_().clamp_(0, 255)  # halves rounded up, as PIL's fixed point does
+
+
+def resize_crop_flip(images: list[torch.Tensor], geometry: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, S, S) uint8 crops of decoded (3, H, W) uint8 images, each resized to its (height, width),
+    cropped at (top, left) and mirrored when flip is set (geometry rows: height, width, top, left, flip).
+    Images of one original size are resized together; as in PIL, the horizontal pass comes first and is
+    rounded to 8 bits. Only the crop's columns go through the vertical pass (it treats columns
+    independently, so the result is the same)."""
+    device = images[0].device
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
+    rows = geometry.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, img in enumerate(images):
+        groups.setdefault(tuple(img.shape[-2:]), []).append(k)
+    for (h0, w0), idx in groups.items():
+        x = torch.stack([images[k] for k in idx]).float()
+        h, w = rows[idx[0]][0], rows[idx[0]][1]
+        if w != w0:
+            x = _resize(x, (h0, w))
+        x = torch.stack([x[j, :, :, rows[k][3]:rows[k][3] + size] for j, k in enumerate(idx)])
+        if h != h0:
+            x = _resize(x, (h, size))
+        x = torch.stack([x[j, :, rows[k][2]:rows[k][2] + size] for j, k in enumerate(idx)])
+        flip = torch.tensor([rows[k][4] for k in idx], dtype=torch.bool, device=device)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        out[torch.tensor(idx, device=device)] = x.to(torch.uint8)
+    return out

@@ -1,0 +1,201 @@
+"""JPEG files decoded on the device a batch at a time (data.jpeg). CUDA is not here, so the device is the
+CPU: torchvision decodes the same list of files there with libjpeg-turbo, which gives the workers' decoded
+pixels exactly, so every difference left comes from our resize, crop, flip and bookkeeping."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.config import ConfigError, TrainConfig, parse_resize
+from alexnet.data import ImageFolder, make_loader
+from alexnet.data.batch import BatchAugment, on_device
+from alexnet.data.folder import DataError
+from alexnet.data.jpeg import resize_crop_flip
+from alexnet.data.transforms import Resize, train_transform
+
+from conftest import cli
+
+CPU = torch.device("cpu")
+
+
+def photo(w, h, seed):
+    """A smooth image with some texture: JPEG-like content (pure noise would hide resize errors less)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([128 + 100 * np.sin(x / (7 + c) + y / (11 - c) + c) for c in range(3)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def mixed_folder(root):
+    """JPEGs of several sizes (smaller and larger than the resize, one greyscale), a PNG and a CMYK JPEG
+    (decoded by the workers), a truncated JPEG (its header reads, its data does not) and a file that is
+    not an image at all."""
+    sizes = [(50, 40), (40, 61), (96, 72), (130, 90), (72, 72), (61, 40)]
+    for split in ("train", "val"):
+        for c, cls in enumerate("ab"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                img = photo(w, h, 10 * c + i)
+                if i == 4:
+                    img.convert("L").save(folder / f"{i}.jpg", quality=90)
+                else:
+                    img.save(folder / f"{i}.jpg", quality=90)
+            photo(45, 45, 99 + c).save(folder / "p.png")
+            photo(48, 52, 77 + c).convert("CMYK").save(folder / "cmyk.jpg", quality=90)
+    data = (root / "train" / "a" / "0.jpg").read_bytes()
+    (root / "train" / "a" / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("resize", ["40", "256", "56x44"])
+def test_resize_matches_pils(resize):
+    """Our resize on decoded pixels against PIL's (the workers' path): within one level everywhere, and
+    for the shorter side resized (the usual case) equal on more than 99% of the pixels (resizing
+    both ways at once rather than horizontally first misses 8-19%)."""
+    r = Resize(parse_resize(resize))
+    size = 36
+    images, geometry, expected = [], [], []
+    for k, (w, h) in enumerate([(50, 40), (40, 61), (300, 210), (300, 210), (97, 140), (44, 56)]):  # 2, 3: one flipped
+        img = photo(w, h, k)
+        tw, th = r.target(w, h)
+        top, left, flip = (th - size) // (k + 1), (tw - size) // (6 - k), k % 2
+        geometry.append([th, tw, top, left, flip])
+        crop = np.asarray(r(img))[top:top + size, left:left + size]
+        expected.append(crop[:, ::-1] if flip else crop)
+        images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    got = resize_crop_flip(images, torch.tensor(geometry), size).permute(0, 2, 3, 1).int()
+    diff = (got - torch.from_numpy(np.stack(expected)).int()).abs()
+    assert diff.max() <= 1
+    if "x" not in resize:  # exact sizes: PIL sometimes resizes vertically first, and then ~20% are a level off
+        assert (diff > 0).float().mean() < 0.01, (diff > 0).float().mean()
+    flipped = torch.from_numpy(np.stack(expected)[:, :, ::-1].copy()).int()  # control: the mirror is not it
+    assert (got[1] - flipped[1]).abs().float().mean() > 5
+
+
+def loaders(root, cfg, strict=False, **kw):
+    transform = train_transform(cfg)
+    on_bad = "error" if strict else "skip"
+    workers_path = ImageFolder(root, "train", transform, seed=3, on_bad_image=on_bad)
+    workers_path.batch = BatchAugment(transform)
+    device_path = ImageFolder(root, "train", transform, seed=3, on_bad_image=on_bad)
+    device_path.batch = BatchAugment(transform)
+    device_path.decode_on_device = True
+    return [make_loader(d, 4, 0, train=False, device_type="cuda", **kw) for d in (workers_path, device_path)]
+
+
+def test_device_decoding_gives_the_workers_batches(tmp_path):
+    """The same draws, labels, unreadable counts and (to rounding) images as decoding in the workers, on
+    a mix of JPEGs, PNGs, a CMYK JPEG and unreadable files; the finished batches agree, flips, jitter and
+    PCA lighting included."""
+    root = mixed_folder(tmp_path / "src")
+    cfg = TrainConfig(resize="40", crop=36, hflip=0.5, brightness=0.3, saturation=0.3, hue=0.05,
+                      pca_lighting=0.1)
+    a, b = loaders(root, cfg)
+    bad, jpeg_batches, on_cpu = [0, 0], 0, []
+    for batch_a, batch_b in zip(a, b):
+        jpeg_batches += type(batch_b[0][0]).__name__ == "JpegBatch"
+        x, tx, bx = on_device(batch_a, CPU, True, a.dataset.batch)
+        y, ty, by = on_device(batch_b, CPU, True, b.dataset.batch)
+        on_cpu += getattr(batch_b[0][0], "on_cpu", [])
+        bad[0], bad[1] = bad[0] + bx, bad[1] + by
+        assert torch.equal(tx, ty)
+        assert x.shape == y.shape and y.is_contiguous(memory_format=torch.channels_last)
+        diff = (x - y).abs()
+        assert diff.max() < 0.1, diff.max()  # a level or two after normalisation
+        assert (diff > 1e-4).float().mean() < 0.02  # the resize's rare level, spread a little by saturation and hue
+    assert bad == [2, 2] and jpeg_batches == len(a) - 1  # the last batch, a CMYK JPEG and a PNG, has only crops
+    assert [p.name for p in map(Path, on_cpu)] == ["truncated.jpg"]  # the one file the decoder refused
+    # control: the same images with another seed's draws are far apart
+    other = ImageFolder(root, "train", train_transform(cfg), seed=4)
+    other.batch, other.decode_on_device = BatchAugment(train_transform(cfg)), True
+    x, _, _ = on_device(next(iter(make_loader(other, 4, 0, train=False, device_type="cuda"))), CPU, True, other.batch)
+    y, _, _ = on_device(next(iter(b)), CPU, True, b.dataset.batch)
+    assert (x - y).abs().mean() > 0.2
+
+
+def test_device_decoding_in_loader_workers(tmp_path):
+    """Through worker processes (the batch's bytes cross as one tensor), the same as in-process."""
+    root = mixed_folder(tmp_path / "src")
+    cfg = TrainConfig(resize="40", crop=36, hflip=0.5)
+    _, in_process = loaders(root, cfg)
+    with_workers = make_loader(in_process.dataset, 4, 2, train=False, device_type="cuda", persistent=False)
+    for p, w in zip(in_process, with_workers):
+        x, tx, bx = on_device(p, CPU, False, in_process.dataset.batch)
+        y, ty, by = on_device(w, CPU, False, in_process.dataset.batch)
+        assert torch.equal(x, y) and torch.equal(tx, ty) and bx == by
+
+
+def test_unreadable_file_on_the_device_path(tmp_path):
+    """A JPEG whose header reads but whose data does not fails the batch's one-call decode; the others of
+    the batch are still decoded, and it is counted (or, under --on-bad-image error, named in an error)."""
+    root = tmp_path / "src"
+    for split in ("train", "val"):
+        for i in range(3):
+            (root / split / "a").mkdir(parents=True, exist_ok=True)
+            photo(50, 40, i).save(root / split / "a" / f"{i}.jpg", quality=90)
+    data = (root / "train" / "a" / "0.jpg").read_bytes()
+    (root / "train" / "a" / "1.jpg").write_bytes(data[:len(data) // 2])
+    cfg = TrainConfig(resize="40", crop=36)
+    a, b = loaders(root, cfg)
+    x, tx, bx = on_device(next(iter(a)), CPU, False, a.dataset.batch)
+    y, ty, by = on_device(next(iter(b)), CPU, False, b.dataset.batch)
+    assert by == bx == 1 and y.shape[0] == 2 and ty.tolist() == tx.tolist() == [0, 0]
+    assert (x - y).abs().max() < 0.05
+    _, strict = loaders(root, cfg, strict=True)
+    with pytest.raises(DataError, match="unreadable image .*1.jpg"):
+        on_device(next(iter(strict)), CPU, False, strict.dataset.batch)
+
+
+def test_device_decoding_needs_a_gpu(tiny_data, capsys):
+    code, _, err = cli(capsys, "train", "--data", tiny_data, "--device", "cpu", "--jpeg-decode", "device",
+                       "--epochs", "1", "--resize", "72", "--crop", "64")
+    assert code == 2 and "--jpeg-decode device needs a CUDA device" in err
+
+
+def test_resize_rounds_halves_up_as_pil():
+    """Doubling an image's size makes many values fall on exact halves: PIL's fixed point rounds them up,
+    and so must we, to give its pixels exactly."""
+    img = photo(64, 48, 5)
+    expected = torch.from_numpy(np.asarray(Resize(96)(img)).copy()).permute(2, 0, 1)
+    got = resize_crop_flip([torch.from_numpy(np.array(img)).permute(2, 0, 1)], torch.tensor([[96, 128, 0, 0, 0]]), 96)
+    assert torch.equal(got[0], expected[:, :, :96])
+
+
+def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypatch, capsys):
+    """Where the device's decoder fails a small test image (no nvJPEG in this build, ROCm), auto decodes
+    in the workers with a warning and `device` is a clear error; where it works, the JPEG splits are
+    decoded there. (The device is named cuda; nothing runs on it.)"""
+    from torchvision import io as tvio
+
+    from alexnet import train
+    from alexnet.data.jpeg import device_decoding_works
+    real = tvio.decode_jpeg
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvjpeg not available in this build")
+
+    monkeypatch.setattr(tvio, "decode_jpeg", broken)
+    assert "nvjpeg not available" in device_decoding_works(CPU)
+    monkeypatch.setattr(tvio, "decode_jpeg", real)
+    assert device_decoding_works(CPU) is None  # the probe itself: a real decode of a real JPEG
+    monkeypatch.setattr(train, "device_decoding_available", lambda: True)
+    cuda, said = torch.device("cuda"), []
+    for decode, works in (("auto", False), ("device", False), ("auto", True), ("workers", True)):
+        monkeypatch.setattr(train, "device_decoding_works", lambda device: None if works else "RuntimeError: no nvJPEG")
+        cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode=decode)
+        if decode == "device" and not works:
+            with pytest.raises(DataError, match="cannot decode JPEGs here.*use --jpeg-decode workers"):
+                train.datasets(cfg, str(tiny_data), cuda, said.append)
+            continue
+        splits = train.datasets(cfg, str(tiny_data), cuda, said.append)
+        assert all(s.batch is not None for s in splits)
+        assert [s.decode_on_device for s in splits] == [works and decode != "workers"] * 2, (decode, works)
+    assert len(said) == 1 and "decoding them in the loader workers" in said[0]
+    cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode="device", random_resized_crop=True)
+    with pytest.raises(ConfigError, match="needs the batch path"):
+        train.datasets(cfg, str(tiny_data), cuda, said.append)
