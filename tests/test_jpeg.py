@@ -199,3 +199,32 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
     cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode="device", random_resized_crop=True)
     with pytest.raises(ConfigError, match="needs the batch path"):
         train.datasets(cfg, str(tiny_data), cuda, said.append)
+
+
+def test_training_steps_on_device_decoded_batches(tmp_path):
+    """train_one_epoch as a GPU run drives it, here on the CPU: batches decoded "on the device" (one with
+    an unreadable file dropped after decoding, one with a file the worker dropped) train the model as
+    the workers' batches do, and the unreadable files are counted alike."""
+    from alexnet.data.jpeg import JpegBatch
+    from alexnet.models import create_model
+    from alexnet.progress import Progress
+    from alexnet.train import Schedule, train_one_epoch
+    root = mixed_folder(tmp_path / "src")
+    cfg = TrainConfig(resize="72", crop=64, hflip=0.5)
+    a, b = loaders(root, cfg)
+    assert isinstance(next(iter(b))[0][0], JpegBatch) and not isinstance(next(iter(a))[0][0], JpegBatch)
+    results = []
+    for loader in (a, b):
+        torch.manual_seed(0)
+        model = create_model("alexnet", 2, 0.0, 16)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        sums = train_one_epoch(model, loader, optimizer, Schedule(cfg, len(loader), 0.02), torch.nn.CrossEntropyLoss(),
+                               CPU, global_step=0, accum_steps=1, channels_last=True, input_size=64,
+                               progress=Progress(len(loader), "t", enabled=False), augment=loader.dataset.batch)
+        results.append((sums, [p.detach() for p in model.parameters()]))
+    (sa, pa), (sb, pb) = results
+    assert sa["bad"] == sb["bad"] == 2 and sa["images"] == sb["images"] == 16
+    moved = max(float((p - q).abs().max()) for p, q in zip(pa, before))
+    apart = max(float((p - q).abs().max()) for p, q in zip(pa, pb))
+    assert moved > 1e-3 and apart < 0.01 * moved, (apart, moved)
