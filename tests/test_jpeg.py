@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from alexnet.config import ConfigError, TrainConfig, parse_resize
+from alexnet.config import TrainConfig, parse_resize
 from alexnet.data import ImageFolder, make_loader
 from alexnet.data.batch import BatchAugment, on_device
 from alexnet.data.folder import DataError
 from alexnet.data.jpeg import resize_crop_flip
-from alexnet.data.transforms import Resize, train_transform
+from alexnet.data.transforms import Resize, eval_transform, train_transform
 
 from conftest import cli
 
@@ -173,6 +173,7 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
     from torchvision import io as tvio
 
     from alexnet import train
+    from alexnet.data import batch
     from alexnet.data.jpeg import device_decoding_works
     real = tvio.decode_jpeg
 
@@ -183,10 +184,10 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
     assert "nvjpeg not available" in device_decoding_works(CPU)
     monkeypatch.setattr(tvio, "decode_jpeg", real)
     assert device_decoding_works(CPU) is None  # the probe itself: a real decode of a real JPEG
-    monkeypatch.setattr(train, "device_decoding_available", lambda: True)
+    monkeypatch.setattr(batch, "device_decoding_available", lambda: True)
     cuda, said = torch.device("cuda"), []
     for decode, works in (("auto", False), ("device", False), ("auto", True), ("workers", True)):
-        monkeypatch.setattr(train, "device_decoding_works", lambda device: None if works else "RuntimeError: no nvJPEG")
+        monkeypatch.setattr(batch, "device_decoding_works", lambda device: None if works else "RuntimeError: no nvJPEG")
         cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode=decode)
         if decode == "device" and not works:
             with pytest.raises(DataError, match="cannot decode JPEGs here.*use --jpeg-decode workers"):
@@ -197,8 +198,15 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
         assert [s.decode_on_device for s in splits] == [works and decode != "workers"] * 2, (decode, works)
     assert len(said) == 1 and "decoding them in the loader workers" in said[0]
     cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode="device", random_resized_crop=True)
-    with pytest.raises(ConfigError, match="needs the batch path"):
+    with pytest.raises(DataError, match="needs the batch path"):
         train.datasets(cfg, str(tiny_data), cuda, said.append)
+    # evaluation chooses the same way: test-time views have no batch path
+    val = ImageFolder(tiny_data, "val", eval_transform("72", 64, cfg.mean, cfg.std, "10crop"))
+    with pytest.raises(DataError, match="needs the batch path"):
+        batch.jpeg_on_gpu([val], cuda, "device", said.append)
+    val = ImageFolder(tiny_data, "val", eval_transform("72", 64, cfg.mean, cfg.std, "none"))
+    batch.jpeg_on_gpu([val], cuda, "auto", said.append)
+    assert val.batch is not None and val.decode_on_device
 
 
 def test_training_steps_on_device_decoded_batches(tmp_path):

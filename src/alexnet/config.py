@@ -146,6 +146,9 @@ class EvalConfig:
     data: str | None = opt(None, "ImageFolder root whose val/ split is evaluated (default: the data the model was trained on)")
     batch_size: int = opt(128, "images per batch")
     workers: int = opt(2, "data loader worker processes")
+    jpeg_decode: str = opt("auto", "JPEG files on a GPU: decoded there a batch at a time (device) or in the loader "
+                                   "workers (workers); auto: device where torchvision can, else workers",
+                           ("auto", "device", "workers"))
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
     cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
     json: bool = opt(False, "print the metrics as JSON")

@@ -15,7 +15,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .config import EvalConfig
 from .data import make_loader, eval_transform, ImageFolder, packed
-from .data.batch import BatchAugment, on_device, supports
+from .data.batch import BatchAugment, jpeg_on_gpu, on_device, supports
 from .data.synthetic import ensure_dataset
 from .models import create_model
 from .runtime import autocast, resolve_device, resolve_precision
@@ -91,6 +91,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
             raise checkpoint.CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
     else:
         val = ImageFolder(data, "val", transform, classes=state["classes"])
+        jpeg_on_gpu([val], device, cfg.jpeg_decode, log)
     loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
                          rank=distributed.rank(), world=distributed.world_size(), device_type=device.type)
     augment = val.batch if device.type != "cpu" else None

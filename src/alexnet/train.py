@@ -16,9 +16,8 @@ from torch import nn
 
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
-from .data import DataError, make_loader, open_splits, packed, train_transform, eval_transform
-from .data.batch import BatchAugment, on_device, supports, to_device
-from .data.jpeg import device_decoding_available, device_decoding_works
+from .data import make_loader, open_splits, packed, train_transform, eval_transform
+from .data.batch import jpeg_on_gpu, on_device, to_device
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
@@ -184,25 +183,7 @@ def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
                 f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
         return packed.open_splits(root, cfg.resize, *transforms, cfg.seed)
     splits = open_splits(root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
-    if cfg.jpeg_decode == "device" and not (device.type == "cuda" and device_decoding_available()):
-        raise ConfigError("--jpeg-decode device needs a CUDA device and torchvision 0.19 or later; "
-                          "use --jpeg-decode workers")
-    if device.type != "cuda":
-        return splits
-    for dataset in splits:
-        dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
-    if cfg.jpeg_decode == "device" and splits[0].batch is None:
-        raise ConfigError("--jpeg-decode device needs the batch path, which rotation and --random-resized-crop "
-                          "do not have; use --jpeg-decode workers")
-    if cfg.jpeg_decode != "workers" and device_decoding_available():
-        problem = device_decoding_works(device)
-        if problem is None:
-            for dataset in splits:
-                dataset.decode_on_device = dataset.batch is not None
-        elif cfg.jpeg_decode == "device":
-            raise DataError(f"{device} cannot decode JPEGs here ({problem}); use --jpeg-decode workers")
-        else:
-            say(f"WARNING: {device} cannot decode JPEGs here ({problem}); decoding them in the loader workers")
+    jpeg_on_gpu(splits, device, cfg.jpeg_decode, say)
     return splits
 
 

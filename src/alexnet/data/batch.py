@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .jpeg import JpegBatch
+from .jpeg import JpegBatch, device_decoding_available, device_decoding_works
 from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
                          RandomHorizontalFlip, Resize, ToTensor, ToTensorNormalize)
 
@@ -164,6 +164,33 @@ def _hue(x, f):
 
 
 _JITTER = {"brightness": _brightness, "contrast": _contrast, "saturation": _saturation, "hue": _hue}
+
+
+def jpeg_on_gpu(splits, device: torch.device, jpeg_decode: str, say) -> None:
+    """Put ImageFolder splits on the batch path for a GPU: decoded and resized in the loader workers, the
+    rest on the GPU, or (`jpeg_decode` auto or device) decoded on the GPU too (data.jpeg), when its
+    decoder passes a test image. Errors for a `device` that cannot be honoured."""
+    from .folder import DataError
+    if jpeg_decode == "device" and not (device.type == "cuda" and device_decoding_available()):
+        raise DataError("--jpeg-decode device needs a CUDA device and torchvision 0.19 or later; "
+                        "use --jpeg-decode workers")
+    if device.type != "cuda":
+        return
+    for dataset in splits:
+        dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
+    if jpeg_decode == "device" and any(dataset.batch is None for dataset in splits):
+        raise DataError("--jpeg-decode device needs the batch path, which rotation, --random-resized-crop "
+                        "and test-time views do not have; use --jpeg-decode workers")
+    if jpeg_decode == "workers" or not device_decoding_available():
+        return
+    problem = device_decoding_works(device)
+    if problem is None:
+        for dataset in splits:
+            dataset.decode_on_device = dataset.batch is not None
+    elif jpeg_decode == "device":
+        raise DataError(f"{device} cannot decode JPEGs here ({problem}); use --jpeg-decode workers")
+    else:
+        say(f"WARNING: {device} cannot decode JPEGs here ({problem}); decoding them in the loader workers")
 
 
 def on_device(batch, device: torch.device, channels_last: bool, augment: BatchAugment | None = None):
