@@ -6,34 +6,59 @@
 # Validation during training is the centre crop (10-crop at every epoch costs ten forward passes an
 # image); the 10-crop figures come from `alexnet eval --tta 10crop` on the last checkpoint.
 #
-#   benchmarks/accuracy.sh IMAGEFOLDER [WORKDIR] [extra alexnet train flags...]
+#   benchmarks/accuracy.sh IMAGEFOLDER WORKDIR [extra alexnet train flags...]
 #
 # Example (the issue's measurement, Imagenette at 224 px, 30 epochs):
 #   benchmarks/accuracy.sh /data/imagenette /tmp/accuracy --epochs 30
 # Environment: RUNS="fast:0 fast:1 paper2012:0 torchvision:0" (recipe:seed, in order) to choose the runs.
 set -euo pipefail
-data=${1:?usage: accuracy.sh IMAGEFOLDER [WORKDIR] [flags...]}
-work=${2:-/tmp/alexnet-accuracy}
-shift $(( $# >= 2 ? 2 : 1 ))
+data=${1:?usage: accuracy.sh IMAGEFOLDER WORKDIR [flags...]}
+work=${2:?usage: accuracy.sh IMAGEFOLDER WORKDIR [flags...]}
+[[ $work != -* ]] || { echo "accuracy.sh: the second argument is the work folder, not $work" >&2; exit 2; }
+shift 2
 mkdir -p "$work"
 resize=256
 args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --resize ]] && resize=${args[i + 1]}; done
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case ${args[i]} in --resize) resize=${args[i + 1]:?--resize needs a value} ;; --resize=*) resize=${args[i]#--resize=} ;; esac
+done
 packed="$work/packed-$resize"
 alexnet data pack "$data" "$packed" --resize "$resize"
+
+finished() {  # the run's last epoch is the last its config asks for
+  python - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+try:
+    epochs = next(int(l.split(":", 1)[1]) for l in (out / "config.yaml").read_text().splitlines()
+                  if l.startswith("epochs:"))
+    last = json.loads((out / "metrics.jsonl").read_text().strip().splitlines()[-1])["epoch"]
+except (OSError, StopIteration, IndexError, ValueError, KeyError):
+    sys.exit(1)
+sys.exit(0 if last >= epochs else 1)
+PY
+}
+
 runs=${RUNS:-fast:0 fast:1 paper2012:0 torchvision:0}
 for run in $runs; do
   recipe=${run%%:*} seed=${run##*:}
   out="$work/$recipe-s$seed"
-  if [[ ! -f $out/checkpoints/last.pt ]] || ! grep -q '"done": true' "$out/status.json" 2>/dev/null; then
+  # RandomResizedCrop (the torchvision recipe) is taken from the original images, not the packed ones
+  source=$packed
+  [[ $recipe != torchvision ]] || source=$data
+  if ! finished "$out"; then
     echo "training $recipe, seed $seed -> $out (log: $out.log)"
-    alexnet train --data "$packed" --recipe "$recipe" --seed "$seed" --val-tta none --quiet \
+    rm -f "$out"/eval-*.json
+    alexnet train --data "$source" --recipe "$recipe" --seed "$seed" --val-tta none --quiet \
       --resume auto --out "$out" "$@" >> "$out.log" 2>&1
-    echo '{"done": true}' > "$out/status.json"
+    finished "$out" || { echo "$recipe seed $seed stopped before its last epoch (see $out.log)" >&2; exit 1; }
   fi
   for tta in none 10crop; do
-    [[ -f $out/eval-$tta.json ]] || alexnet eval --checkpoint "$out/checkpoints/last.pt" --data "$packed" \
-      --tta "$tta" --json > "$out/eval-$tta.json"
+    if [[ ! -s $out/eval-$tta.json ]]; then
+      alexnet eval --checkpoint "$out/checkpoints/last.pt" --data "$packed" --tta "$tta" --json > "$out/eval.tmp"
+      mv "$out/eval.tmp" "$out/eval-$tta.json"
+    fi
   done
 done
 python - "$work" $runs <<'PY'

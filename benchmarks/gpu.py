@@ -9,8 +9,10 @@ utilisation and a profile.
 The images are the built-in dataset's shapes drawn at 256 px and written as JPEGs (an ImageFolder, which
 the reference pipeline reads), by all cores in parallel. With --jpeg-epochs N it then trains N epochs
 from the JPEG files twice, decoding them on the GPU (--jpeg-decode device) and in the loader workers
-(--jpeg-decode workers), and prints both training throughputs. The generated images are 256x256 and
-are read at --resize 256, so neither JPEG run resizes: photos of other sizes cost both paths more.
+(--jpeg-decode workers), and prints both training throughputs (the last epoch's: use 2 or more, so
+that worker start-up and compilation are out of it). The generated images are 256x256 and at the
+default --image-size 224 are read at --resize 256, so neither JPEG run resizes: photos of other sizes
+cost both paths more.
 """
 
 from __future__ import annotations

@@ -213,8 +213,9 @@ def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
 
 
 def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path):
-    """On a GPU the JPEG path decodes and resizes in the workers and sends uint8 crops with their draws;
-    run here on the CPU, that flow gives the per-image loader's batches, unreadable files counted alike."""
+    """On a GPU with --jpeg-decode workers the JPEG path decodes and resizes in the workers and sends uint8
+    crops with their draws; run here on the CPU, that flow gives the per-image loader's batches,
+    unreadable files counted alike."""
     from alexnet.data import ImageFolder, make_loader
     from alexnet.data.batch import to_device
     src = odd_folder(tmp_path / "src")
