@@ -91,7 +91,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
             raise checkpoint.CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
     else:
         val = ImageFolder(data, "val", transform, classes=state["classes"])
-        jpeg_on_gpu([val], device, cfg.jpeg_decode, log)
+        jpeg_on_gpu([val], device, cfg.jpeg_decode, lambda warning: print(warning, file=sys.stderr, flush=True))
     loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
                          rank=distributed.rank(), world=distributed.world_size(), device_type=device.type)
     augment = val.batch if device.type != "cpu" else None
