@@ -50,8 +50,8 @@ def test_jpeg_decoded_on_the_gpu_matches_the_workers(tmp_path):
         bad = [bad[0] + bx, bad[1] + by]
         assert torch.equal(tx, ty) and x.shape == y.shape
         assert (x - y).abs().mean() < 0.03, (x - y).abs().mean()  # about 1.5 levels of 255 in normalised units
-    assert bad == [2, 2]
-    assert [p.rsplit("/", 1)[-1] for p in on_cpu] == ["truncated.jpg"]  # nvJPEG decoded every other JPEG
+    assert bad == [3, 3]
+    assert [p.rsplit("/", 1)[-1] for p in on_cpu] == ["huffman.jpg"]  # nvJPEG decoded every other JPEG
 
 
 def test_training_from_jpegs_decoded_on_the_gpu(tiny_data, tmp_path):

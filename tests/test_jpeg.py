@@ -13,7 +13,7 @@ from alexnet.config import TrainConfig, parse_resize
 from alexnet.data import ImageFolder, make_loader
 from alexnet.data.batch import BatchAugment, on_device
 from alexnet.data.folder import DataError
-from alexnet.data.jpeg import resize_crop_flip
+from alexnet.data.jpeg import JpegBatch, resize_crop_flip
 from alexnet.data.transforms import Resize, eval_transform, train_transform
 
 from conftest import cli
@@ -29,10 +29,20 @@ def photo(w, h, seed):
     return Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
+def bad_huffman(data: bytes) -> bytes:
+    """A complete JPEG whose header reads but whose data no decoder can read: its first Huffman table
+    claims more codes than a table may hold."""
+    data = bytearray(data)
+    at = data.index(b"\xff\xc4")
+    data[at + 5:at + 21] = b"\xff" * 16
+    return bytes(data)
+
+
 def mixed_folder(root):
     """JPEGs of several sizes (smaller and larger than the resize, one greyscale), a PNG and a CMYK JPEG
-    (decoded by the workers), a truncated JPEG (its header reads, its data does not) and a file that is
-    not an image at all."""
+    (decoded by the workers), a truncated JPEG (kept off the device: decoded, and found unreadable, by
+    the workers), a complete JPEG whose data cannot be decoded (the device tries, then the CPU) and a file
+    that is not an image at all."""
     sizes = [(50, 40), (40, 61), (96, 72), (130, 90), (72, 72), (61, 40)]
     for split in ("train", "val"):
         for c, cls in enumerate("ab"):
@@ -48,6 +58,7 @@ def mixed_folder(root):
             photo(48, 52, 77 + c).convert("CMYK").save(folder / "cmyk.jpg", quality=90)
     data = (root / "train" / "a" / "0.jpg").read_bytes()
     (root / "train" / "a" / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (root / "train" / "a" / "huffman.jpg").write_bytes(bad_huffman(data))
     (root / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     return root
 
@@ -108,8 +119,9 @@ def test_device_decoding_gives_the_workers_batches(tmp_path):
         diff = (x - y).abs()
         assert diff.max() < 0.1, diff.max()  # a level or two after normalisation
         assert (diff > 1e-4).float().mean() < 0.02  # the resize's rare level, spread a little by saturation and hue
-    assert bad == [2, 2] and jpeg_batches == len(a) - 1  # the last batch, a CMYK JPEG and a PNG, has only crops
-    assert [p.name for p in map(Path, on_cpu)] == ["truncated.jpg"]  # the one file the decoder refused
+    # the last batch (a file that is not an image, a CMYK JPEG and a PNG) has only the workers' crops
+    assert bad == [3, 3] and jpeg_batches == len(a) - 1
+    assert [p.name for p in map(Path, on_cpu)] == ["huffman.jpg"]  # the one file the decoder refused
     # control: the same images with another seed's draws are far apart
     other = ImageFolder(root, "train", train_transform(cfg), seed=4)
     other.batch, other.decode_on_device = BatchAugment(train_transform(cfg)), True
@@ -131,17 +143,19 @@ def test_device_decoding_in_loader_workers(tmp_path):
 
 
 def test_unreadable_file_on_the_device_path(tmp_path):
-    """A JPEG whose header reads but whose data does not fails the batch's one-call decode; the others of
-    the batch are still decoded, and it is counted (or, under --on-bad-image error, named in an error)."""
+    """A complete JPEG whose header reads but whose data does not fails the batch's one-call decode; the
+    others of the batch are still decoded, and it is counted (or, under --on-bad-image error, named in an
+    error)."""
     root = tmp_path / "src"
     for split in ("train", "val"):
         for i in range(3):
             (root / split / "a").mkdir(parents=True, exist_ok=True)
             photo(50, 40, i).save(root / split / "a" / f"{i}.jpg", quality=90)
     data = (root / "train" / "a" / "0.jpg").read_bytes()
-    (root / "train" / "a" / "1.jpg").write_bytes(data[:len(data) // 2])
+    (root / "train" / "a" / "1.jpg").write_bytes(bad_huffman(data))
     cfg = TrainConfig(resize="40", crop=36)
     a, b = loaders(root, cfg)
+    assert isinstance(next(iter(b))[0][0], JpegBatch) and next(iter(b))[0][0].paths[1].endswith("1.jpg")
     x, tx, bx = on_device(next(iter(a)), CPU, False, a.dataset.batch)
     y, ty, by = on_device(next(iter(b)), CPU, False, b.dataset.batch)
     assert by == bx == 1 and y.shape[0] == 2 and ty.tolist() == tx.tolist() == [0, 0]
@@ -149,6 +163,22 @@ def test_unreadable_file_on_the_device_path(tmp_path):
     _, strict = loaders(root, cfg, strict=True)
     with pytest.raises(DataError, match="unreadable image .*1.jpg"):
         on_device(next(iter(strict)), CPU, False, strict.dataset.batch)
+
+
+def test_truncated_jpegs_stay_off_the_device(tmp_path):
+    """A JPEG without its end-of-image marker goes to the workers (nvJPEG would decode what it holds,
+    where PIL refuses it); a complete one, also with padding after the marker, goes to the device."""
+    from alexnet.data.jpeg import Encoded, read_encoded
+    augment = BatchAugment(train_transform(TrainConfig(resize="40", crop=36)))
+    photo(50, 40, 1).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "padded.jpg").write_bytes(data + b"\0" * 7)
+    for cut in (len(data) // 2, len(data) - 1):
+        (tmp_path / f"cut{cut}.jpg").write_bytes(data[:cut])
+    kinds = {f.name: type(read_encoded(str(f), augment, torch.Generator().manual_seed(0))) for f in tmp_path.iterdir()}
+    assert kinds == {"full.jpg": tuple, "padded.jpg": tuple, f"cut{len(data) // 2}.jpg": type(None),
+                     f"cut{len(data) - 1}.jpg": type(None)}
+    assert isinstance(read_encoded(str(tmp_path / "full.jpg"), augment, torch.Generator())[0], Encoded)
 
 
 def test_device_decoding_needs_a_gpu(tiny_data, capsys):
@@ -213,7 +243,6 @@ def test_training_steps_on_device_decoded_batches(tmp_path):
     """train_one_epoch as a GPU run drives it, here on the CPU: batches decoded "on the device" (one with
     an unreadable file dropped after decoding, one with a file the worker dropped) train the model as
     the workers' batches do, and the unreadable files are counted alike."""
-    from alexnet.data.jpeg import JpegBatch
     from alexnet.models import create_model
     from alexnet.progress import Progress
     from alexnet.train import Schedule, train_one_epoch
@@ -232,7 +261,7 @@ def test_training_steps_on_device_decoded_batches(tmp_path):
                                progress=Progress(len(loader), "t", enabled=False), augment=loader.dataset.batch)
         results.append((sums, [p.detach() for p in model.parameters()]))
     (sa, pa), (sb, pb) = results
-    assert sa["bad"] == sb["bad"] == 2 and sa["images"] == sb["images"] == 16
+    assert sa["bad"] == sb["bad"] == 3 and sa["images"] == sb["images"] == 16
     moved = max(float((p - q).abs().max()) for p, q in zip(pa, before))
     apart = max(float((p - q).abs().max()) for p, q in zip(pa, pb))
     assert moved > 1e-3 and apart < 0.01 * moved, (apart, moved)

@@ -15,8 +15,8 @@ a level off (tests/test_jpeg.py). nvJPEG's pixels are not libjpeg-turbo's to the
 inverse DCT and chroma upsampling), as no two JPEG decoders' are, so the device path is close to the
 workers' path, not equal to it.
 
-Files that are not RGB or greyscale JPEGs (PNG, CMYK JPEG, ...) are decoded and cropped in the worker as
-before and join the batch as crops. A batch the device cannot decode in one go is decoded image by image,
+Files that are not RGB or greyscale JPEGs (PNG, CMYK JPEG, ...) and JPEGs cut short (no end-of-image
+marker) are decoded and cropped in the worker as before and join the batch as crops. A batch the device cannot decode in one go is decoded image by image,
 and an image the device cannot decode is decoded on the CPU; one that cannot be decoded at all is an
 unreadable image, skipped and counted, or an error under --on-bad-image error, as in the workers.
 """
@@ -73,10 +73,16 @@ class Encoded(NamedTuple):
 def read_encoded(path: str, augment, g: torch.Generator) -> tuple[Encoded, torch.Tensor] | None:
     """(the encoded file, its batch-augmentation parameters), with the same draws as `augment.sample`
     makes on the decoded image; None when the file is not an RGB or greyscale JPEG (or cannot be opened),
-    so that the worker decodes it itself (and reports it when it is unreadable)."""
+    or does not end with the JPEG end-of-image marker, so that the worker decodes it itself (and reports
+    it when it is unreadable). The marker check keeps truncated files off the device: nvJPEG decodes
+    what a truncated file holds without an error, where PIL and libjpeg-turbo refuse it, so the two paths
+    would disagree on which images are unreadable. A complete file with bytes after its marker is rare
+    and only costs a decode in the worker."""
     try:
         with open(path, "rb") as f:
             data = f.read()
+        if not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+            return None
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return None
