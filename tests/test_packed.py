@@ -247,3 +247,52 @@ def test_eval_on_packed_equals_eval_on_jpeg(shipped, tiny_data, tmp_path, capsys
     assert results[0]["count"] == results[1]["count"] == 12
     assert results[0]["correct1"] == results[1]["correct1"]
     assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_held_split_gives_the_loaders_batches(tmp_path, workers):
+    """A split held in device memory (here the CPU's, as the gather is the same) gives exactly the
+    batches of the loader that reads the memory map: same images in the same order, the same crops,
+    flips and colour draws; images of several sizes and aspect ratios, through worker processes too."""
+    from alexnet.data import make_loader
+    from alexnet.data.batch import on_device
+    from alexnet.data.held import HeldCrops, hold, release
+    data = packed.pack(odd_folder(tmp_path / "src"), tmp_path / "p", "40", workers=0, log=lambda *_: None)
+    cfg = TrainConfig(resize="40", crop=33, hflip=0.5, brightness=0.3, pca_lighting=0.1)
+    cpu = torch.device("cpu")
+    read, held = (packed.PackedSplit(data, "train", train_transform(cfg), seed=5,
+                                     batch=BatchAugment(train_transform(cfg))) for _ in range(2))
+    hold(held.pixels_file, cpu)
+    held.held = True
+    try:
+        loaders = [make_loader(d, 2, workers, train=True, seed=5, device_type="cuda", persistent=False)
+                   for d in (read, held)]
+        flips = 0
+        for epoch in (0, 1):
+            for loader in loaders:
+                loader.sampler.set_epoch(epoch)
+            for a, b in zip(*loaders):
+                assert isinstance(b[0][0], HeldCrops) and not isinstance(a[0][0], HeldCrops)
+                assert b[0][0].where.dtype == torch.int64 and b[0][0].where.shape == (len(b[1]), 4)
+                flips += int(b[0][0].flips.sum())
+                x, tx, _ = on_device(a, cpu, True, read.batch)
+                y, ty, _ = on_device(b, cpu, True, held.batch)
+                assert torch.equal(tx, ty) and torch.equal(x, y)
+        assert 0 < flips
+    finally:
+        release()
+
+
+def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
+    """--data-on-device yes where it cannot be done is a clear error; auto on a CPU holds nothing."""
+    code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64", "--epochs", "1",
+                       "--device", "cpu", "--data-on-device", "yes", "--out", tmp_path / "r")
+    assert code == 2 and "--data-on-device yes needs a CUDA device" in err
+    per_image = train_transform(TrainConfig(resize="72", crop=64, random_resized_crop=True))
+    splits = [packed.PackedSplit(packed_shapes, "train", per_image, 0)]  # no batch path
+    with pytest.raises(packed.DataError, match="needs packed data .* on the batch path"):
+        packed.hold_on_device(splits, torch.device("cuda"), "yes", print)
+    cfg = TrainConfig(resize="72", crop=64)
+    splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_transform("72", 64, cfg.mean, cfg.std), 0)
+    packed.hold_on_device(splits, torch.device("cpu"), "auto", print)
+    assert not any(s.held for s in splits)

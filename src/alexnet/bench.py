@@ -128,13 +128,15 @@ class Reference(Pipeline):
 class Ours(Pipeline):
     name = "ours"
 
-    def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int) -> None:
+    def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int, log=print) -> None:
         from .train import Schedule
         self.tcfg = TrainConfig(data=str(root), resize=str(round(cfg.image_size * 256 / 224)),
                                 crop=cfg.image_size, precision=cfg.precision, epochs=1, warmup_epochs=0,
                                 schedule="constant")
         train, _ = packed.open_splits(root, self.tcfg.resize, train_transform(self.tcfg), train_transform(self.tcfg),
                                       seed=0)
+        packed.hold_on_device([train], device, "auto", log)  # as alexnet train does
+        self.held = train.held
         # workers stopped after each measurement (as the reference's): none go on working in the background
         self.loader = make_loader(train, cfg.batch_size, cfg.workers, train=True, pin_memory=device.type == "cuda",
                                   device_type=device.type, persistent=False)
@@ -302,14 +304,16 @@ def run(cfg: BenchConfig, log=print) -> dict:
     pipes = []
     for name in cfg.pipelines:
         if name == "ours":
-            pipes.append(Ours(packed_for(source, resize, cfg.packed, log), cfg, device, classes))
+            pipes.append(Ours(packed_for(source, resize, cfg.packed, log), cfg, device, classes, log))
         else:
             pipes.append(Reference(source, cfg, device, classes))
     amp = resolve_precision(cfg.precision, device, False)
     log(f"bench on {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
         f"{threads} threads, {cfg.workers} loader workers: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} "
         f"crops of {resize} images from {source}; ours: {'fp32' if amp is None else str(amp).split('.')[-1]}, "
-        f"channels_last{', compiled' if cfg.compile else ''}; reference: fp32, NCHW; {cfg.rounds} rounds of "
+        f"channels_last{', compiled' if cfg.compile else ''}"
+        f"{', packed images held in GPU memory' if any(getattr(p, 'held', False) for p in pipes) else ''}; "
+        f"reference: fp32, NCHW; {cfg.rounds} rounds of "
         f"{cfg.steps} steps after {cfg.warmup}, alternating")
     rates = {(p.name, w): [] for p in pipes for w in cfg.what}
     for r in range(cfg.rounds):

@@ -114,6 +114,9 @@ class TrainConfig:
     jpeg_decode: str = opt("auto", "JPEG files on a GPU: decoded there a batch at a time with nvJPEG (device) or in the "
                                    "loader workers (workers); auto: device where torchvision can, else workers",
                            ("auto", "device", "workers"))
+    data_on_device: str = opt("auto", "packed data on a GPU: held in its memory, the loader then moving no pixels "
+                                      "(yes), or read by the loader (no); auto: yes when it takes at most half "
+                                      "of the free memory", ("auto", "yes", "no"))
     seed: int = opt(0, "seed of weights, shuffling and augmentation")
     deterministic: bool = opt(False, "reproducible to the bit: fp32, deterministic algorithms, a fixed thread count")
     threads: int = opt(0, "CPU threads for the model (0: torch's default; 1 under --deterministic)")

@@ -175,15 +175,17 @@ def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
 def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
     """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded there a batch at a time,
     or in the workers with --jpeg-decode workers, the rest on batches on the GPU); see data.batch for the
-    batch path and data.jpeg for the decoding."""
+    batch path, data.jpeg for the decoding and data.held for packed data held in GPU memory."""
     transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(root):
         if cfg.random_resized_crop:
             say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
                 f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
-        return packed.open_splits(root, cfg.resize, *transforms, cfg.seed)
-    splits = open_splits(root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
-    jpeg_on_gpu(splits, device, cfg.jpeg_decode, say)
+        splits = packed.open_splits(root, cfg.resize, *transforms, cfg.seed)
+    else:
+        splits = open_splits(root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
+        jpeg_on_gpu(splits, device, cfg.jpeg_decode, say)
+    packed.hold_on_device(splits, device, cfg.data_on_device, say)
     return splits
 
 
@@ -194,6 +196,7 @@ def data_path(dataset, device: torch.device) -> str:
             return ""
         return f" ({kind}; per-image augmentation: rotation and random-resized crops have no batch path)"
     decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
+    decoded += f"; held in {device} memory" if getattr(dataset, "held", False) else ""
     return f" ({kind}{decoded}; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
 
 

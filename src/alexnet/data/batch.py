@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from .held import HeldCrops
 from .jpeg import JpegBatch, device_decoding_available, device_decoding_works
 from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
                          RandomHorizontalFlip, Resize, ToTensor, ToTensorNormalize)
@@ -196,8 +197,11 @@ def jpeg_on_gpu(splits, device: torch.device, jpeg_decode: str, say) -> None:
 def on_device(batch, device: torch.device, channels_last: bool, augment: BatchAugment | None = None):
     """A loader's batch (images, targets, unreadable count) with its images and targets on the device (see
     `to_device`); JPEG files left to the device (data.jpeg) are decoded there first, and an image it finds
-    unreadable is dropped and counted. A batch with no image is returned as it is."""
+    unreadable is dropped and counted; crops of a split held on the device (data.held) are gathered
+    there. A batch with no image is returned as it is."""
     images, target, bad = batch
+    if target.numel() and isinstance(images, (tuple, list)) and isinstance(images[0], HeldCrops):
+        images = (images[0].gather(device), images[1])
     if target.numel() and isinstance(images, (tuple, list)) and isinstance(images[0], JpegBatch):
         crops, keep = images[0].decode(device)
         params = images[1]

@@ -25,10 +25,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import parse_resize
-from .batch import BatchAugment, supports
+from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
 from .folder import DataError, find_classes, scan
 from .images import load_rgb
+from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
 from .transforms import Compose, Resize, sample_generator
 
@@ -142,7 +143,8 @@ def _same_pack(out: Path, source: Path, resize: str, log) -> Path:
 
 class PackedSplit(Dataset):
     """One split of a packed dataset. Items by index or by (epoch, index), as ImageFolder's. With a
-    BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path; otherwise the
+    BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path, or with `held`
+    (its pixels in GPU memory, data.held) ((where the crop lies, parameters), label); otherwise the
     per-image transform runs on the stored pixels (its resize is then a no-op)."""
 
     def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
@@ -152,6 +154,8 @@ class PackedSplit(Dataset):
         self.classes, self.resize = meta["classes"], meta["resize"]
         self.index = np.load(self.root / f"{split}.idx.npy")
         self.transform, self.seed, self.batch = transform, seed, batch
+        self.pixels_file = self.root / f"{split}.u8"
+        self.held = False
         self._pixels = None  # opened in each process on first use (a memory map does not travel to workers)
 
     def __len__(self) -> int:
@@ -159,7 +163,7 @@ class PackedSplit(Dataset):
 
     def pixels(self, i: int) -> np.ndarray:
         if self._pixels is None:
-            self._pixels = np.memmap(self.root / f"{self.split}.u8", dtype=np.uint8, mode="r")
+            self._pixels = np.memmap(self.pixels_file, dtype=np.uint8, mode="r")
         offset, h, w, _ = self.index[i]
         return self._pixels[offset:offset + h * w * 3].reshape(h, w, 3)
 
@@ -170,6 +174,10 @@ class PackedSplit(Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         label = int(self.index[i][3])
         g = sample_generator(self.seed, epoch, i)
+        if self.batch is not None and self.held:
+            offset, h, w, _ = (int(v) for v in self.index[i])
+            top, left, params = self.batch.draw(h, w, g)
+            return (Slot(str(self.pixels_file), torch.tensor([offset // 3, w, top, left])), params), label
         if self.batch is not None:
             return self.batch.sample(self.pixels(i), g), label
         return self.transform(Image.fromarray(np.array(self.pixels(i))), g), label
@@ -194,6 +202,33 @@ def open_splits(root: str | Path, resize: str, train_transform: Compose, eval_tr
     return tuple(splits)
 
 
+def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
+    """Hold the packed splits on the batch path (the first, training, split must be one with `mode` yes)
+    in GPU memory (data.held): with `mode` auto when they take at most half of the GPU's free memory,
+    with yes always (an error where it cannot be done), with no never."""
+    if mode == "no":
+        return
+    candidates = [s for s in splits if isinstance(s, PackedSplit) and s.batch is not None]
+    if mode == "yes":
+        if device.type != "cuda":
+            raise DataError("--data-on-device yes needs a CUDA device; use --data-on-device no")
+        if splits[0] not in candidates:
+            raise DataError("--data-on-device yes needs packed data (`alexnet data pack`) on the batch path, "
+                            "which rotation, --random-resized-crop and test-time views do not have; use "
+                            "--data-on-device no")
+    if device.type != "cuda" or not candidates:
+        return
+    size = sum(s.pixels_file.stat().st_size for s in candidates)
+    free = torch.cuda.mem_get_info(device)[0]
+    if mode == "auto" and size > free / 2:
+        say(f"packed images ({size / 2**30:.1f} GiB) read by the loader: more than half of {device}'s free "
+            f"memory ({free / 2**30:.1f} GiB)")
+        return
+    for split in candidates:
+        hold(split.pixels_file, device)
+        split.held = True
+
+
 def collate_batch(augment: BatchAugment, finish: bool, strict: bool = False):
     """A collate function for the batch path: stacks the crops and parameters, and with `finish` (on the
     CPU) finishes the batch in the loader's worker. Files left for the device to decode (data.jpeg) make
@@ -205,6 +240,8 @@ def collate_batch(augment: BatchAugment, finish: bool, strict: bool = False):
             return torch.empty(0), torch.empty(0, dtype=torch.long), bad
         params = torch.stack([p for (_, p), _ in good])
         target = torch.tensor([label for _, label in good])
+        if isinstance(good[0][0][0], Slot):
+            return (HeldCrops([c for (c, _), _ in good], params[:, FLIP], augment.crop.size), params), target, bad
         if any(isinstance(c, Encoded) for (c, _), _ in good):
             return (JpegBatch([c for (c, _), _ in good], augment.crop.size, strict), params), target, bad
         crops = torch.stack([c for (c, _), _ in good])
