@@ -60,3 +60,13 @@ def test_training_from_jpegs_decoded_on_the_gpu(tiny_data, tmp_path):
                         "--epochs", "2", "--jpeg-decode", "device"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "decoded on the device" in p.stdout and (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_training_from_packed_data_held_on_the_gpu(tiny_data, tmp_path):
+    from alexnet.data import packed
+    data = packed.pack(tiny_data, tmp_path / "packed", "72", workers=0, log=lambda *_: None)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "alexnet", "train", "--data", str(data), "--out", str(out), *TINY,
+                        "--epochs", "2", "--data-on-device", "yes"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "held in cuda" in p.stdout and (out / "checkpoints" / "last.pt").is_file()

@@ -249,20 +249,23 @@ def test_eval_on_packed_equals_eval_on_jpeg(shipped, tiny_data, tmp_path, capsys
     assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_held_split_gives_the_loaders_batches(tmp_path, workers):
-    """A split held in device memory (here the CPU's, as the gather is the same) gives exactly the
+@pytest.mark.parametrize("workers,device", [(0, "cpu"), (2, "cpu"),
+                                            pytest.param(2, "cuda", marks=pytest.mark.gpu)])
+def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
+    """A split held in device memory (in CI the CPU's, as the gather is the same) gives exactly the
     batches of the loader that reads the memory map: same images in the same order, the same crops,
     flips and colour draws; images of several sizes and aspect ratios, through worker processes too."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     from alexnet.data import make_loader
     from alexnet.data.batch import on_device
     from alexnet.data.held import HeldCrops, hold, release
     data = packed.pack(odd_folder(tmp_path / "src"), tmp_path / "p", "40", workers=0, log=lambda *_: None)
     cfg = TrainConfig(resize="40", crop=33, hflip=0.5, brightness=0.3, pca_lighting=0.1)
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     read, held = (packed.PackedSplit(data, "train", train_transform(cfg), seed=5,
                                      batch=BatchAugment(train_transform(cfg))) for _ in range(2))
-    hold(held.pixels_file, cpu)
+    hold(held.pixels_file, dev)
     held.held = True
     try:
         loaders = [make_loader(d, 2, workers, train=True, seed=5, device_type="cuda", persistent=False)
@@ -275,8 +278,8 @@ def test_held_split_gives_the_loaders_batches(tmp_path, workers):
                 assert isinstance(b[0][0], HeldCrops) and not isinstance(a[0][0], HeldCrops)
                 assert b[0][0].where.dtype == torch.int64 and b[0][0].where.shape == (len(b[1]), 4)
                 flips += int(b[0][0].flips.sum())
-                x, tx, _ = on_device(a, cpu, True, read.batch)
-                y, ty, _ = on_device(b, cpu, True, held.batch)
+                x, tx, _ = on_device(a, dev, True, read.batch)
+                y, ty, _ = on_device(b, dev, True, held.batch)
                 assert torch.equal(tx, ty) and torch.equal(x, y)
         assert 0 < flips
     finally:
