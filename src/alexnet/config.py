@@ -38,6 +38,12 @@ def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True
     return field(metadata={"help": help, "choices": choices, "flag": flag}, **kw)
 
 
+def jpeg_decode_opt():
+    """--jpeg-decode, the same for alexnet train and alexnet eval."""
+    return opt("auto", "JPEG files on a GPU: decoded there a batch at a time with nvJPEG (device) or in the loader "
+                       "workers (workers); auto: device where torchvision can, else workers", ("auto", "device", "workers"))
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -111,9 +117,7 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(10, "steps with a non-finite loss are skipped; this many in a row stop the run")
     device: str = opt("auto", "device: auto (cuda when present), cpu, cuda or cuda:N")
     workers: int = opt(2, "data loader worker processes (0: load in the main process)")
-    jpeg_decode: str = opt("auto", "JPEG files on a GPU: decoded there a batch at a time with nvJPEG (device) or in the "
-                                   "loader workers (workers); auto: device where torchvision can, else workers",
-                           ("auto", "device", "workers"))
+    jpeg_decode: str = jpeg_decode_opt()
     data_on_device: str = opt("auto", "packed data on a GPU: held in its memory, the loader then moving no pixels "
                                       "(yes), or read by the loader (no); auto: yes when it takes at most half "
                                       "of the free memory", ("auto", "yes", "no"))
@@ -149,9 +153,7 @@ class EvalConfig:
     data: str | None = opt(None, "ImageFolder root whose val/ split is evaluated (default: the data the model was trained on)")
     batch_size: int = opt(128, "images per batch")
     workers: int = opt(2, "data loader worker processes")
-    jpeg_decode: str = opt("auto", "JPEG files on a GPU: decoded there a batch at a time (device) or in the loader "
-                                   "workers (workers); auto: device where torchvision can, else workers",
-                           ("auto", "device", "workers"))
+    jpeg_decode: str = jpeg_decode_opt()
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
     cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
     json: bool = opt(False, "print the metrics as JSON")

@@ -80,14 +80,20 @@ class ImageFolder(Dataset):
         try:
             img = load_rgb(path)
         except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, empty, not an image
-            if self.on_bad_image == "error":
-                raise DataError(f"unreadable image {path}: {e} (--on-bad-image skip skips such files)") from None
-            print(f"WARNING: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+            unreadable(path, e, strict=self.on_bad_image == "error")
             return None
         g = sample_generator(self.seed, epoch, index)
         if self.batch is not None:
             return self.batch.sample(self.batch.resize(img), g), label
         return self.transform(img, g), label
+
+
+def unreadable(path, error: Exception, strict: bool) -> None:
+    """An image that cannot be decoded: with `strict` (--on-bad-image error) a DataError that names it,
+    otherwise a warning, and the caller skips it (the loader counts it)."""
+    if strict:
+        raise DataError(f"unreadable image {path}: {error} (--on-bad-image skip skips such files)")
+    print(f"WARNING: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
 
 
 def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int,

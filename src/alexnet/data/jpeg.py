@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import to_rgb
+from .images import load_rgb
 
 
 def device_decoding_available() -> bool:
@@ -163,19 +163,17 @@ class JpegBatch:
                 self.on_cpu.append(path)
                 print(f"WARNING: {device} could not decode {path} ({str(e).splitlines()[0] if str(e) else e!r}); "
                       f"trying the CPU", file=sys.stderr, flush=True)
-                images.append(self._on_cpu(data, path, device))
+                images.append(self._on_cpu(path, device))
         return images
 
-    def _on_cpu(self, data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
-        from .folder import DataError
+    def _on_cpu(self, path: str, device: torch.device) -> torch.Tensor | None:
+        """The file decoded as the workers decode it (data.images.load_rgb), or None (with a warning, or
+        under strict a DataError) when it cannot be."""
+        from .folder import unreadable
         try:
-            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-                img.load()
-                pixels = torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8))
+            pixels = torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8))
         except (OSError, SyntaxError, ValueError) as e:
-            if self.strict:
-                raise DataError(f"unreadable image {path}: {e} (--on-bad-image skip skips such files)") from None
-            print(f"WARNING: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+            unreadable(path, e, self.strict)
             return None
         return pixels.permute(2, 0, 1).to(device)
 
