@@ -165,6 +165,37 @@ def test_unreadable_file_on_the_device_path(tmp_path):
         on_device(next(iter(strict)), CPU, False, strict.dataset.batch)
 
 
+def test_a_refused_file_goes_to_the_cpu_at_once_next_time(tmp_path, monkeypatch):
+    """The first batch with a file the decoder refuses costs a failed batch call and one call a file; the
+    next time that file goes straight to the CPU and the others are decoded in one call."""
+    import torchvision.io
+    for i in range(3):
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        photo(50, 40, i).save(tmp_path / "train" / "a" / f"{i}.jpg", quality=90)
+    data = (tmp_path / "train" / "a" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "a" / "1.jpg").write_bytes(bad_huffman(data))
+    _, b = loaders(tmp_path, TrainConfig(resize="40", crop=36))
+    calls = []
+    real = torchvision.io.decode_jpeg
+    def counted(files, **kw):  # the device path's calls (the CPU decoder of load_rgb passes no device)
+        if "device" in kw:
+            calls.append(files)
+        return real(files, **kw)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
+    firsts = []
+    for _ in range(2):
+        calls.clear()
+        batch = next(iter(b))
+        y, ty, by = on_device(batch, CPU, False, b.dataset.batch)
+        assert by == 1 and ty.tolist() == [0, 0] and batch[0][0].on_cpu[0].endswith("1.jpg")
+        firsts.append(y)
+        lengths = [len(c) if isinstance(c, list) else 1 for c in calls]
+        if len(firsts) == 1:
+            assert lengths == [3, 1, 1, 1]  # the batch call fails, then one call a file
+    assert lengths == [2]  # the refused file was not tried again
+    assert torch.equal(firsts[0], firsts[1])
+
+
 def test_truncated_jpegs_stay_off_the_device(tmp_path):
     """A JPEG without its end-of-image marker goes to the workers (nvJPEG would decode what it holds,
     where PIL refuses it); a complete one, also with padding after the marker, goes to the device."""

@@ -17,7 +17,7 @@ workers' path, not equal to it.
 
 Files that are not RGB or greyscale JPEGs (PNG, CMYK JPEG, ...) and JPEGs cut short (no end-of-image
 marker) are decoded and cropped in the worker as before and join the batch as crops. A batch the device cannot decode in one go is decoded image by image,
-and an image the device cannot decode is decoded on the CPU; one that cannot be decoded at all is an
+and an image the device cannot decode is decoded on the CPU (at once when it meets the file again); one that cannot be decoded at all is an
 unreadable image, skipped and counted, or an error under --on-bad-image error, as in the workers.
 """
 
@@ -95,6 +95,11 @@ def read_encoded(path: str, augment, g: torch.Generator) -> tuple[Encoded, torch
     return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry, path), params
 
 
+# Files the device refused in this process: decoded on the CPU at once from then on, so that one such file
+# does not send its batch down the image-by-image path again every epoch.
+_REFUSED: set[str] = set()
+
+
 class JpegBatch:
     """A batch on the JPEG device-decoding path: the encoded files (their bytes end to end, one tensor for
     the batch rather than one shared-memory handle per file), their crop geometry and their positions in
@@ -147,23 +152,34 @@ class JpegBatch:
             # last step): let the stream drain first (pytorch/vision#9606). The next step needs these
             # images anyway, so little overlap is lost.
             torch.cuda.current_stream(device).synchronize()
+        images: list[torch.Tensor | None] = [None] * len(files)
+        rest = []
+        for k, path in enumerate(self.paths):
+            if path in _REFUSED:  # refused before: to the CPU without another failed batch call
+                self.on_cpu.append(path)
+                images[k] = self._on_cpu(path, device)
+            else:
+                rest.append(k)
         try:
-            return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+            for k, img in zip(rest, decode_jpeg([files[k] for k in rest], mode=ImageReadMode.RGB, device=device)):
+                images[k] = img
+            return images
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError:  # one bad file fails the whole call: decode them one by one to find it
             pass
-        images = []
-        for data, path in zip(files, self.paths):
+        for k in rest:
+            path = self.paths[k]
             try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                images[k] = decode_jpeg(files[k], mode=ImageReadMode.RGB, device=device)
             except torch.cuda.OutOfMemoryError:
                 raise
             except RuntimeError as e:
+                _REFUSED.add(path)
                 self.on_cpu.append(path)
                 print(f"WARNING: {device} could not decode {path} ({str(e).splitlines()[0] if str(e) else e!r}); "
                       f"trying the CPU", file=sys.stderr, flush=True)
-                images.append(self._on_cpu(path, device))
+                images[k] = self._on_cpu(path, device)
         return images
 
     def _on_cpu(self, path: str, device: torch.device) -> torch.Tensor | None:
