@@ -16,9 +16,10 @@ inverse DCT and chroma upsampling), as no two JPEG decoders' are, so the device 
 workers' path, not equal to it.
 
 Files that are not RGB or greyscale JPEGs (PNG, CMYK JPEG, ...) and JPEGs cut short (no end-of-image
-marker) are decoded and cropped in the worker as before and join the batch as crops. A batch the device cannot decode in one go is decoded image by image,
-and an image the device cannot decode is decoded on the CPU (at once when it meets the file again); one that cannot be decoded at all is an
-unreadable image, skipped and counted, or an error under --on-bad-image error, as in the workers.
+marker) are decoded and cropped in the worker as before and join the batch as crops. A batch the device
+cannot decode in one go is decoded image by image, and an image the device cannot decode is decoded on
+the CPU (at once when it meets the file again); one that cannot be decoded at all is an unreadable
+image, skipped and counted, or an error under --on-bad-image error, as in the workers.
 """
 
 from __future__ import annotations
