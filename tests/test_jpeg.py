@@ -194,6 +194,14 @@ def test_a_refused_file_goes_to_the_cpu_at_once_next_time(tmp_path, monkeypatch)
             assert lengths == [3, 1, 1, 1]  # the batch call fails, then one call a file
     assert lengths == [2]  # the refused file was not tried again
     assert torch.equal(firsts[0], firsts[1])
+    # a batch whose only file for the device is a refused one: no call at all
+    (tmp_path / "train" / "a" / "0.jpg").unlink()
+    (tmp_path / "train" / "a" / "2.jpg").unlink()
+    photo(45, 45, 7).save(tmp_path / "train" / "a" / "p.png")
+    _, b = loaders(tmp_path, TrainConfig(resize="40", crop=36))
+    calls.clear()
+    y, ty, by = on_device(next(iter(b)), CPU, False, b.dataset.batch)
+    assert by == 1 and ty.tolist() == [0] and y.shape[0] == 1 and calls == []
 
 
 def test_truncated_jpegs_stay_off_the_device(tmp_path):

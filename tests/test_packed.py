@@ -268,8 +268,8 @@ def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
     hold(held.pixels_file, dev)
     held.held = True
     try:
-        loaders = [make_loader(d, 2, workers, train=True, seed=5, device_type="cuda", persistent=False)
-                   for d in (read, held)]
+        loaders = [make_loader(d, 2, workers, train=True, seed=5, device_type="cuda", persistent=False,
+                               pin_memory=device == "cuda") for d in (read, held)]
         flips = 0
         for epoch in (0, 1):
             for loader in loaders:
@@ -282,6 +282,15 @@ def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
                 y, ty, _ = on_device(b, dev, True, held.batch)
                 assert torch.equal(tx, ty) and torch.equal(x, y)
         assert 0 < flips
+        # the validation split's centre crops
+        transform = eval_transform("40", 33, cfg.mean, cfg.std)
+        read, held = (packed.PackedSplit(data, "val", transform, batch=BatchAugment(transform)) for _ in range(2))
+        hold(held.pixels_file, dev)
+        held.held = True
+        loaders = [make_loader(d, 3, workers, train=False, device_type="cuda", persistent=False) for d in (read, held)]
+        for a, b in zip(*loaders):
+            assert isinstance(b[0][0], HeldCrops)
+            assert torch.equal(on_device(a, dev, True, read.batch)[0], on_device(b, dev, True, held.batch)[0])
     finally:
         release()
 
@@ -293,9 +302,32 @@ def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
     assert code == 2 and "--data-on-device yes needs a CUDA device" in err
     per_image = train_transform(TrainConfig(resize="72", crop=64, random_resized_crop=True))
     splits = [packed.PackedSplit(packed_shapes, "train", per_image, 0)]  # no batch path
-    with pytest.raises(packed.DataError, match="needs packed data .* on the batch path"):
+    with pytest.raises(packed.DataError, match="needs the batch path, which rotation and --random-resized-crop"):
         packed.hold_on_device(splits, torch.device("cuda"), "yes", print)
     cfg = TrainConfig(resize="72", crop=64)
     splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_transform("72", 64, cfg.mean, cfg.std), 0)
     packed.hold_on_device(splits, torch.device("cpu"), "auto", print)
     assert not any(s.held for s in splits)
+
+
+def test_data_on_device_auto_holds_what_takes_at_most_half_the_free_memory(packed_shapes, monkeypatch):
+    """The decision on a (pretended) GPU: auto holds both splits when they take at most half of its free
+    memory and says why it does not otherwise; yes holds whatever fits and is an error beyond."""
+    cfg = TrainConfig(resize="72", crop=64)
+    size = sum((packed_shapes / f"{s}.u8").stat().st_size for s in ("train", "val"))
+    held_files = []
+    monkeypatch.setattr(packed, "hold", lambda f, device: held_files.append(f.name))
+    cuda = torch.device("cuda")
+    for mode, free, holds in [("auto", 2 * size, True), ("auto", 2 * size - 1, False), ("yes", size, True),
+                              ("yes", size - 1, None), ("no", 10 * size, False)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 4 * free))
+        splits = packed.open_splits(packed_shapes, "72", train_transform(cfg),
+                                    eval_transform("72", 64, cfg.mean, cfg.std), 0)
+        said, held_files[:] = [], []
+        if holds is None:
+            with pytest.raises(packed.DataError, match="larger than cuda's free memory.*use --data-on-device no"):
+                packed.hold_on_device(splits, cuda, mode, said.append)
+            continue
+        packed.hold_on_device(splits, cuda, mode, said.append)
+        assert [s.held for s in splits] == [holds, holds] and held_files == (["train.u8", "val.u8"] if holds else [])
+        assert bool(said) == (mode == "auto" and not holds), said

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
-from .data import make_loader, packed, train_transform
+from .data import held, make_loader, packed, train_transform
 from .data.folder import find_classes
 from .data.batch import on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
@@ -353,4 +353,5 @@ def run(cfg: BenchConfig, log=print) -> dict:
             print(f"{k}: {v:.2f}x")
         if "mfu" in result:
             print(f"model FLOP utilisation (ours, end to end): {result['mfu']:.1%} of the bf16 peak")
+    held.release()
     return result

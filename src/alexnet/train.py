@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
-from .data import make_loader, open_splits, packed, train_transform, eval_transform
+from .data import held, make_loader, open_splits, packed, train_transform, eval_transform
 from .data.batch import jpeg_on_gpu, on_device, to_device
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
@@ -483,5 +483,6 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {rank} of {world})")
         return last
     finally:
+        held.release()
         scalars.close()
         logs.close_file(log_file)

@@ -17,16 +17,30 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# (pixels file, device) -> the file's pixels on that device, (pixels, 3) uint8: loaded once per process
-_HELD: dict[tuple[str, str], torch.Tensor] = {}
+# (pixels file, its size and time, device) -> the file's pixels on that device, (pixels, 3) uint8
+_HELD: dict[tuple, torch.Tensor] = {}
+CHUNK = 1 << 28  # bytes copied at a time: the host never holds more than this of a split
+
+
+def _key(pixels_file, device: torch.device) -> tuple:
+    stat = Path(pixels_file).stat()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(pixels_file), stat.st_size, stat.st_mtime_ns, str(device)
 
 
 def hold(pixels_file: Path, device: torch.device) -> None:
-    """Copy a split's pixels to `device`, once per process."""
-    key = (str(pixels_file), str(device))
-    if key not in _HELD:
-        data = torch.from_numpy(np.fromfile(pixels_file, dtype=np.uint8))
-        _HELD[key] = data.to(device).view(-1, 3)
+    """Copy a split's pixels to `device` (once per process and file), a chunk at a time from its memory
+    map."""
+    key = _key(pixels_file, device)
+    if key in _HELD:
+        return
+    source = np.memmap(pixels_file, dtype=np.uint8, mode="r")
+    held = torch.empty(len(source), dtype=torch.uint8, device=device)
+    for start in range(0, len(source), CHUNK):
+        held[start:start + CHUNK].copy_(torch.from_numpy(np.array(source[start:start + CHUNK])))
+    del source
+    _HELD[key] = held.view(-1, 3)
 
 
 def release() -> None:
@@ -50,8 +64,12 @@ class HeldCrops:
         self.where = torch.stack([s.where for s in slots])
         self.flips = flips.bool()
 
+    def pin_memory(self) -> "HeldCrops":  # the loader's pinning calls this: the places cross asynchronously
+        self.where, self.flips = self.where.pin_memory(), self.flips.pin_memory()
+        return self
+
     def gather(self, device: torch.device) -> torch.Tensor:
-        pixels = _HELD.get((self.pixels_file, str(device)))
+        pixels = _HELD.get(_key(self.pixels_file, device))
         if pixels is None:
             raise RuntimeError(f"{self.pixels_file} is not held on {device}")
         where = self.where.to(device, non_blocking=True)

@@ -161,6 +161,8 @@ class JpegBatch:
                 images[k] = self._on_cpu(path, device)
             else:
                 rest.append(k)
+        if not rest:
+            return images
         try:
             for k, img in zip(rest, decode_jpeg([files[k] for k in rest], mode=ImageReadMode.RGB, device=device)):
                 images[k] = img

@@ -203,26 +203,31 @@ def open_splits(root: str | Path, resize: str, train_transform: Compose, eval_tr
 
 
 def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
-    """Hold the packed splits on the batch path (the first, training, split must be one with `mode` yes)
+    """Hold the packed splits on the batch path (with `mode` yes the first, training, split must be one)
     in GPU memory (data.held): with `mode` auto when they take at most half of the GPU's free memory,
-    with yes always (an error where it cannot be done), with no never."""
+    with yes whenever they fit (an error otherwise), with no never."""
     if mode == "no":
         return
     candidates = [s for s in splits if isinstance(s, PackedSplit) and s.batch is not None]
     if mode == "yes":
         if device.type != "cuda":
             raise DataError("--data-on-device yes needs a CUDA device; use --data-on-device no")
+        if not isinstance(splits[0], PackedSplit):
+            raise DataError("--data-on-device yes needs packed data: pack the folder with `alexnet data pack "
+                            "DIR OUT --resize R` and train with --data OUT, or use --data-on-device no")
         if splits[0] not in candidates:
-            raise DataError("--data-on-device yes needs packed data (`alexnet data pack`) on the batch path, "
-                            "which rotation, --random-resized-crop and test-time views do not have; use "
-                            "--data-on-device no")
+            raise DataError("--data-on-device yes needs the batch path, which rotation and "
+                            "--random-resized-crop do not have; use --data-on-device no")
     if device.type != "cuda" or not candidates:
         return
     size = sum(s.pixels_file.stat().st_size for s in candidates)
     free = torch.cuda.mem_get_info(device)[0]
-    if mode == "auto" and size > free / 2:
-        say(f"packed images ({size / 2**30:.1f} GiB) read by the loader: more than half of {device}'s free "
-            f"memory ({free / 2**30:.1f} GiB)")
+    if size > (free / 2 if mode == "auto" else free):
+        message = (f"packed images ({size / 2**30:.1f} GiB) larger than {'half of ' if mode == 'auto' else ''}"
+                   f"{device}'s free memory ({free / 2**30:.1f} GiB)")
+        if mode == "yes":
+            raise DataError(f"--data-on-device yes: {message}; use --data-on-device no")
+        say(f"{message}: read by the loader")
         return
     for split in candidates:
         hold(split.pixels_file, device)
