@@ -10,7 +10,8 @@
 #
 # Example (the measurement, Imagenette at 224 px, 30 epochs):
 #   benchmarks/accuracy.sh /data/imagenette /tmp/accuracy --epochs 30
-# Environment: RUNS="fast:0 fast:1 paper2012:0 torchvision:0" (recipe:seed, in order) to choose the runs.
+# Environment: RUNS="fast:0 fast:1 paper2012:0 torchvision:0" (recipe:seed, in order) to choose the runs;
+# PARALLEL=1 to train them all at once (on a GPU with room for several; give each fewer --workers).
 set -euo pipefail
 data=${1:?usage: accuracy.sh IMAGEFOLDER WORKDIR [flags...]}
 work=${2:?usage: accuracy.sh IMAGEFOLDER WORKDIR [flags...]}
@@ -41,19 +42,32 @@ PY
 }
 
 runs=${RUNS:-fast:0 fast:1 paper2012:0 torchvision:0}
-for run in $runs; do
-  recipe=${run%%:*} seed=${run##*:}
-  out="$work/$recipe-s$seed"
+
+train() {  # recipe seed: train the run unless it is finished
+  local recipe=$1 seed=$2 out="$work/$1-s$2" source=$packed
   # RandomResizedCrop (the torchvision recipe) is taken from the original images, not the packed ones
-  source=$packed
   [[ $recipe != torchvision ]] || source=$data
-  if ! finished "$out"; then
-    echo "training $recipe, seed $seed -> $out (log: $out.log)"
-    rm -f "$out"/eval-*.json
-    alexnet train --data "$source" --recipe "$recipe" --seed "$seed" --val-tta none --quiet \
-      --resume auto --out "$out" "$@" >> "$out.log" 2>&1
-    finished "$out" || { echo "$recipe seed $seed stopped before its last epoch (see $out.log)" >&2; exit 1; }
-  fi
+  finished "$out" && return 0
+  echo "training $recipe, seed $seed -> $out (log: $out.log)"
+  rm -f "$out"/eval-*.json
+  alexnet train --data "$source" --recipe "$recipe" --seed "$seed" --val-tta none --quiet \
+    --resume auto --out "$out" "${args[@]}" >> "$out.log" 2>&1 ||
+    { echo "$recipe seed $seed failed (see $out.log)" >&2; return 1; }
+  finished "$out" || { echo "$recipe seed $seed stopped before its last epoch (see $out.log)" >&2; return 1; }
+}
+
+# PARALLEL=1: all runs at once (a large GPU has room for several); otherwise one after another
+if [[ ${PARALLEL:-0} == 1 ]]; then
+  pids=()
+  for run in $runs; do train "${run%%:*}" "${run##*:}" & pids+=($!); done
+  failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  ((failed == 0)) || exit 1
+else
+  for run in $runs; do train "${run%%:*}" "${run##*:}" || exit 1; done
+fi
+for run in $runs; do
+  out="$work/${run%%:*}-s${run##*:}"
   for tta in none 10crop; do
     if [[ ! -s $out/eval-$tta.json ]]; then
       alexnet eval --checkpoint "$out/checkpoints/last.pt" --data "$packed" --tta "$tta" --json > "$out/eval.tmp"
