@@ -85,6 +85,10 @@ class TrainConfig:
     nesterov: bool = opt(False, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    mixup: float = opt(0.0, "mixup: each training batch blended with itself in another order, the weight drawn "
+                            "from Beta(a, a) (0: off; 0.2 is common)")
+    cutmix: float = opt(0.0, "CutMix: a box of another image of the batch pasted into each one, its area drawn "
+                             "from Beta(a, a) (0: off; 1 is common); with --mixup too, one of the two per batch")
     schedule: str = opt("step", "learning-rate schedule", ("step", "plateau", "cosine", "constant"))
     step_size: int = opt(30, "step schedule: epochs between divisions")
     gamma: float = opt(0.1, "step and plateau schedules: factor applied to the learning rate")
@@ -291,6 +295,8 @@ def validate_train(cfg: TrainConfig) -> None:
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "needs a positive --momentum")
     need(cfg.weight_decay >= 0, "weight-decay", "must be 0 or more")
     need(0 <= cfg.label_smoothing < 1, "label-smoothing", "must be in [0, 1)")
+    need(cfg.mixup >= 0, "mixup", "must be 0 (off) or positive")
+    need(cfg.cutmix >= 0, "cutmix", "must be 0 (off) or positive")
     need(cfg.step_size >= 1, "step-size", "must be at least 1")
     need(0 < cfg.gamma <= 1, "gamma", "must be in (0, 1]")
     need(cfg.patience >= 0, "patience", "must be 0 or more")

@@ -18,6 +18,7 @@ from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
 from .data import held, make_loader, open_splits, packed, train_transform, eval_transform
 from .data.batch import jpeg_on_gpu, on_device, to_device
+from .data.mix import BatchMix
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import create_model, load_pretrained
@@ -74,7 +75,8 @@ class NonFiniteLoss(RuntimeError):
 def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, device, *, global_step: int,
                     accum_steps: int, channels_last: bool, progress: Progress, sums: dict | None = None,
                     after_step=None, any_rank=lambda flag: flag, max_nonfinite: int = 10,
-                    input_size: int = 224, amp_dtype: torch.dtype | None = None, scaler=None, augment=None) -> dict:
+                    input_size: int = 224, amp_dtype: torch.dtype | None = None, scaler=None, augment=None,
+                    mix: BatchMix | None = None) -> dict:
     """One pass over this process's shard. Each optimizer step takes `accum_steps` micro-batches; under
     DDP, gradients are all-reduced only on the last of them (no_sync on the others), which gives the
     same step as one batch of all the images. Returns this process's sums and counts, continuing `sums`
@@ -83,7 +85,8 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
 
     A step whose loss is not finite on any rank (`any_rank` agrees on it) is skipped by all and counted;
     `max_nonfinite` of them in a row raise NonFiniteLoss, with the weights still those of the last good
-    step."""
+    step. With `mix` (mixup, CutMix) each micro-batch is mixed with itself in another order and the loss
+    weighs both labels; the training top-1 counts the label with the larger weight."""
     model.train()
     steps = len(loader) // accum_steps
     sums = dict(sums or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0, "skipped": 0, "bad": 0})
@@ -110,18 +113,24 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                 blank = True
             else:
                 blank = False
+            partner, lam = target, 1.0
+            if mix is not None and not blank:
+                images, perm, lam = mix(images, global_step, micro)
+                partner = target[perm]
             last_micro = micro == accum_steps - 1
             with nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
                 with autocast(device, amp_dtype):
                     logits = model(images)
                 loss = criterion(logits.float(), target) * (0.0 if blank else 1.0)
+                if lam < 1.0:
+                    loss = lam * loss + (1.0 - lam) * criterion(logits.float(), partner)
                 scaled = loss / accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if blank:
                 continue
             n = target.numel()
             step_loss += loss.item() * n
-            step_correct += topk_correct(logits.detach(), target, ks=(1,))[0]
+            step_correct += topk_correct(logits.detach(), target if lam >= 0.5 else partner, ks=(1,))[0]
             step_seen += n
         if any_rank(not math.isfinite(step_loss)):
             optimizer.zero_grad(set_to_none=True)  # skipped by every rank: the weights stay as they are
@@ -313,6 +322,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with a gradient scaler"}[amp_dtype]
     schedule = Schedule(cfg, steps_per_epoch, peak_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mix = BatchMix(cfg.mixup, cfg.cutmix, cfg.seed, rank) if cfg.mixup or cfg.cutmix else None
 
     start_epoch, skip_steps, partial, global_step, best_acc1, resumed = 0, 0, None, 0, -1.0, ""
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
@@ -425,7 +435,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                     channels_last=cfg.channels_last, progress=progress,
                                     sums=partial if skip else None, after_step=after_step,
                                     any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop,
-                                    amp_dtype=amp_dtype, scaler=scaler, augment=train_augment)
+                                    amp_dtype=amp_dtype, scaler=scaler, augment=train_augment, mix=mix)
             except NonFiniteLoss as e:
                 save(epoch, (global_step - epoch_start_step) + skip, None, last)
                 raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "
