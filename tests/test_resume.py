@@ -129,6 +129,17 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, exact):
 
 
 @pytest.mark.slow
+def test_resume_inside_an_epoch_mixes_the_same(exact):
+    """Mixup and CutMix draw from (seed, rank, step): resumed inside an epoch, the run mixes as it would
+    have and ends with the same weights."""
+    mixing = ["--epochs", "2", "--checkpoint-every", "2", "--mixup", "0.4", "--cutmix", "1"]
+    out = exact["root"] / "mixed-straight"
+    run_cli("train", "--data", exact["data"], "--out", out, *RESUME, *mixing)
+    w, _ = resume_from(exact, out / "checkpoints" / "step-000000008.pt", "mixed-resumed", *mixing)
+    assert max_diff(w, final_weights(out)) == 0.0
+
+
+@pytest.mark.slow
 def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path):
     flags = [*RESUME, "--epochs", "12", "--data", exact["data"]]
     reference = tmp_path / "reference"
