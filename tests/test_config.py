@@ -39,6 +39,8 @@ def test_yaml_then_flags(tmp_path):
     ({"device": "tpu"}, "--device: 'tpu' is not auto, cpu, cuda or cuda:N"),
     ({"warmup_epochs": "20", "epochs": "5"}, "--warmup-epochs"),
     ({"deterministic": "maybe"}, "--deterministic: 'maybe' is not true or false"),
+    ({"mixup": "-0.2"}, "--mixup: must be 0 (off) or a positive number"),
+    ({"cutmix": "inf"}, "--cutmix: must be 0 (off) or a positive number"),
 ])
 def test_invalid_values_name_the_setting(flags, message):
     with pytest.raises(ConfigError) as e:

@@ -28,6 +28,7 @@ def test_mixup_blends_each_image_with_a_partner():
     other = [BatchMix(0.4, 0.0, seed=3)(x, step=8)[2], BatchMix(0.4, 0.0, seed=3, rank=1)(x, step=7)[2],
              BatchMix(0.4, 0.0, seed=3)(x, step=7, micro=1)[2]]
     assert all(v != lam for v in other)
+    assert 0 < BatchMix(0.4, 0.0, seed=-5)(x, step=7)[2] < 1  # a negative --seed is a seed like any other
 
 
 def test_cutmix_pastes_one_box_whose_area_gives_lam():

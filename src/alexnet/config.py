@@ -8,6 +8,7 @@ setting and what is allowed. The resolved config is saved in every run folder an
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,8 +296,8 @@ def validate_train(cfg: TrainConfig) -> None:
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "needs a positive --momentum")
     need(cfg.weight_decay >= 0, "weight-decay", "must be 0 or more")
     need(0 <= cfg.label_smoothing < 1, "label-smoothing", "must be in [0, 1)")
-    need(cfg.mixup >= 0, "mixup", "must be 0 (off) or positive")
-    need(cfg.cutmix >= 0, "cutmix", "must be 0 (off) or positive")
+    need(math.isfinite(cfg.mixup) and cfg.mixup >= 0, "mixup", "must be 0 (off) or a positive number")
+    need(math.isfinite(cfg.cutmix) and cfg.cutmix >= 0, "cutmix", "must be 0 (off) or a positive number")
     need(cfg.step_size >= 1, "step-size", "must be at least 1")
     need(0 < cfg.gamma <= 1, "gamma", "must be in (0, 1]")
     need(cfg.patience >= 0, "patience", "must be 0 or more")

@@ -20,7 +20,7 @@ class BatchMix:
 
     def __call__(self, images: torch.Tensor, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(mixed images, the partners' positions in the batch, lam) for this step's micro-batch."""
-        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        rng = np.random.default_rng([self.seed % 2**64, self.rank, step, micro])  # (any --seed, negative too)
         cut = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < 0.5)
         alpha = self.cutmix if cut else self.mixup
         lam = float(rng.beta(alpha, alpha))
