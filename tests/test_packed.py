@@ -299,7 +299,11 @@ def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
     """--data-on-device yes where it cannot be done is a clear error; auto on a CPU holds nothing."""
     code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64", "--epochs", "1",
                        "--device", "cpu", "--data-on-device", "yes", "--out", tmp_path / "r")
-    assert code == 2 and "--data-on-device yes needs a CUDA device" in err
+    assert code == 2 and "--data-on-device: yes needs a CUDA device" in err
+    code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64", "--epochs", "1",
+                       "--random-resized-crop", "--data-on-device", "yes", "--out", tmp_path / "r")
+    assert code == 2 and "--data-on-device: yes needs the batch path" in err
+    assert not (tmp_path / "r").exists()  # refused before any work
     per_image = train_transform(TrainConfig(resize="72", crop=64, random_resized_crop=True))
     splits = [packed.PackedSplit(packed_shapes, "train", per_image, 0)]  # no batch path
     with pytest.raises(packed.DataError, match="needs the batch path, which rotation and --random-resized-crop"):
