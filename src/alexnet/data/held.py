@@ -17,16 +17,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# (pixels file, its size and time, device) -> the file's pixels on that device, (pixels, 3) uint8
-_HELD: dict[tuple, torch.Tensor] = {}
+# (pixels file, device) -> the file's pixels on that device, (pixels, 3) uint8; emptied by release() at the
+# end of every training run and bench, so a pack rebuilt at the same path is never served stale
+_HELD: dict[tuple[str, str], torch.Tensor] = {}
 CHUNK = 1 << 28  # bytes copied at a time: the host never holds more than this of a split
 
 
-def _key(pixels_file, device: torch.device) -> tuple:
-    stat = Path(pixels_file).stat()
+def _key(pixels_file, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return str(pixels_file), stat.st_size, stat.st_mtime_ns, str(device)
+    return str(pixels_file), str(device)
 
 
 def hold(pixels_file: Path, device: torch.device) -> None:
