@@ -120,10 +120,10 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             last_micro = micro == accum_steps - 1
             with nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync():
                 with autocast(device, amp_dtype):
-                    logits = model(images)
-                loss = criterion(logits.float(), target) * (0.0 if blank else 1.0)
+                    logits = model(images).float()
+                loss = criterion(logits, target) * (0.0 if blank else 1.0)
                 if lam < 1.0:
-                    loss = lam * loss + (1.0 - lam) * criterion(logits.float(), partner)
+                    loss = lam * loss + (1.0 - lam) * criterion(logits, partner)
                 scaled = loss / accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if blank:
