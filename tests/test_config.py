@@ -41,6 +41,7 @@ def test_yaml_then_flags(tmp_path):
     ({"deterministic": "maybe"}, "--deterministic: 'maybe' is not true or false"),
     ({"mixup": "-0.2"}, "--mixup: must be 0 (off) or a positive number"),
     ({"cutmix": "inf"}, "--cutmix: must be 0 (off) or a positive number"),
+    ({"clip_grad_norm": "-1"}, "--clip-grad-norm: must be 0 (off) or a positive number"),
 ])
 def test_invalid_values_name_the_setting(flags, message):
     with pytest.raises(ConfigError) as e:

@@ -86,6 +86,8 @@ class TrainConfig:
     nesterov: bool = opt(False, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    clip_grad_norm: float = opt(0.0, "scale the gradients down when their global L2 norm exceeds this (0: off); "
+                                     "guards a high learning rate against loss spikes")
     mixup: float = opt(0.0, "mixup: each training batch blended with itself in another order, the weight drawn "
                             "from Beta(a, a) (0: off; 0.2 is common)")
     cutmix: float = opt(0.0, "CutMix: a box of another image of the batch pasted into each one, its area drawn "
@@ -296,6 +298,8 @@ def validate_train(cfg: TrainConfig) -> None:
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "needs a positive --momentum")
     need(cfg.weight_decay >= 0, "weight-decay", "must be 0 or more")
     need(0 <= cfg.label_smoothing < 1, "label-smoothing", "must be in [0, 1)")
+    need(math.isfinite(cfg.clip_grad_norm) and cfg.clip_grad_norm >= 0, "clip-grad-norm",
+         "must be 0 (off) or a positive number")
     need(math.isfinite(cfg.mixup) and cfg.mixup >= 0, "mixup", "must be 0 (off) or a positive number")
     need(math.isfinite(cfg.cutmix) and cfg.cutmix >= 0, "cutmix", "must be 0 (off) or a positive number")
     need(cfg.step_size >= 1, "step-size", "must be at least 1")

@@ -76,7 +76,7 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                     accum_steps: int, channels_last: bool, progress: Progress, sums: dict | None = None,
                     after_step=None, any_rank=lambda flag: flag, max_nonfinite: int = 10,
                     input_size: int = 224, amp_dtype: torch.dtype | None = None, scaler=None, augment=None,
-                    mix: BatchMix | None = None) -> dict:
+                    mix: BatchMix | None = None, clip_grad_norm: float = 0.0) -> dict:
     """One pass over this process's shard. Each optimizer step takes `accum_steps` micro-batches; under
     DDP, gradients are all-reduced only on the last of them (no_sync on the others), which gives the
     same step as one batch of all the images. Returns this process's sums and counts, continuing `sums`
@@ -86,7 +86,8 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
     A step whose loss is not finite on any rank (`any_rank` agrees on it) is skipped by all and counted;
     `max_nonfinite` of them in a row raise NonFiniteLoss, with the weights still those of the last good
     step. With `mix` (mixup, CutMix) each micro-batch is mixed with itself in another order and the loss
-    weighs both labels; the training top-1 counts the label with the larger weight."""
+    weighs both labels; the training top-1 counts the label with the larger weight. With `clip_grad_norm`
+    the gradients (all-reduced, unscaled) are scaled down to that global norm when it is exceeded."""
     model.train()
     steps = len(loader) // accum_steps
     sums = dict(sums or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0, "skipped": 0, "bad": 0})
@@ -139,6 +140,9 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                 raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row (up to global step "
                                     f"{global_step + 1}); the weights are those of the last finite step")
         elif scaler is not None:
+            if clip_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                clip_gradients(optimizer, clip_grad_norm)
             scale = scaler.get_scale()
             scaler.step(optimizer)  # skips the update when the scaled gradients overflowed, and lowers the scale
             scaler.update()
@@ -150,6 +154,8 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             else:
                 loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
         else:
+            if clip_grad_norm:
+                clip_gradients(optimizer, clip_grad_norm)
             optimizer.step()
             loss_sum, correct, seen, in_a_row = loss_sum + step_loss, correct + step_correct, seen + step_seen, 0
         global_step += 1
@@ -162,6 +168,12 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             break
     progress.close()
     return {**sums, "seconds": time.perf_counter() - start, "global_step": global_step, "stopped": stopped}
+
+
+def clip_gradients(optimizer, max_norm: float) -> None:
+    """Scale all gradients by one factor so that their global L2 norm is at most `max_norm`."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def batch_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -435,7 +447,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                                     channels_last=cfg.channels_last, progress=progress,
                                     sums=partial if skip else None, after_step=after_step,
                                     any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop,
-                                    amp_dtype=amp_dtype, scaler=scaler, augment=train_augment, mix=mix)
+                                    amp_dtype=amp_dtype, scaler=scaler, augment=train_augment, mix=mix,
+                                    clip_grad_norm=cfg.clip_grad_norm)
             except NonFiniteLoss as e:
                 save(epoch, (global_step - epoch_start_step) + skip, None, last)
                 raise NonFiniteLoss(f"{e}. Checkpoint saved: {ckpt_dir / 'last.pt'}. A lower --lr, a longer "

@@ -1,0 +1,46 @@
+"""Pieces of the training step (train.train_one_epoch): gradient clipping."""
+
+import pytest
+import torch
+
+from alexnet.config import TrainConfig
+from alexnet.progress import Progress
+from alexnet.train import Schedule, train_one_epoch
+
+from conftest import TINY, run_cli, shas
+
+
+def one_step(clip: float, scaler=None) -> float:
+    """The L2 norm of the change of the weights over one plain SGD step (lr 1, no momentum, no decay)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 10
+    t = torch.arange(16) % 4
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
+    train_one_epoch(model, [(x, t, 0)], torch.optim.SGD(model.parameters(), lr=1.0), Schedule(cfg, 1, 1.0),
+                    torch.nn.CrossEntropyLoss(), torch.device("cpu"), global_step=0, accum_steps=1,
+                    channels_last=False, progress=Progress(1, "t", enabled=False), scaler=scaler,
+                    clip_grad_norm=clip)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return float((after - before).norm())
+
+
+def test_clipping_bounds_the_global_gradient_norm():
+    unclipped = one_step(0.0)
+    assert unclipped > 1.0  # the control: without clipping this step is long
+    assert one_step(0.25) == pytest.approx(0.25, rel=1e-4)
+    assert one_step(100.0) == pytest.approx(unclipped, rel=1e-6)  # under the bound: untouched
+
+
+def test_clipping_under_a_gradient_scaler_clips_the_unscaled_gradients():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert one_step(0.25, scaler) == pytest.approx(0.25, rel=1e-4)
+
+
+def test_training_with_clipping_is_reproducible_and_changes_the_run(tiny_data, tmp_path):
+    runs = []
+    for name, extra in [("a", ["--clip-grad-norm", "0.01"]), ("b", ["--clip-grad-norm", "0.01"]), ("plain", [])]:
+        p = run_cli("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
+        runs.append(shas(p.stdout)[0])
+    assert runs[0] == runs[1] != runs[2]
