@@ -129,6 +129,17 @@ def test_accumulation_equals_the_larger_batch(exact, one_process):
 
 
 @pytest.mark.slow
+def test_clipping_sees_the_global_gradient_on_every_process(exact, one_process):
+    """--clip-grad-norm clips the all-reduced gradient: two processes equal one with the global batch."""
+    w1, _ = train_run(exact, "clip1", "--batch-size", "8", "--clip-grad-norm", "0.05")
+    assert max_diff(w1, one_process) > 100 * tolerance(exact, one_process)  # the clipping was active
+    w2, p = train_run(exact, "clip2", "--batch-size", "4", "--nproc-per-node", "2", "--clip-grad-norm", "0.05")
+    assert max_diff(w2, w1) <= tolerance(exact, w1)
+    ranks = shas(p.stdout)
+    assert ranks[0] == ranks[1]
+
+
+@pytest.mark.slow
 def test_runs_unchanged_under_torchrun(exact, two_processes):
     out = exact["root"] / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "alexnet",
