@@ -140,6 +140,17 @@ def test_clipping_sees_the_global_gradient_on_every_process(exact, one_process):
 
 
 @pytest.mark.slow
+def test_batchnorm_statistics_end_the_same_on_every_process(exact):
+    """--train-bn on two processes: each normalises its own half-batch and updates its own running statistics
+    after DDP broadcast rank 0's; they are averaged at each epoch's end, so every rank ends with the same
+    weights and statistics, and the saved model is the plain architecture."""
+    w, p = train_run(exact, "bn2", "--batch-size", "4", "--nproc-per-node", "2", "--train-bn")
+    ranks = shas(p.stdout)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    assert list(w) == list(exact["w0"])
+
+
+@pytest.mark.slow
 def test_runs_unchanged_under_torchrun(exact, two_processes):
     out = exact["root"] / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "alexnet",

@@ -3,7 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-from alexnet.models import AlexNet, AlexNet2012, PaperLRN, create_model, load_pretrained
+from alexnet.models import (AlexNet, AlexNet2012, ConvBN, PaperLRN, add_batchnorm, create_model, folded_state_dict,
+                            load_pretrained)
 
 
 def n_params(m: nn.Module) -> int:
@@ -80,6 +81,39 @@ def test_fine_tuning_replaces_the_head_and_keeps_the_rest():
 def test_weights_of_another_architecture_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         load_pretrained(AlexNet2012(num_classes=10), torchvision.models.alexnet(weights=None).state_dict())
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "alexnet2012"])
+def test_folded_batchnorm_gives_the_plain_model_that_computes_the_same(arch):
+    torch.manual_seed(0)
+    model = add_batchnorm(create_model(arch, num_classes=5, dropout=0.0, fc_width=32, init="fan-in"))
+    bns = [m.bn for m in model.features if isinstance(m, ConvBN)]
+    assert len(bns) == 5
+    for bn in bns:  # statistics and affine maps far from the identity, so that folding has work to do
+        nn.init.uniform_(bn.weight, 0.5, 2.0)
+        nn.init.normal_(bn.bias, 0.0, 0.5)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(3 * torch.randn(8, 3, 80, 80) + 1)
+    model.eval()
+    plain = create_model(arch, num_classes=5, dropout=0.0, fc_width=32).eval()
+    plain.load_state_dict(folded_state_dict(model.state_dict()), strict=True)
+    x = torch.randn(4, 3, 80, 80)
+    with torch.no_grad():
+        expected, got = model(x), plain(x)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        # the control: the convolutions' own weights, without the BatchNorms, compute something else
+        unfolded = {k.replace(".conv.", "."): v for k, v in model.state_dict().items() if ".bn." not in k}
+        plain.load_state_dict(unfolded)
+        assert not torch.allclose(plain(x), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+def test_folded_batchnorm_weights_have_torchvisions_keys_and_shapes():
+    folded = folded_state_dict(add_batchnorm(AlexNet(num_classes=1000)).state_dict())
+    tv = torchvision.models.alexnet(weights=None).state_dict()
+    assert list(folded) == list(tv)
+    assert all(folded[k].shape == tv[k].shape for k in tv)
 
 
 def lrn_direct(a: torch.Tensor, n=5, k=2.0, alpha=1e-4, beta=0.75) -> torch.Tensor:

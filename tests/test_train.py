@@ -1,13 +1,19 @@
-"""Pieces of the training step (train.train_one_epoch): gradient clipping."""
+"""Pieces of the training step (train.train_one_epoch): gradient clipping; training with BatchNorm folded
+at the end (--train-bn)."""
+
+import json
+import shutil
 
 import pytest
 import torch
 
+from alexnet import checkpoint
 from alexnet.config import TrainConfig
+from alexnet.models import create_model
 from alexnet.progress import Progress
 from alexnet.train import Schedule, train_one_epoch
 
-from conftest import TINY, run_cli, shas
+from conftest import TINY, max_diff, run_cli, shas
 
 
 def one_step(clip: float, scaler=None) -> float:
@@ -44,3 +50,33 @@ def test_training_with_clipping_is_reproducible_and_changes_the_run(tiny_data, t
         p = run_cli("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
         runs.append(shas(p.stdout)[0])
     assert runs[0] == runs[1] != runs[2]
+
+
+@pytest.mark.slow
+def test_train_bn_saves_the_plain_model_that_evaluates_as_trained_and_resumes_exactly(tiny_data, tmp_path):
+    flags = [*TINY, "--deterministic", "--epochs", "2", "--lr", "0.05", "--train-bn", "--checkpoint-every", "2",
+             "--keep-last", "10"]
+    straight = tmp_path / "straight"
+    p = run_cli("train", "--data", tiny_data, "--out", straight, *flags)
+    assert "alexnet with BatchNorm while training" in p.stdout
+    state = checkpoint.load_run(straight / "checkpoints" / "last.pt")
+    plain = create_model("alexnet", 3, fc_width=32)
+    plain.load_state_dict(state["model"], strict=True)  # the plain architecture's keys and shapes
+    stats = [v for k, v in state["model_with_bn"].items() if k.endswith(".bn.running_var")]
+    assert len(stats) == 5 and all(not torch.allclose(v, torch.ones_like(v)) for v in stats)  # they learnt
+
+    # `alexnet eval` of the folded weights gives what the run's own validation measured with BatchNorm
+    last = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
+    e = json.loads(run_cli("eval", "--checkpoint", straight / "checkpoints" / "last.pt", "--workers", "0",
+                           "--json").stdout.splitlines()[-1])
+    assert e["acc1"] == last["val_acc1"]
+    assert e["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+
+    # resumed inside the second epoch (24 images in batches of 8: 3 steps an epoch; step 4 is its first)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step-000000004.pt", resumed / "checkpoints")
+    run_cli("train", "--data", tiny_data, "--out", resumed, *flags, "--resume", "auto")
+    again = checkpoint.load_run(resumed / "checkpoints" / "last.pt")
+    assert max_diff(again["model_with_bn"], state["model_with_bn"]) == 0.0
+    assert max_diff(again["model"], state["model"]) == 0.0

@@ -59,6 +59,9 @@ class TrainConfig:
     init: str = opt("auto", "weight initialisation: auto (fan-out for alexnet, paper for alexnet2012), fan-out, "
                     "fan-in, pytorch or paper", ("auto",) + INIT_SCHEMES)
     dropout: float = opt(0.5, "dropout probability before the hidden fully connected layers")
+    train_bn: bool = opt(False, "train with a BatchNorm after each convolution, folded into the convolutions "
+                                "in every saved model: what is saved, evaluated and exported is the plain "
+                                "architecture, with its keys")
     weights: str | None = opt(None, "start from these weights: a checkpoint of ours or a torchvision AlexNet state_dict file")
     # augmentation
     resize: str = opt("256", "resize: N for the shorter side to N (keeping the aspect ratio), or WxH for exactly that size")

@@ -235,12 +235,23 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def average_buffers(model: nn.Module) -> None:
+    """Replace each floating-point buffer of `model` (BatchNorm's running statistics) by its mean over all
+    processes. DDP only broadcasts rank 0's before each forward, so each rank's last update stays its own."""
+    if not active():
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer /= world_size()
+
+
 def weights_sha256(model: nn.Module) -> str:
     """SHA-256 of a model's state (names and bytes), to show that all ranks hold the same weights."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

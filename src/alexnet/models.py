@@ -145,6 +145,50 @@ def init_weights(model: nn.Module, scheme: str) -> None:
             nn.init.ones_(m.bias)
 
 
+BN_EPS = 1e-5
+
+
+class ConvBN(nn.Module):
+    """A convolution and a BatchNorm over its output channels: the training form of `add_batchnorm`."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(conv.out_channels, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def add_batchnorm(model: nn.Module) -> nn.Module:
+    """Follow every convolution of `model.features` by a BatchNorm, in place (a re-parametrisation for
+    training: `folded_state_dict` turns the result back into the plain model's weights). Returns `model`."""
+    for i, m in enumerate(model.features):
+        if isinstance(m, nn.Conv2d):
+            model.features[i] = ConvBN(m)
+    return model
+
+
+def folded_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of the plain model (no BatchNorm: its own keys and shapes) that computes in evaluation
+    what the model of `add_batchnorm` computes in evaluation, from that model's state dict: each
+    BatchNorm's running statistics and affine map folded into its convolution's weight and bias."""
+    convs = {k[:-len(".conv.weight")] for k in state if k.endswith(".conv.weight")}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        prefix = key.rsplit(".", 2)[0]
+        if prefix not in convs:
+            out[key] = value
+        elif key == f"{prefix}.conv.weight":
+            w, b = value.double(), state[f"{prefix}.conv.bias"].double()
+            gamma, beta = state[f"{prefix}.bn.weight"].double(), state[f"{prefix}.bn.bias"].double()
+            mean, var = state[f"{prefix}.bn.running_mean"].double(), state[f"{prefix}.bn.running_var"].double()
+            scale = gamma / torch.sqrt(var + BN_EPS)
+            out[f"{prefix}.weight"] = (w * scale.view(-1, 1, 1, 1)).to(value.dtype)
+            out[f"{prefix}.bias"] = ((b - mean) * scale + beta).to(value.dtype)
+    return out
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"alexnet": AlexNet, "alexnet2012": AlexNet2012}
 ARCHITECTURES = tuple(_REGISTRY)
 

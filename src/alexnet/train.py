@@ -21,7 +21,7 @@ from .data.batch import jpeg_on_gpu, on_device, to_device
 from .data.mix import BatchMix
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
-from .models import create_model, load_pretrained
+from .models import add_batchnorm, create_model, folded_state_dict, load_pretrained
 from .progress import Progress
 from .runtime import (autocast, configure, make_sgd, match_state_layouts, resolve_device, resolve_precision,
                       rng_state, seed_everything, set_rng_state)
@@ -317,6 +317,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         except ValueError as e:
             raise checkpoint.CheckpointError(f"--weights {cfg.weights}: {e}") from None
         say(f"weights from {cfg.weights}" + (f"; new head for {len(classes)} classes" if replaced else ""))
+    if cfg.train_bn:
+        add_batchnorm(model)
     if world > 1:
         torch.manual_seed(cfg.seed + 7919 * rank)  # each rank its own dropout draws
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
@@ -348,15 +350,15 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         if list(state["classes"]) != classes:
             raise checkpoint.CheckpointError(f"{source} was trained on other classes than {data_root}")
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(state.get("model_with_bn", state["model"]) if cfg.train_bn else state["model"])
             optimizer.load_state_dict(state["optimizer"])
             match_state_layouts(optimizer)
             for group in optimizer.param_groups:  # the implementation asked for now, not the saved one
                 group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
         except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(
-                f"--resume {source}: the checkpoint does not fit this model (was --arch or --fc-width "
-                f"changed?): {str(e).splitlines()[0]}") from None
+                f"--resume {source}: the checkpoint does not fit this model (was --arch, --fc-width or "
+                f"--train-bn changed?): {str(e).splitlines()[0]}") from None
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -383,7 +385,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if resumed:
         say(resumed)
     say(f"run folder {out}; {len(train_set)} train and {len(val_set)} val images in {len(classes)} classes "
-        f"from {data_root}{data_path(train_set, device)}; {cfg.arch} (fc width {cfg.fc_width}, "
+        f"from {data_root}{data_path(train_set, device)}; {cfg.arch}"
+        f"{' with BatchNorm while training' if cfg.train_bn else ''} (fc width {cfg.fc_width}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}, "
         f"{precision}{', channels_last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}")
     say(f"batch: {cfg.batch_size} per process x {world} process{'es' if world > 1 else ''} x "
@@ -396,7 +399,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums})
         if not main:
             return
-        state = {"format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
+        weights = model.state_dict()
+        state = {"format_version": checkpoint.FORMAT_VERSION,
+                 "model": folded_state_dict(weights) if cfg.train_bn else weights,
+                 **({"model_with_bn": weights} if cfg.train_bn else {}),
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                  "best_acc1": best_acc1, "torch_rng": torch.get_rng_state(), "ranks": ranks, "world_size": world, "device_type": device.type,
@@ -461,6 +467,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                 break
             loss_sum, correct, images, seconds, bad = distributed.sum_all(
                 [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
+            distributed.average_buffers(model)  # BatchNorm's statistics (--train-bn), the same on every rank
             final = epoch + 1 == cfg.epochs  # its validation also counts the confusion matrix, for the report
             v = evaluate(model, val_loader, device, cfg.channels_last,
                          confusion_classes=len(classes) if final else 0, amp_dtype=amp_dtype, augment=val_augment)
