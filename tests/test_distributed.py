@@ -16,7 +16,7 @@ import torch
 from alexnet import checkpoint, distributed, launch
 from alexnet.config import ConfigError
 from alexnet.data import EpochSampler
-from alexnet.models import create_model
+from alexnet.models import add_batchnorm, create_model
 from conftest import EXACT, final_weights, max_diff, run_cli, shas, tolerance, train_run, write_folder
 
 # --------------------------------------------------------------------------------------------- sharding
@@ -148,6 +148,10 @@ def test_batchnorm_statistics_end_the_same_on_every_process(exact):
     ranks = shas(p.stdout)
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
     assert list(w) == list(exact["w0"])
+    # what was saved is what the ranks ended with: averaged before the checkpoint, not after
+    saved = add_batchnorm(create_model("alexnet", 3, dropout=0.0, fc_width=32))
+    saved.load_state_dict(checkpoint.load_run(exact["root"] / "bn2" / "checkpoints" / "last.pt")["model_with_bn"])
+    assert distributed.weights_sha256(saved) == ranks[0]
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 
 from alexnet import checkpoint
 from alexnet.config import TrainConfig
-from alexnet.models import create_model
+from alexnet.models import add_batchnorm, create_model
 from alexnet.progress import Progress
 from alexnet.train import Schedule, train_one_epoch
 
@@ -50,6 +50,32 @@ def test_training_with_clipping_is_reproducible_and_changes_the_run(tiny_data, t
         p = run_cli("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
         runs.append(shas(p.stdout)[0])
     assert runs[0] == runs[1] != runs[2]
+
+
+def bn_steps(batches) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """BatchNorm's running statistics before and after `train_one_epoch` over `batches` (one step each)."""
+    torch.manual_seed(0)
+    model = add_batchnorm(create_model("alexnet", 4, dropout=0.0, fc_width=16))
+    before = [b.clone() for b in model.buffers() if b.is_floating_point()]
+    cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
+    out = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.01),
+                          Schedule(cfg, len(batches), 0.01), torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                          global_step=0, accum_steps=1, channels_last=False, input_size=64,
+                          progress=Progress(len(batches), "t", enabled=False))
+    return before, [b for b in model.buffers() if b.is_floating_point()], out
+
+
+def test_skipped_and_blank_steps_leave_the_batchnorm_statistics_as_they_were():
+    x, t = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.arange(4)
+    poisoned = x.clone()
+    poisoned[0, 0, 5, 5] = float("nan")
+    blank = (torch.empty(0), torch.zeros(0, dtype=torch.long), 4)  # every image of the batch unreadable
+    for batches, skipped in [([(poisoned, t, 0)], 1), ([blank], 0)]:
+        before, after, out = bn_steps(batches)
+        assert out["skipped"] == skipped
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    before, after, _ = bn_steps([(x, t, 0)])  # the control: a real step moves them
+    assert not any(torch.equal(a, b) for a, b in zip(before, after))
 
 
 @pytest.mark.slow

@@ -87,8 +87,10 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
     `max_nonfinite` of them in a row raise NonFiniteLoss, with the weights still those of the last good
     step. With `mix` (mixup, CutMix) each micro-batch is mixed with itself in another order and the loss
     weighs both labels; the training top-1 counts the label with the larger weight. With `clip_grad_norm`
-    the gradients (all-reduced, unscaled) are scaled down to that global norm when it is exceeded."""
+    the gradients (all-reduced, unscaled) are scaled down to that global norm when it is exceeded.
+    BatchNorm's running statistics (--train-bn) are left as they were by a skipped step and a blank batch."""
     model.train()
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
     steps = len(loader) // accum_steps
     sums = dict(sums or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0, "skipped": 0, "bad": 0})
     loss_sum, correct, seen, skipped = sums["loss_sum"], sums["correct"], sums["images"], sums.get("skipped", 0)
@@ -103,7 +105,9 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_correct, step_seen = 0.0, 0, 0
+        at_step_start = [b.clone() for b in buffers]
         for micro in range(accum_steps):
+            before = [b.clone() for b in buffers] if micro else at_step_start
             images, target, n_bad = on_device(next(batches), device, channels_last, augment)
             bad += n_bad
             if target.numel() == 0:
@@ -128,6 +132,7 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                 scaled = loss / accum_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             if blank:
+                restore(buffers, before)
                 continue
             n = target.numel()
             step_loss += loss.item() * n
@@ -135,6 +140,7 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             step_seen += n
         if any_rank(not math.isfinite(step_loss)):
             optimizer.zero_grad(set_to_none=True)  # skipped by every rank: the weights stay as they are
+            restore(buffers, at_step_start)  # and so do the statistics, which a non-finite batch would poison
             skipped, in_a_row = skipped + 1, in_a_row + 1
             if in_a_row >= max_nonfinite:
                 raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row (up to global step "
@@ -147,6 +153,7 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             scaler.step(optimizer)  # skips the update when the scaled gradients overflowed, and lowers the scale
             scaler.update()
             if scaler.get_scale() < scale:  # skipped by the scaler: counted like a non-finite loss
+                restore(buffers, at_step_start)
                 skipped, in_a_row = skipped + 1, in_a_row + 1
                 if in_a_row >= max_nonfinite:
                     raise NonFiniteLoss(f"the gradients were not finite for {in_a_row} steps in a row (up to global "
@@ -168,6 +175,12 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
             break
     progress.close()
     return {**sums, "seconds": time.perf_counter() - start, "global_step": global_step, "stopped": stopped}
+
+
+def restore(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
 
 
 def clip_gradients(optimizer, max_norm: float) -> None:
