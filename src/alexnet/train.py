@@ -107,7 +107,6 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
         step_loss, step_correct, step_seen = 0.0, 0, 0
         at_step_start = [b.clone() for b in buffers]
         for micro in range(accum_steps):
-            before = [b.clone() for b in buffers] if micro else at_step_start
             images, target, n_bad = on_device(next(batches), device, channels_last, augment)
             bad += n_bad
             if target.numel() == 0:
@@ -115,7 +114,7 @@ def train_one_epoch(model, loader, optimizer, schedule: Schedule, criterion, dev
                 # this rank in step with the others (DDP all-reduces on every rank at every step).
                 images = to_device(torch.zeros(1, 3, input_size, input_size), device, channels_last)
                 target = torch.zeros(1, dtype=torch.long, device=device)
-                blank = True
+                blank, before = True, [b.clone() for b in buffers]
             else:
                 blank = False
             partner, lam = target, 1.0
