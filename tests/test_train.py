@@ -16,6 +16,14 @@ from alexnet.train import Schedule, train_one_epoch
 from conftest import TINY, max_diff, run_cli, shas
 
 
+def epoch(model, batches, lr: float, **kw) -> dict:
+    """`train_one_epoch` over `batches` (a step each) with plain SGD at a constant `lr`, on the CPU."""
+    cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
+    return train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=lr), Schedule(cfg, len(batches), lr),
+                           torch.nn.CrossEntropyLoss(), torch.device("cpu"), global_step=0, accum_steps=1,
+                           channels_last=False, progress=Progress(len(batches), "t", enabled=False), **kw)
+
+
 def one_step(clip: float, scaler=None) -> float:
     """The L2 norm of the change of the weights over one plain SGD step (lr 1, no momentum, no decay)."""
     torch.manual_seed(0)
@@ -23,11 +31,7 @@ def one_step(clip: float, scaler=None) -> float:
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 10
     t = torch.arange(16) % 4
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
-    train_one_epoch(model, [(x, t, 0)], torch.optim.SGD(model.parameters(), lr=1.0), Schedule(cfg, 1, 1.0),
-                    torch.nn.CrossEntropyLoss(), torch.device("cpu"), global_step=0, accum_steps=1,
-                    channels_last=False, progress=Progress(1, "t", enabled=False), scaler=scaler,
-                    clip_grad_norm=clip)
+    epoch(model, [(x, t, 0)], 1.0, scaler=scaler, clip_grad_norm=clip)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return float((after - before).norm())
 
@@ -57,11 +61,7 @@ def bn_steps(batches) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
     torch.manual_seed(0)
     model = add_batchnorm(create_model("alexnet", 4, dropout=0.0, fc_width=16))
     before = [b.clone() for b in model.buffers() if b.is_floating_point()]
-    cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
-    out = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.01),
-                          Schedule(cfg, len(batches), 0.01), torch.nn.CrossEntropyLoss(), torch.device("cpu"),
-                          global_step=0, accum_steps=1, channels_last=False, input_size=64,
-                          progress=Progress(len(batches), "t", enabled=False))
+    out = epoch(model, batches, 0.01, input_size=64)
     return before, [b for b in model.buffers() if b.is_floating_point()], out
 
 
