@@ -76,3 +76,33 @@ def test_training_from_packed_data_held_on_the_gpu(tiny_data, tmp_path):
         assert ("held in cuda" in p.stdout) == (mode == "yes") and (out / "checkpoints" / "last.pt").is_file()
         weights[mode] = shas(p.stdout)
     assert weights["yes"] == weights["no"] and weights["yes"]
+
+
+
+def test_train_bn_in_bf16_on_the_gpu_saves_the_folded_model_of_what_it_trained(tiny_data, tmp_path):
+    """--train-bn under bf16 autocast and channels_last on CUDA: the saved plain model's convolutions compute,
+    on the GPU, what the trained BatchNorm model's compute in evaluation, to bf16's rounding."""
+    from alexnet import checkpoint
+    from alexnet.models import add_batchnorm, create_model
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "alexnet", "train", "--data", str(tiny_data), "--out", str(out), *TINY,
+                        "--epochs", "2", "--lr", "0.05", "--train-bn", "--precision", "bf16"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "BatchNorm while training" in p.stdout and "bf16" in p.stdout and "on cuda" in p.stdout
+    state = checkpoint.load_run(out / "checkpoints" / "last.pt")
+    stats = [v for k, v in state["model_with_bn"].items() if k.endswith(".bn.running_var")]
+    assert len(stats) == 5 and all(not torch.allclose(v, torch.ones_like(v)) for v in stats)  # they learnt
+    cuda = torch.device("cuda")
+    with_bn = add_batchnorm(create_model("alexnet", 3, fc_width=32))
+    with_bn.load_state_dict(state["model_with_bn"])
+    plain = create_model("alexnet", 3, fc_width=32)
+    plain.load_state_dict(state["model"], strict=True)
+    x = torch.randn(4, 3, 64, 64, device=cuda).contiguous(memory_format=torch.channels_last)
+    feats = []
+    for m in (with_bn, plain):
+        m = m.to(cuda, memory_format=torch.channels_last).eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            feats.append(m.features(x).float())
+    rel = ((feats[0] - feats[1]).norm() / feats[0].norm()).item()
+    assert feats[0].norm() > 0 and rel < 3e-2, rel  # bf16 keeps 2 to 3 significant digits; a wrong fold is off by ~0.7
