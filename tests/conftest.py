@@ -76,6 +76,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def batchnorm_variances(state: dict) -> list[torch.Tensor]:
+    """The running variances of a --train-bn checkpoint's BatchNorms (`model_with_bn`), one per convolution."""
+    return [v for k, v in state["model_with_bn"].items() if k.endswith(".bn.running_var")]
+
+
 def shas(text: str) -> dict[int, str]:
     """rank -> SHA-256 of its final weights, from the log lines every rank writes."""
     return {int(r): h for h, r in re.findall(r"final weights sha256 ([0-9a-f]{64}) \(rank (\d+) of", text)}

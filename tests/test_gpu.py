@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, shas
+from conftest import TINY, batchnorm_variances, shas
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -78,7 +78,6 @@ def test_training_from_packed_data_held_on_the_gpu(tiny_data, tmp_path):
     assert weights["yes"] == weights["no"] and weights["yes"]
 
 
-
 def test_train_bn_in_bf16_on_the_gpu_saves_the_folded_model_of_what_it_trained(tiny_data, tmp_path):
     """--train-bn under bf16 autocast and channels_last on CUDA: the saved plain model's convolutions compute,
     on the GPU, what the trained BatchNorm model's compute in evaluation, to bf16's rounding."""
@@ -91,7 +90,7 @@ def test_train_bn_in_bf16_on_the_gpu_saves_the_folded_model_of_what_it_trained(t
     assert p.returncode == 0, p.stderr[-3000:]
     assert "BatchNorm while training" in p.stdout and "bf16" in p.stdout and "on cuda" in p.stdout
     state = checkpoint.load_run(out / "checkpoints" / "last.pt")
-    stats = [v for k, v in state["model_with_bn"].items() if k.endswith(".bn.running_var")]
+    stats = batchnorm_variances(state)
     assert len(stats) == 5 and all(not torch.allclose(v, torch.ones_like(v)) for v in stats)  # they learnt
     cuda = torch.device("cuda")
     with_bn = add_batchnorm(create_model("alexnet", 3, fc_width=32))

@@ -13,7 +13,7 @@ from alexnet.models import add_batchnorm, create_model
 from alexnet.progress import Progress
 from alexnet.train import Schedule, train_one_epoch
 
-from conftest import TINY, max_diff, run_cli, shas
+from conftest import TINY, batchnorm_variances, max_diff, run_cli, shas
 
 
 def epoch(model, batches, lr: float, **kw) -> dict:
@@ -88,7 +88,7 @@ def test_train_bn_saves_the_plain_model_that_evaluates_as_trained_and_resumes_ex
     state = checkpoint.load_run(straight / "checkpoints" / "last.pt")
     plain = create_model("alexnet", 3, fc_width=32)
     plain.load_state_dict(state["model"], strict=True)  # the plain architecture's keys and shapes
-    stats = [v for k, v in state["model_with_bn"].items() if k.endswith(".bn.running_var")]
+    stats = batchnorm_variances(state)
     assert len(stats) == 5 and all(not torch.allclose(v, torch.ones_like(v)) for v in stats)  # they learnt
 
     # `alexnet eval` of the folded weights gives what the run's own validation measured with BatchNorm
