@@ -61,6 +61,47 @@ def test_eval_prints_loss_top1_top5(trained, tiny_data, capsys):
     assert code == 0 and "top-1" in stdout and "top-5" in stdout
 
 
+def test_eval_at_another_resize_and_crop(trained, tiny_data, capsys, monkeypatch):
+    """--resize and --crop replace the run's own for this evaluation: the model gets inputs of the asked
+    size, the result says which, the run's values reproduce the default, and a crop that does not fit is
+    a clear error."""
+    import alexnet.evaluate
+    out, _ = trained  # trained at --resize 72 --crop 64
+    shapes, original = [], alexnet.evaluate.evaluate
+
+    def spy(model, loader, *args, **kwargs):
+        shapes.append(tuple(next(iter(loader))[0].shape[1:]))
+        return original(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(alexnet.evaluate, "evaluate", spy)
+
+    def evaluate(*args):
+        code, stdout, err = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data,
+                                "--json", "--workers", "0", *args)
+        assert code == 0, err
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    default, same, whole, smaller = (evaluate(), evaluate("--resize", "72", "--crop", "64"), evaluate("--crop", "72"),
+                                     evaluate("--resize", "64x64", "--crop", "64"))
+    assert shapes == [(3, 64, 64), (3, 64, 64), (3, 72, 72), (3, 64, 64)]
+    assert (default["resize"], default["crop"], whole["resize"], whole["crop"]) == ("72", 64, "72", 72)
+    assert (smaller["resize"], smaller["crop"]) == ("64x64", 64)
+    assert same == default
+    assert whole["loss"] != pytest.approx(default["loss"]) and smaller["loss"] != pytest.approx(default["loss"])
+    assert whole["count"] == smaller["count"] == default["count"] == 12
+    code, stdout, _ = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data,
+                          "--workers", "0", "--crop", "72")
+    assert code == 0 and "resize 72, crop 72" in stdout
+    for args, message in ((["--crop", "80"], "--crop: 80 is larger than the resized image (72); use a crop of at most 72"),
+                          (["--resize", "96", "--crop", "100"], "--crop: 100 is larger than the resized image (96)"),
+                          (["--crop", "32"], "--crop: 32 is below AlexNet's smallest input, 63"),
+                          (["--resize", "big"], "--resize: 'big' is not N or WxH"),
+                          (["--crop", "7.5"], "--crop")):
+        code, stdout, stderr = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data",
+                                   tiny_data, "--workers", "0", *args)
+        assert code == 2 and message in stderr and "Traceback" not in stderr and stdout == ""
+
+
 def test_predict_prints_top_classes(trained, tiny_data, capsys):
     out, _ = trained
     images = sorted((tiny_data / "val").rglob("*.jpg"))[:2]

@@ -247,6 +247,13 @@ def test_eval_on_packed_equals_eval_on_jpeg(shipped, tiny_data, tmp_path, capsys
     assert results[0]["count"] == results[1]["count"] == 12
     assert results[0]["correct1"] == results[1]["correct1"]
     assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
+    # another crop of the stored size is fine; another resize needs another pack, and says so
+    code, stdout, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "p", "--json", "--workers", "0",
+                            "--crop", "72")
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["crop"] == 72, err
+    code, _, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "p", "--workers", "0",
+                       "--resize", "80", "--crop", "72")
+    assert code == 2 and "was packed at --resize 72, not 80" in err and "alexnet data pack" in err
 
 
 @pytest.mark.parametrize("workers,device", [(0, "cpu"), (2, "cpu"),

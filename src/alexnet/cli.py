@@ -22,7 +22,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
             continue
         name = "--" + f.name.replace("_", "-")
         shown = ",".join(str(v) for v in default) if isinstance(default, list) else default
-        help_text = f"{meta['help']} (default: {shown})"
+        help_text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {shown})"
         kw = {"default": argparse.SUPPRESS} if suppress else {"default": default}
         if isinstance(default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text, **kw)

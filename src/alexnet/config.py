@@ -169,6 +169,9 @@ class EvalConfig:
     json: bool = opt(False, "print the metrics as JSON")
     tta: str = opt("none", "test-time augmentation: none (centre crop), flip (and its mirror) or 10crop (the four "
                            "corners and the centre, and their mirrors), softmax outputs averaged", TTA_MODES)
+    resize: str | None = opt(None, "resize before the centre crop: N (shorter side) or WxH; default: the run's "
+                                   "(a packed dataset holds images at one size: pack another for another resize)")
+    crop: int | None = opt(None, "centre crop size (with --tta, the size of every view); default: the run's")
     confusion: str | None = opt(None, "also draw the confusion matrix, with class names, to this PNG file")
     backend: str = opt("auto", "process-group backend when launched on several processes: auto, nccl or gloo",
                        ("auto", "nccl", "gloo"))
@@ -210,6 +213,10 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = type(default) if default is not None else None
     if f.type in ("str | None",) or (default is None and f.type.startswith("str")):
         return None if value is None else str(value)
+    if f.type == "int | None":  # unset: taken from elsewhere (the checkpoint's run)
+        if value is None:
+            return None
+        kind = int
     if value is None:
         raise ConfigError(f"{name}: a value is required")
     try:
@@ -260,6 +267,16 @@ def parse_resize(text: str) -> tuple[int, int] | int:
     return (h, w)
 
 
+def check_crop(resize: str, crop: int) -> None:
+    """A crop that AlexNet can take and that fits inside the resized image."""
+    size = parse_resize(resize)
+    smallest = min(size) if isinstance(size, tuple) else size
+    if crop < MIN_INPUT_SIZE:
+        raise ConfigError(f"--crop: {crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
+    if crop > smallest:
+        raise ConfigError(f"--crop: {crop} is larger than the resized image ({resize}); use a crop of at most {smallest}")
+
+
 def validate_train(cfg: TrainConfig) -> None:
     def need(ok: bool, setting: str, msg: str) -> None:
         if not ok:
@@ -269,13 +286,9 @@ def validate_train(cfg: TrainConfig) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             need(False, f.name.replace("_", "-"), f"{getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
-    size = parse_resize(cfg.resize)
-    smallest = min(size) if isinstance(size, tuple) else size
-    need(cfg.crop >= MIN_INPUT_SIZE, "crop", f"{cfg.crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
     # Evaluation always resizes then centre-crops, so the crop must fit the resize even with
     # --random-resized-crop.
-    need(cfg.crop <= smallest, "crop",
-         f"{cfg.crop} is larger than the resized image ({cfg.resize}); use a crop of at most {smallest}")
+    check_crop(cfg.resize, cfg.crop)
     need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")
     need(0 <= cfg.hflip <= 1, "hflip", "must be a probability in [0, 1]")
     for name in ("brightness", "contrast", "saturation"):
@@ -365,6 +378,10 @@ def _check_inference(cfg) -> None:
 
 def validate_eval(cfg: EvalConfig) -> None:
     _check_inference(cfg)
+    if cfg.resize is not None:
+        parse_resize(cfg.resize)
+    if cfg.crop is not None and cfg.crop < MIN_INPUT_SIZE:
+        raise ConfigError(f"--crop: {cfg.crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
     if cfg.workers < 0:
         raise ConfigError("--workers: must be 0 or more")
     if cfg.dist_timeout <= 0:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import EvalConfig
+from .config import EvalConfig, check_crop
 from .data import make_loader, eval_transform, ImageFolder, packed
 from .data.batch import BatchAugment, jpeg_on_gpu, on_device, supports
 from .data.synthetic import ensure_dataset
@@ -83,9 +83,12 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     if data is None:
         data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"],
                               log=log if distributed.is_main() else (lambda *a: None))
-    transform = eval_transform(tcfg["resize"], tcfg["crop"], tcfg["mean"], tcfg["std"], cfg.tta)
+    resize = cfg.resize if cfg.resize is not None else tcfg["resize"]
+    crop = cfg.crop if cfg.crop is not None else tcfg["crop"]
+    check_crop(resize, crop)
+    transform = eval_transform(resize, crop, tcfg["mean"], tcfg["std"], cfg.tta)
     if packed.is_packed(data):
-        packed.check_resize(data, tcfg["resize"])
+        packed.check_resize(data, resize)
         val = packed.PackedSplit(data, "val", transform, batch=BatchAugment(transform) if supports(transform) else None)
         if val.classes != list(state["classes"]):
             raise checkpoint.CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
@@ -108,11 +111,12 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
         title = f"{Path(cfg.checkpoint).name} on {data}/val: top-1 {metrics['acc1']:.2%} of {metrics['count']}"
         save(confusion_figure(metrics["confusion"], classes, title), cfg.confusion)
     if cfg.json:
-        json.dump(metrics, sys.stdout)
+        json.dump({**metrics, "resize": resize, "crop": crop, "tta": cfg.tta}, sys.stdout)
         print()
     else:
         views = {"none": "", "flip": ", 2 views each", "10crop": ", 10 views each"}[cfg.tta]
-        print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images{views}): loss {metrics['loss']:.4f}  "
+        print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images, resize {resize}, crop {crop}{views}): "
+              f"loss {metrics['loss']:.4f}  "
               f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}")
         if cfg.confusion:
             print(f"confusion matrix: {cfg.confusion}")
