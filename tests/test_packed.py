@@ -342,3 +342,20 @@ def test_data_on_device_auto_holds_what_takes_at_most_half_the_free_memory(packe
         packed.hold_on_device(splits, cuda, mode, said.append)
         assert [s.held for s in splits] == [holds, holds] and held_files == (["train.u8", "val.u8"] if holds else [])
         assert bool(said) == (mode == "auto" and not holds), said
+
+
+@pytest.mark.parametrize("crop", [72, 64])
+def test_crops_are_copies_of_the_memory_map(crop):
+    """A crop as wide as the stored image (evaluating the whole image) and a narrower one are both new,
+    writable tensors: nothing downstream can write into, or keep alive, the read-only memory map."""
+    import warnings
+    stored = np.arange(72 * 72 * 3, dtype=np.uint8).reshape(72, 72, 3)
+    stored.setflags(write=False)
+    batch = BatchAugment(eval_transform("72", crop, [0.5] * 3, [0.5] * 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        pixels, _ = batch.sample(stored, None)
+    start = (72 - crop) // 2
+    assert torch.equal(pixels, torch.from_numpy(stored[start:start + crop, start:start + crop].copy()))
+    pixels += 1
+    assert not np.shares_memory(pixels.numpy(), stored) and stored[start, start, 0] == (start * 72 + start) * 3 % 256

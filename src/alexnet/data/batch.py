@@ -69,7 +69,8 @@ class BatchAugment:
         crop = pixels[top:top + size, left:left + size]
         if params[FLIP]:  # mirrored while it is copied out anyway: no pass of its own
             crop = crop[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(crop)), params
+        # a copy always: a crop as wide as the image is a contiguous view of the read-only memory map
+        return torch.from_numpy(np.array(crop, order="C")), params
 
     def draw(self, h: int, w: int, g: torch.Generator | None) -> tuple[int, int, torch.Tensor]:
         """(top, left, parameters) of the crop of an h x w resized image."""
