@@ -267,11 +267,15 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
         assert [s.decode_on_device for s in splits] == [works and decode != "workers"] * 2, (decode, works)
     assert len(said) == 1 and "decoding them in the loader workers" in said[0]
     cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode="device", random_resized_crop=True)
-    with pytest.raises(DataError, match="needs the batch path"):
+    with pytest.raises(DataError, match="cannot rotate them, take random-resized crops"):
         train.datasets(cfg, str(tiny_data), cuda, said.append)
+    cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, random_resized_crop=True)  # auto
+    splits = train.datasets(cfg, str(tiny_data), cuda, said.append)
+    assert splits[0].batch is not None and not splits[0].decode_on_device  # resized in the workers
+    assert splits[1].batch is not None and splits[1].decode_on_device
     # evaluation chooses the same way: test-time views have no batch path
     val = ImageFolder(tiny_data, "val", eval_transform("72", 64, cfg.mean, cfg.std, "10crop"))
-    with pytest.raises(DataError, match="needs the batch path"):
+    with pytest.raises(DataError, match="or cut test-time views; use --jpeg-decode workers"):
         batch.jpeg_on_gpu([val], cuda, "device", said.append)
     val = ImageFolder(tiny_data, "val", eval_transform("72", 64, cfg.mean, cfg.std, "none"))
     batch.jpeg_on_gpu([val], cuda, "auto", said.append)

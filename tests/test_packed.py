@@ -106,6 +106,21 @@ def test_batch_colour_jitter_equal_per_image(packed_shapes):
     assert len(orders) > 1  # the order of the operations is drawn per image too
 
 
+def test_batch_random_resized_crop_equal_per_image(packed_shapes):
+    """Random-resized crops on the batch path: the loader resizes each drawn box with PIL as the per-image
+    transform does, so the crops, and with flips, jitter and PCA lighting the whole batch, are the same."""
+    cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True, rrc_min_scale=0.2, hflip=0.5,
+                      brightness=0.4, saturation=0.4, pca_lighting=0.1)
+    check_same_draws(cfg, packed_shapes, atol=1e-5)
+    aug = BatchAugment(train_transform(cfg))
+    assert not aug.window
+    with pytest.raises(ValueError, match="not a window"):
+        aug.draw(72, 72, sample_generator(0, 0, 0))
+    # the boxes vary in size and place, and are resized: not windows of the stored 72-px images
+    boxes = {aug._draw(72, 80, sample_generator(3, 0, i))[0] for i in range(50)}
+    assert len({(r - l, b - t) for l, t, r, b in boxes}) > 10 and all(r <= 80 and b <= 72 for l, t, r, b in boxes)
+
+
 def test_jitter_arithmetic_equals_pil_on_edge_colours():
     """Greys, black, white, saturated and random colours, factors over their whole ranges."""
     import torchvision.transforms.functional as F
@@ -181,6 +196,27 @@ def test_training_from_packed_equals_training_from_jpeg(exact, one_process, tmp_
     assert max_diff(w, exact["w0"]) > 0
 
 
+def test_random_resized_crop_training_on_the_batch_path_equals_per_image(exact, tmp_path, capsys, monkeypatch):
+    """Training with --random-resized-crop from packed data takes the batch path and ends with the weights
+    of the same run through the per-image transforms."""
+    code, _, err = cli(capsys, "data", "pack", exact["data"], tmp_path / "packed", "--resize", "72", "--workers", "1")
+    assert code == 0, err
+    args = ["train", "--data", tmp_path / "packed", "--weights", exact["root"] / "w0.pt", *EXACT, "--batch-size", "8",
+            "--random-resized-crop", "--rrc-min-scale", "0.3", "--hflip", "0.5"]
+    sampled, sample = [], BatchAugment.sample
+    monkeypatch.setattr(BatchAugment, "sample", lambda self, *a: sampled.append(self.window) or sample(self, *a))
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "batch")
+    assert code == 0, err
+    assert len(sampled) > 0 and False in sampled  # the training images were cut on the batch path
+    monkeypatch.setattr(packed, "supports", lambda transform: False)
+    sampled.clear()
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "per-image")
+    assert code == 0 and sampled == [], err
+    batch, per_image = final_weights(tmp_path / "batch"), final_weights(tmp_path / "per-image")
+    assert max_diff(batch, per_image) <= 1e-5 * max_diff(per_image, exact["w0"])
+    assert max_diff(batch, exact["w0"]) > 0
+
+
 def test_concurrent_packers_one_writer(tmp_path):
     src = write_folder(tmp_path / "src", classes=2, train_per_class=4, val_per_class=2, size=72)
     procs = [subprocess.Popen([sys.executable, "-m", "alexnet", "data", "pack", str(src), str(tmp_path / "p"),
@@ -212,14 +248,16 @@ def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
         (packed_shapes / "COMPLETE.x").rename(packed_shapes / "COMPLETE")
 
 
-def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path):
+@pytest.mark.parametrize("rrc", [False, True])
+def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path, rrc):
     """On a GPU with --jpeg-decode workers the JPEG path decodes and resizes in the workers and sends uint8
     crops with their draws; run here on the CPU, that flow gives the per-image loader's batches,
-    unreadable files counted alike."""
+    unreadable files counted alike; random-resized crops of the originals too."""
     from alexnet.data import ImageFolder, make_loader
     from alexnet.data.batch import to_device
     src = odd_folder(tmp_path / "src")
-    cfg = TrainConfig(resize="40", crop=36, hflip=0.5, brightness=0.3, saturation=0.3)
+    cfg = TrainConfig(resize="40", crop=36, hflip=0.5, brightness=0.3, saturation=0.3, random_resized_crop=rrc,
+                      rrc_min_scale=0.2)
     transform = train_transform(cfg)
     per_image = ImageFolder(src, "train", transform, seed=1)
     on_batches = ImageFolder(src, "train", transform, seed=1)
@@ -309,12 +347,16 @@ def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
     assert code == 2 and "--data-on-device: yes needs a CUDA device" in err
     code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64", "--epochs", "1",
                        "--random-resized-crop", "--data-on-device", "yes", "--out", tmp_path / "r")
-    assert code == 2 and "--data-on-device: yes needs the batch path" in err
+    assert code == 2 and "--data-on-device: yes crops the held images on the GPU, which cannot rotate" in err
     assert not (tmp_path / "r").exists()  # refused before any work
-    per_image = train_transform(TrainConfig(resize="72", crop=64, random_resized_crop=True))
-    splits = [packed.PackedSplit(packed_shapes, "train", per_image, 0)]  # no batch path
-    with pytest.raises(packed.DataError, match="needs the batch path, which rotation and --random-resized-crop"):
-        packed.hold_on_device(splits, torch.device("cuda"), "yes", print)
+    cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True)
+    eval_tf = eval_transform("72", 64, cfg.mean, cfg.std)
+    rrc = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0)  # the batch path, not windows
+    per_image = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0, batch_on=False)
+    for splits in (rrc, per_image):
+        with pytest.raises(packed.DataError, match="yes crops the held images on the GPU, which cannot rotate"):
+            packed.hold_on_device(splits, torch.device("cuda"), "yes", print)
+    assert rrc[0].batch is not None and per_image[0].batch is None
     cfg = TrainConfig(resize="72", crop=64)
     splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_transform("72", 64, cfg.mean, cfg.std), 0)
     packed.hold_on_device(splits, torch.device("cpu"), "auto", print)

@@ -2,7 +2,8 @@
 
 The random draws are made per image in the loader, by the same transform objects and from the same
 per-sample generators as the per-image path (so a sample gets the same crop, flip, jitter factors and
-colour shift either way); the loader then only slices the crop out of the stored uint8 pixels. The pixel
+colour shift either way); the loader then only slices the crop out of the stored uint8 pixels (a
+random-resized crop is also resized there, by PIL as in the per-image path, still in uint8). The pixel
 work (flip, colour jitter, PCA lighting, scaling and normalisation) is done on the whole batch at once:
 on the GPU after the uint8 batch is copied there, or vectorised on the CPU in the loader's workers.
 """
@@ -16,20 +17,22 @@ import torch
 
 from .held import HeldCrops
 from .jpeg import JpegBatch, device_decoding_available, device_decoding_works
+from PIL import Image
+
 from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
-                         RandomHorizontalFlip, Resize, ToTensor, ToTensorNormalize)
+                         RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor, ToTensorNormalize)
 
 JITTER_OPS = ColorJitter.OPS
 # Per-image parameters: flip, the four jitter factors (hue's in steps of 1/255 turn), the jitter order (op
 # codes, -1: none), the PCA shift.
 FLIP, FACTORS, ORDER, SHIFT, N_PARAMS = 0, slice(1, 5), slice(5, 9), slice(9, 12), 12
-_SUPPORTED = (Resize, RandomCrop, CenterCrop, RandomHorizontalFlip, ColorJitter, ToTensor, PCALighting, Normalize,
-              ToTensorNormalize)
+_SUPPORTED = (Resize, RandomCrop, CenterCrop, RandomResizedCrop, RandomHorizontalFlip, ColorJitter, ToTensor,
+              PCALighting, Normalize, ToTensorNormalize)
 
 
 def supports(transform: Compose) -> bool:
-    """Whether the batch path can do this transform: a plain or centre crop of the resized image, flips,
-    colour jitter and PCA lighting (not rotation, random-resized crops or test-time views)."""
+    """Whether the batch path can do this transform: a plain or centre crop of the resized image or a
+    random-resized crop, flips, colour jitter and PCA lighting (not rotation or test-time views)."""
     return all(isinstance(step, _SUPPORTED) for step in transform.steps)
 
 
@@ -42,7 +45,10 @@ class BatchAugment:
         if not supports(transform):
             raise ValueError(f"the batch path cannot do {transform}")
         self.steps = transform.steps
-        self.crop = next(s for s in self.steps if isinstance(s, (RandomCrop, CenterCrop)))
+        self.crop = next(s for s in self.steps if isinstance(s, (RandomCrop, CenterCrop, RandomResizedCrop)))
+        # a window of the stored pixels, as the paths that crop elsewhere (data.held, data.jpeg) need; a
+        # random-resized crop is resized in the loader instead
+        self.window = not isinstance(self.crop, RandomResizedCrop)
         norm = next(s.normalize if isinstance(s, ToTensorNormalize) else s for s in self.steps
                     if isinstance(s, (Normalize, ToTensorNormalize)))
         self.mean, self.std = norm.mean.view(1, 3, 1, 1), norm.std.view(1, 3, 1, 1)
@@ -64,23 +70,36 @@ class BatchAugment:
         return width, height
 
     def sample(self, pixels: np.ndarray, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        top, left, params = self.draw(*pixels.shape[:2], g)
-        size = self.crop.size
-        crop = pixels[top:top + size, left:left + size]
+        box, params = self._draw(*pixels.shape[:2], g)
+        if self.window:
+            crop = pixels[box[1]:box[3], box[0]:box[2]]
+        else:  # the whole image goes to PIL: its bilinear filter reads the pixels around the box too
+            crop = np.asarray(self.crop.resize(Image.fromarray(pixels), box))
         if params[FLIP]:  # mirrored while it is copied out anyway: no pass of its own
             crop = crop[:, ::-1]
         # a copy always: a crop as wide as the image is a contiguous view of the read-only memory map
         return torch.from_numpy(np.array(crop, order="C")), params
 
     def draw(self, h: int, w: int, g: torch.Generator | None) -> tuple[int, int, torch.Tensor]:
-        """(top, left, parameters) of the crop of an h x w resized image."""
+        """(top, left, parameters) of the window crop of an h x w resized image."""
+        if not self.window:
+            raise ValueError(f"{self.crop} is not a window of the resized image")
+        (left, top, _, _), params = self._draw(h, w, g)
+        return top, left, params
+
+    def _draw(self, h: int, w: int, g: torch.Generator | None) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+        """((left, top, right, bottom) of the crop, parameters) for an h x w resized image."""
         size = self.crop.size
         params = torch.zeros(N_PARAMS)
         params[ORDER] = -1
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        box = (left, top, left + size, top + size)
         for step in self.steps:  # the draws in the order the per-image transform makes them
             if isinstance(step, RandomCrop):
                 top, left = step.draw(g, w, h)
+                box = (left, top, left + size, top + size)
+            elif isinstance(step, RandomResizedCrop):
+                box = step.draw(g, w, h)
             elif isinstance(step, RandomHorizontalFlip):
                 params[FLIP] = float(step.draw(g))
             elif isinstance(step, ColorJitter):
@@ -91,7 +110,7 @@ class BatchAugment:
                     params[FACTORS.start + code], params[ORDER.start + k] = factor, code
             elif isinstance(step, PCALighting):
                 params[SHIFT] = step.shift(g)
-        return top, left, params
+        return box, params
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The permuted uint8 batch is already in
@@ -180,15 +199,15 @@ def jpeg_on_gpu(splits, device: torch.device, jpeg_decode: str, say) -> None:
         return
     for dataset in splits:
         dataset.batch = BatchAugment(dataset.transform) if supports(dataset.transform) else None
-    if jpeg_decode == "device" and any(dataset.batch is None for dataset in splits):
-        raise DataError("--jpeg-decode device needs the batch path, which rotation, --random-resized-crop "
-                        "and test-time views do not have; use --jpeg-decode workers")
+    if jpeg_decode == "device" and any(dataset.batch is None or not dataset.batch.window for dataset in splits):
+        raise DataError("--jpeg-decode device crops the decoded images on the GPU, which cannot rotate them, "
+                        "take random-resized crops or cut test-time views; use --jpeg-decode workers")
     if jpeg_decode == "workers" or not device_decoding_available():
         return
     problem = device_decoding_works(device)
     if problem is None:
         for dataset in splits:
-            dataset.decode_on_device = dataset.batch is not None
+            dataset.decode_on_device = dataset.batch is not None and dataset.batch.window
     elif jpeg_decode == "device":
         raise DataError(f"{device} cannot decode JPEGs here ({problem}); use --jpeg-decode workers")
     else:

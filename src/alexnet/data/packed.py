@@ -208,7 +208,7 @@ def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
     with yes whenever they fit (an error otherwise), with no never."""
     if mode == "no":
         return
-    candidates = [s for s in splits if isinstance(s, PackedSplit) and s.batch is not None]
+    candidates = [s for s in splits if isinstance(s, PackedSplit) and s.batch is not None and s.batch.window]
     if mode == "yes":
         if device.type != "cuda":
             raise DataError("--data-on-device yes needs a CUDA device; use --data-on-device no")
@@ -216,8 +216,8 @@ def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
             raise DataError("--data-on-device yes needs packed data: pack the folder with `alexnet data pack "
                             "DIR OUT --resize R` and train with --data OUT, or use --data-on-device no")
         if splits[0] not in candidates:
-            raise DataError("--data-on-device yes needs the batch path, which rotation and "
-                            "--random-resized-crop do not have; use --data-on-device no")
+            raise DataError("--data-on-device yes crops the held images on the GPU, which cannot rotate them "
+                            "or take random-resized crops; use --data-on-device no")
     if device.type != "cuda" or not candidates:
         return
     size = sum(s.pixels_file.stat().st_size for s in candidates)

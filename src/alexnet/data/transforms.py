@@ -98,8 +98,9 @@ class RandomResizedCrop:
     def __init__(self, size: int, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)):
         self.size, self.min_scale, self.ratio = size, min_scale, ratio
 
-    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
-        w, h = img.size
+    def draw(self, g: torch.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the region of a width x height image that is resized."""
+        w, h = width, height
         area = w * h
         log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -115,7 +116,13 @@ class RandomResizedCrop:
             cw, ch = (w, int(round(w / self.ratio[0]))) if in_ratio < self.ratio[0] else (
                 (int(round(h * self.ratio[1])), h) if in_ratio > self.ratio[1] else (w, h))
             top, left = (h - ch) // 2, (w - cw) // 2
-        return img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        return left, top, left + cw, top + ch
+
+    def resize(self, img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        return img.resize((self.size, self.size), Image.BILINEAR, box=box)
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        return self.resize(img, self.draw(g, *img.size))
 
     def __repr__(self):
         return f"RandomResizedCrop({self.size}, min_scale={self.min_scale})"
