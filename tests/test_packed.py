@@ -286,12 +286,19 @@ def test_eval_on_packed_equals_eval_on_jpeg(shipped, tiny_data, tmp_path, capsys
     assert results[0]["correct1"] == results[1]["correct1"]
     assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
     # another crop of the stored size is fine; another resize needs another pack, and says so
-    code, stdout, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "p", "--json", "--workers", "0",
-                            "--crop", "72")
-    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["crop"] == 72, err
+    whole = []
+    for data in (tiny_data, tmp_path / "p"):
+        code, stdout, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--json", "--workers", "0",
+                                "--crop", "72")
+        assert code == 0, err
+        whole.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert whole[0]["crop"] == whole[1]["crop"] == 72 and whole[0]["correct1"] == whole[1]["correct1"]
+    assert abs(whole[0]["loss"] - whole[1]["loss"]) < 1e-5 and abs(whole[1]["loss"] - results[1]["loss"]) > 1e-4
     code, _, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "p", "--workers", "0",
                        "--resize", "80", "--crop", "72")
     assert code == 2 and "was packed at --resize 72, not 80" in err and "alexnet data pack" in err
+    code, _, err = cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "p", "--resize", "60")
+    assert code == 2 and "was packed at --resize 72, not 60" in err  # before the run's crop of 64 is found too big
 
 
 @pytest.mark.parametrize("workers,device", [(0, "cpu"), (2, "cpu"),
@@ -395,8 +402,8 @@ def test_crops_are_copies_of_the_memory_map(crop):
     stored.setflags(write=False)
     batch = BatchAugment(eval_transform("72", crop, [0.5] * 3, [0.5] * 3))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
-        pixels, _ = batch.sample(stored, None)
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array (once a process: the
+        pixels, _ = batch.sample(stored, None)  # assertions below are what fail on a view)
     start = (72 - crop) // 2
     assert torch.equal(pixels, torch.from_numpy(stored[start:start + crop, start:start + crop].copy()))
     pixels += 1

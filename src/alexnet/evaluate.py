@@ -78,17 +78,18 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     state = checkpoint.load_run(cfg.checkpoint)
     tcfg = state["config"]
-    device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.dist_timeout, log)
+    resize = cfg.resize if cfg.resize is not None else tcfg["resize"]
+    crop = cfg.crop if cfg.crop is not None else tcfg["crop"]
     data = cfg.data or tcfg["data"]
+    if data is not None and packed.is_packed(data):  # the stored size first: it is what --resize must be
+        packed.check_resize(data, resize)
+    check_crop(resize, crop)
+    device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.dist_timeout, log)
     if data is None:
         data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"],
                               log=log if distributed.is_main() else (lambda *a: None))
-    resize = cfg.resize if cfg.resize is not None else tcfg["resize"]
-    crop = cfg.crop if cfg.crop is not None else tcfg["crop"]
-    check_crop(resize, crop)
     transform = eval_transform(resize, crop, tcfg["mean"], tcfg["std"], cfg.tta)
     if packed.is_packed(data):
-        packed.check_resize(data, resize)
         val = packed.PackedSplit(data, "val", transform, batch=BatchAugment(transform) if supports(transform) else None)
         if val.classes != list(state["classes"]):
             raise checkpoint.CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")

@@ -227,7 +227,7 @@ def data_path(dataset, device: torch.device) -> str:
     if dataset.batch is None:
         if kind == "JPEG" and device.type == "cpu":
             return ""
-        return f" ({kind}; per-image augmentation: rotation and test-time views have no batch path)"
+        return f" ({kind}; per-image augmentation: rotation has no batch path)"
     decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
     decoded += f"; held in {device} memory" if getattr(dataset, "held", False) else ""
     return f" ({kind}{decoded}; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"

@@ -14,11 +14,10 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .held import HeldCrops
 from .jpeg import JpegBatch, device_decoding_available, device_decoding_works
-from PIL import Image
-
 from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
                          RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor, ToTensorNormalize)
 
