@@ -7,6 +7,7 @@ import re
 import pytest
 
 from alexnet.logs import summary_table
+from conftest import TINY, cli
 
 
 def test_tensorboard_events_hold_the_metrics(shipped):
@@ -47,3 +48,21 @@ def test_summary_table_marks_the_best_epoch_and_keeps_the_last_line_of_a_repeate
     rows = text.splitlines()[2:]
     assert [r.split()[0] for r in rows] == ["1", "2", "3"]
     assert "70.00%*" in rows[1] and "*" not in rows[0] + rows[2]
+
+
+def test_train_log_is_kept_when_the_host_program_set_up_logging_first(tiny_data, tmp_path, capsys):
+    """`alexnet train` called from a program whose root logger is already set up at WARNING still writes
+    its lines to the run folder's train.log."""
+    import logging
+    root = logging.getLogger()
+    handler, level = logging.StreamHandler(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        code, _, err = cli(capsys, "train", "--data", tiny_data, *TINY, "--out", tmp_path / "r")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert code == 0, err
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "run folder" in log and "epoch 1/1" in log

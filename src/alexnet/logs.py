@@ -14,7 +14,11 @@ def setup(rank: str | None) -> logging.Logger:
     """Lines on stdout as `HH:MM:SS [rank R] message`; the rank tag only when there are several processes."""
     tag = f" [rank {rank}]" if rank is not None else ""
     logging.basicConfig(level=logging.INFO, format=FORMAT.format(tag=tag), datefmt="%H:%M:%S", stream=sys.stdout)
-    return logging.getLogger("alexnet")
+    logger = logging.getLogger("alexnet")
+    # its own level: where the root logger was set up before (a host program, a test runner) basicConfig
+    # changes nothing, and the root's level would otherwise keep the run's lines out of train.log
+    logger.setLevel(logging.INFO)
+    return logger
 
 
 def to_file(path: Path) -> logging.Handler:
