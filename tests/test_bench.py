@@ -5,7 +5,7 @@ import statistics
 
 from alexnet.bench import BenchConfig, run
 
-from conftest import cli, max_diff, train_run
+from conftest import cli, max_diff, train_run, write_folder
 
 
 def test_bench_measures_both_pipelines_alternating(tmp_path, monkeypatch, tiny_data):
@@ -25,6 +25,30 @@ def test_bench_measures_both_pipelines_alternating(tmp_path, monkeypatch, tiny_d
     assert order == [("1", "ours"), ("1", "reference"), ("2", "reference"), ("2", "ours")]
     assert any("reference: fp32, NCHW" in line for line in lines)
     assert any(p.name.startswith("tiny") for p in (tmp_path / "packed").iterdir())
+
+
+def test_reference_runs_in_its_own_process_and_its_failure_is_an_error(tmp_path, capsys):
+    """The reference pipeline is measured in a process of its own; when it fails there (here on a file that
+    PIL cannot read, which the ImageNet example does not skip), the bench stops with that error, not a
+    traceback or a hang."""
+    import os
+    from alexnet.bench import InOwnProcess
+    import torch
+    data = write_folder(tmp_path / "data")
+    child = InOwnProcess(data, BenchConfig(batch_size=4, image_size=64, workers=0), torch.device("cpu"), 3)
+    try:
+        assert child._proc.pid != os.getpid() and child._proc.is_alive()
+        assert child.measure("data") > 0
+    finally:
+        child.close()
+    assert not child._proc.is_alive()
+    bad = next((data / "train").iterdir()) / "zz-not-an-image.jpg"
+    bad.write_bytes(b"not a JPEG")
+    files = sum(1 for _ in (data / "train").rglob("*.jpg"))
+    code, _, err = cli(capsys, "bench", "--data", data, "--pipelines", "reference", "--image-size", "64",
+                       "--batch-size", str(files), "--what", "data", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                       "--workers", "0")
+    assert code == 1 and "the reference pipeline failed:" in err and "UnidentifiedImageError" in err, err
 
 
 def test_bench_errors(capsys, tiny_data):

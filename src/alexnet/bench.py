@@ -10,7 +10,9 @@ The reference pipeline is the PyTorch ImageNet example's: torchvision ImageFolde
 RandomResizedCrop, RandomHorizontalFlip, ToTensor and Normalize in the loader workers, pinned memory,
 fp32, NCHW, torchvision's alexnet, SGD with momentum, the loss and top-1 read every step. Ours: the
 packed form with the batch augmentation, our AlexNet (the torchvision variant), --precision auto,
-channels_last, fused SGD, optionally torch.compile, and our own train_one_epoch.
+channels_last, fused SGD, optionally torch.compile, and our own train_one_epoch, in this process with its
+allocator tuned as `alexnet train` tunes it (runtime.tune_allocator). The reference runs in a process of
+its own, started fresh, as the ImageNet example runs: with glibc's allocator as it comes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -34,7 +37,7 @@ from .data.batch import on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
 from .models import MIN_INPUT_SIZE, create_model
 from .progress import Progress
-from .runtime import autocast, configure, make_sgd, resolve_device, resolve_precision
+from .runtime import configure, make_sgd, resolve_device, resolve_precision, tune_allocator
 
 # torchvision's AlexNet at 224x224: 0.714 G multiply-adds forward; a trained image costs about three
 # forward passes (forward, and the two products of the backward), 2 FLOP a multiply-add.
@@ -80,6 +83,10 @@ def validate(cfg: BenchConfig) -> None:
             raise ConfigError(f"--what: {w!r} is not one of {', '.join(WHAT)}")
 
 
+class BenchError(Exception):
+    """The reference pipeline's process failed or ended."""
+
+
 class Pipeline:
     """A loader and a training step; `batches()` is a fresh pass over the loader, `step(batch)` one
     optimizer step, `ready(batch)` the batch put on the device as the model takes it."""
@@ -123,6 +130,65 @@ class Reference(Pipeline):
         self.optimizer.step()
         # the example reads the loss and top-1 each step for its meters
         loss.item(), output.argmax(1).eq(target).sum().item()
+
+
+class InOwnProcess:
+    """The reference pipeline, built and measured in a process of its own (spawned, so nothing of this
+    one's set-up carries over): `measure(what)` answers with its images per second."""
+
+    name = "reference"
+
+    def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_reference, args=(child, str(root), cfg, str(device), classes),
+                                 name="alexnet-bench-reference")
+        self._proc.start()
+        child.close()
+        self._answer()  # built, or the error that stopped it
+
+    def _answer(self):
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise BenchError(f"the reference pipeline's process ended (exit code {self._proc.exitcode})") from None
+        if kind == "error":
+            raise BenchError(f"the reference pipeline failed: {value}")
+        return value
+
+    def measure(self, what: str) -> float:
+        self._conn.send(what)
+        return self._answer()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+        self._conn.close()
+
+
+def _serve_reference(conn, root: str, cfg: BenchConfig, device: str, classes: int) -> None:
+    """The reference's process: build it, then measure what is asked until told to stop (None)."""
+    try:
+        configure(False, cfg.threads)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        pipe = Reference(Path(root), cfg, dev, classes)
+        conn.send(("ready", None))
+        while (what := conn.recv()) is not None:
+            conn.send(("rate", measure(pipe, what, cfg, dev)))
+    except Exception as e:  # reported by the parent, which stops the bench with it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
 
 
 class Ours(Pipeline):
@@ -279,6 +345,7 @@ def packed_for(source: Path, resize: str, given: str | None, log) -> Path:
 
 def run(cfg: BenchConfig, log=print) -> dict:
     validate(cfg)
+    tune_allocator()  # ours as `alexnet train` runs it; the reference's own process keeps the default
     threads = configure(False, cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -302,11 +369,21 @@ def run(cfg: BenchConfig, log=print) -> dict:
             raise ConfigError(f"--packed {cfg.packed} is not a packed form of {source} (its classes differ)")
     classes = len(class_names)
     pipes = []
-    for name in cfg.pipelines:
-        if name == "ours":
-            pipes.append(Ours(packed_for(source, resize, cfg.packed, log), cfg, device, classes, log))
-        else:
-            pipes.append(Reference(source, cfg, device, classes))
+    try:
+        for name in cfg.pipelines:
+            if name == "ours":
+                pipes.append(Ours(packed_for(source, resize, cfg.packed, log), cfg, device, classes, log))
+            else:
+                pipes.append(InOwnProcess(source, cfg, device, classes))
+        return _run(cfg, pipes, device, threads, source, resize, log)
+    finally:
+        for pipe in pipes:
+            if isinstance(pipe, InOwnProcess):
+                pipe.close()
+        held.release()
+
+
+def _run(cfg: BenchConfig, pipes: list, device: torch.device, threads: int, source: Path, resize: str, log) -> dict:
     amp = resolve_precision(cfg.precision, device, False)
     log(f"bench on {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
         f"{threads} threads, {cfg.workers} loader workers: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} "
@@ -319,7 +396,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
     for r in range(cfg.rounds):
         for what in cfg.what:
             for pipe in (pipes if r % 2 == 0 else pipes[::-1]):  # alternate who goes first
-                rate = measure(pipe, what, cfg, device)
+                rate = pipe.measure(what) if isinstance(pipe, InOwnProcess) else measure(pipe, what, cfg, device)
                 rates[(pipe.name, what)].append(rate)
                 log(f"round {r + 1}/{cfg.rounds}: {pipe.name:9s} {what:10s} {rate:9.1f} img/s")
     result = {"device": str(device), "batch_size": cfg.batch_size, "image_size": cfg.image_size,
@@ -353,5 +430,4 @@ def run(cfg: BenchConfig, log=print) -> dict:
             print(f"{k}: {v:.2f}x")
         if "mfu" in result:
             print(f"model FLOP utilisation (ours, end to end): {result['mfu']:.1%} of the bf16 peak")
-    held.release()
     return result

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logs.setup(os.environ["RANK"] if ranked else None).info
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .bench import BenchError
     from .train import NonFiniteLoss
     try:
         if args.command == "train":
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
-    except (distributed.DistributedError, NonFiniteLoss, ExportError) as e:
+    except (distributed.DistributedError, NonFiniteLoss, ExportError, BenchError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file

@@ -18,7 +18,7 @@ from .data import make_loader, eval_transform, ImageFolder, packed
 from .data.batch import BatchAugment, jpeg_on_gpu, on_device, supports
 from .data.synthetic import ensure_dataset
 from .models import create_model
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -76,6 +76,7 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 
 
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
+    tune_allocator()
     state = checkpoint.load_run(cfg.checkpoint)
     tcfg = state["config"]
     resize = cfg.resize if cfg.resize is not None else tcfg["resize"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import platform
 import random
+import sys
 
 import numpy as np
 import torch
@@ -82,6 +85,29 @@ def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
                 if (isinstance(value, torch.Tensor) and value.shape == param.shape
                         and value.stride() != param.stride()):
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in this process for the next allocation of the same size (glibc only).
+
+    By default glibc serves every block of more than 32 MiB (a fully connected layer's weights, its
+    bf16 copy under autocast, their gradients) with a fresh mmap and unmaps it on free, so each training
+    step faults in hundreds of MiB of new pages again; on a 2-core CPU that was 30% of the bf16 step. With
+    mmap off and trimming raised, those blocks come from the heap and are reused: the price is that the
+    process keeps its peak memory until it exits. The effect is that of the jemalloc or tcmalloc preload
+    that CPU-training guides recommend, without a library to install. Returns whether it was applied."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1
+               for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
 
 
 def configure(deterministic: bool, threads: int) -> int:

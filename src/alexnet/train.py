@@ -24,7 +24,7 @@ from .evaluate import evaluate, topk_correct
 from .models import add_batchnorm, create_model, folded_state_dict, load_pretrained
 from .progress import Progress
 from .runtime import (autocast, configure, make_sgd, match_state_layouts, resolve_device, resolve_precision,
-                      rng_state, seed_everything, set_rng_state)
+                      rng_state, seed_everything, set_rng_state, tune_allocator)
 
 
 class Schedule:
@@ -291,6 +291,7 @@ def newest_agreed(ckpt_dir: Path, rank: int, say) -> tuple[Path | None, dict | N
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
+    tune_allocator()
     threads = configure(cfg.deterministic, cfg.threads)
     seed_everything(cfg.seed)
     device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.dist_timeout, log)
