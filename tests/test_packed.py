@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from alexnet.config import TrainConfig, parse_resize
-from alexnet.data import packed
+from alexnet.data import held, packed
 from alexnet.data.batch import BatchAugment, supports
 from alexnet.data.images import load_rgb
 from alexnet.data.transforms import Resize, eval_transform, sample_generator, train_transform
@@ -182,15 +182,19 @@ def test_eval_centre_crop_equal_per_image(packed_shapes):
     assert not supports(eval_transform("72", 64, [0.5] * 3, [0.2] * 3, tta="10crop"))
 
 
-def test_training_from_packed_equals_training_from_jpeg(exact, one_process, tmp_path, capsys):
+@pytest.mark.parametrize("on_device,path", [
+    ("auto", "packed; crops read from the memory map by the main process; batch augmentation on cpu"),
+    ("no", "packed; batch augmentation in the loader workers")])
+def test_training_from_packed_equals_training_from_jpeg(exact, one_process, tmp_path, capsys, on_device, path):
     """The same seed through the packed form and the batch path ends with the same weights as through the
-    JPEG files and the per-image transforms (both with flips and random crops)."""
+    JPEG files and the per-image transforms (both with flips and random crops), whether the main process
+    cuts the crops from the memory map (the default on a CPU) or the loader workers do."""
     code, _, err = cli(capsys, "data", "pack", exact["data"], tmp_path / "packed", "--resize", "72", "--workers", "1")
     assert code == 0, err
     out = tmp_path / "run"
     p = run_cli("train", "--data", tmp_path / "packed", "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
-                "--batch-size", "8")
-    assert "packed; batch augmentation in the loader workers" in p.stdout
+                "--batch-size", "8", "--data-on-device", on_device)
+    assert path in p.stdout
     w = final_weights(out)
     assert max_diff(w, one_process) <= 1e-5 * max_diff(one_process, exact["w0"])
     assert max_diff(w, exact["w0"]) > 0
@@ -304,14 +308,15 @@ def test_eval_on_packed_equals_eval_on_jpeg(shipped, tiny_data, tmp_path, capsys
 @pytest.mark.parametrize("workers,device", [(0, "cpu"), (2, "cpu"),
                                             pytest.param(2, "cuda", marks=pytest.mark.gpu)])
 def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
-    """A split held in device memory (in CI the CPU's, as the gather is the same) gives exactly the
-    batches of the loader that reads the memory map: same images in the same order, the same crops,
-    flips and colour draws; images of several sizes and aspect ratios, through worker processes too."""
+    """A split held in device memory (in CI the CPU's memory map) gives exactly the batches of the loader
+    that reads the memory map: same images in the same order, the same crops, flips and colour draws;
+    images of several sizes and aspect ratios, through worker processes too. The GPU's indexed gather,
+    run here on the CPU, gives the same crops as the CPU's window copies."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from alexnet.data import make_loader
     from alexnet.data.batch import on_device
-    from alexnet.data.held import HeldCrops, hold, release
+    from alexnet.data.held import _HELD, HeldCrops, _key, hold, release
     data = packed.pack(odd_folder(tmp_path / "src"), tmp_path / "p", "40", workers=0, log=lambda *_: None)
     cfg = TrainConfig(resize="40", crop=33, hflip=0.5, brightness=0.3, pca_lighting=0.1)
     dev = torch.device(device)
@@ -330,6 +335,8 @@ def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
                 assert isinstance(b[0][0], HeldCrops) and not isinstance(a[0][0], HeldCrops)
                 assert b[0][0].where.dtype == torch.int64 and b[0][0].where.shape == (len(b[1]), 4)
                 flips += int(b[0][0].flips.sum())
+                pixels = _HELD[_key(held.pixels_file, dev)]
+                assert torch.equal(b[0][0].windows(pixels.cpu()), b[0][0].indexed(pixels, dev).cpu())
                 x, tx, _ = on_device(a, dev, True, read.batch)
                 y, ty, _ = on_device(b, dev, True, held.batch)
                 assert torch.equal(tx, ty) and torch.equal(x, y)
@@ -348,26 +355,35 @@ def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
 
 
 def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
-    """--data-on-device yes where it cannot be done is a clear error; auto on a CPU holds nothing."""
-    code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64", "--epochs", "1",
-                       "--device", "cpu", "--data-on-device", "yes", "--out", tmp_path / "r")
-    assert code == 2 and "--data-on-device: yes needs a CUDA device" in err
+    """--data-on-device yes where it cannot be done is a clear error; on a CPU, auto and yes hold the splits
+    cut as windows (read from the memory map in the main process), no holds nothing."""
     code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "72", "--crop", "64", "--epochs", "1",
                        "--random-resized-crop", "--data-on-device", "yes", "--out", tmp_path / "r")
-    assert code == 2 and "--data-on-device: yes crops the held images on the GPU, which cannot rotate" in err
+    assert code == 2 and "--data-on-device: yes crops the held images as windows (on the GPU, or in the main " \
+                         "process on a CPU), which cannot rotate" in err
     assert not (tmp_path / "r").exists()  # refused before any work
     cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True)
     eval_tf = eval_transform("72", 64, cfg.mean, cfg.std)
     rrc = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0)  # the batch path, not windows
     per_image = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0, batch_on=False)
     for splits in (rrc, per_image):
-        with pytest.raises(packed.DataError, match="yes crops the held images on the GPU, which cannot rotate"):
-            packed.hold_on_device(splits, torch.device("cuda"), "yes", print)
+        for device in ("cuda", "cpu"):
+            with pytest.raises(packed.DataError, match="yes crops the held images as windows"):
+                packed.hold_on_device(splits, torch.device(device), "yes", print)
     assert rrc[0].batch is not None and per_image[0].batch is None
     cfg = TrainConfig(resize="72", crop=64)
-    splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_transform("72", 64, cfg.mean, cfg.std), 0)
-    packed.hold_on_device(splits, torch.device("cpu"), "auto", print)
-    assert not any(s.held for s in splits)
+    eval_tf = eval_transform("72", 64, cfg.mean, cfg.std)
+    try:
+        for mode, holds in (("no", False), ("auto", True), ("yes", True)):
+            splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0)
+            packed.hold_on_device(splits, torch.device("cpu"), mode, print)
+            assert [s.held for s in splits] == [holds, holds]
+        rrc = packed.open_splits(packed_shapes, "72", train_transform(TrainConfig(resize="72", crop=64,
+                                                                                  random_resized_crop=True)), eval_tf, 0)
+        packed.hold_on_device(rrc, torch.device("cpu"), "auto", print)
+        assert [s.held for s in rrc] == [False, True]  # random-resized crops are cut in the workers
+    finally:
+        held.release()
 
 
 def test_data_on_device_auto_holds_what_takes_at_most_half_the_free_memory(packed_shapes, monkeypatch):

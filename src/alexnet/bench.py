@@ -33,7 +33,7 @@ from torch import nn
 from .config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
 from .data import held, make_loader, packed, train_transform
 from .data.folder import find_classes
-from .data.batch import on_device
+from .data.batch import main_process_augment, on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
 from .models import MIN_INPUT_SIZE, create_model
 from .progress import Progress
@@ -206,7 +206,7 @@ class Ours(Pipeline):
         # workers stopped after each measurement (as the reference's): none go on working in the background
         self.loader = make_loader(train, cfg.batch_size, cfg.workers, train=True, pin_memory=device.type == "cuda",
                                   device_type=device.type, persistent=False)
-        self.augment = train.batch if device.type != "cpu" else None
+        self.augment = main_process_augment(train, device)
         self.device = device
         self.raw = create_model("alexnet", classes).to(device, memory_format=torch.channels_last)
         self.model = self.raw
@@ -389,7 +389,7 @@ def _run(cfg: BenchConfig, pipes: list, device: torch.device, threads: int, sour
         f"{threads} threads, {cfg.workers} loader workers: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} "
         f"crops of {resize} images from {source}; ours: {'fp32' if amp is None else str(amp).split('.')[-1]}, "
         f"channels_last{', compiled' if cfg.compile else ''}"
-        f"{', packed images held in GPU memory' if any(getattr(p, 'held', False) for p in pipes) else ''}; "
+        f"{_held_words(device) if any(getattr(p, 'held', False) for p in pipes) else ''}; "
         f"reference: fp32, NCHW; {cfg.rounds} rounds of "
         f"{cfg.steps} steps after {cfg.warmup}, alternating")
     rates = {(p.name, w): [] for p in pipes for w in cfg.what}
@@ -431,3 +431,9 @@ def _run(cfg: BenchConfig, pipes: list, device: torch.device, threads: int, sour
         if "mfu" in result:
             print(f"model FLOP utilisation (ours, end to end): {result['mfu']:.1%} of the bf16 peak")
     return result
+
+
+def _held_words(device: torch.device) -> str:
+    if device.type == "cpu":
+        return ", crops read from the memory map by the main process"
+    return f", packed images held in {'GPU' if device.type == 'cuda' else device.type} memory"

@@ -128,9 +128,10 @@ class TrainConfig:
     device: str = opt("auto", "device: auto (cuda when present), cpu, cuda or cuda:N")
     workers: int = opt(2, "data loader worker processes (0: load in the main process)")
     jpeg_decode: str = jpeg_decode_opt()
-    data_on_device: str = opt("auto", "packed data on a GPU: held in its memory, the loader then moving no pixels "
-                                      "(yes), or read by the loader (no); auto: yes when it takes at most half "
-                                      "of the free memory", ("auto", "yes", "no"))
+    data_on_device: str = opt("auto", "packed data held in the device's memory, the loader workers then moving no "
+                                      "pixels (yes: on a GPU copied there, on a CPU read from the memory map by the "
+                                      "main process), or read by the workers (no); auto: yes on a CPU, and on a GPU "
+                                      "when it takes at most half of the free memory", ("auto", "yes", "no"))
     seed: int = opt(0, "seed of weights, shuffling and augmentation")
     deterministic: bool = opt(False, "reproducible to the bit: fp32, deterministic algorithms, a fixed thread count")
     threads: int = opt(0, "CPU threads for the model (0: torch's default; 1 under --deterministic)")
@@ -324,9 +325,8 @@ def validate_train(cfg: TrainConfig) -> None:
     need(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup-epochs", f"must be in [0, epochs={cfg.epochs}]")
     need(cfg.workers >= 0, "workers", "must be 0 or more")
     if cfg.data_on_device == "yes":  # what can be told before any work; the data's kind and size later
-        need(cfg.device != "cpu", "data-on-device", "yes needs a CUDA device; use --data-on-device no")
         need(not (cfg.random_resized_crop or cfg.rotation), "data-on-device",
-             "yes crops the held images on the GPU, which cannot rotate them or take random-resized "
+             "yes crops the held images as windows (on the GPU, or in the main process on a CPU), which cannot rotate them or take random-resized "
              "crops; use --data-on-device no")
     need(cfg.threads >= 0, "threads", "must be 0 or more")
     need(cfg.log_every >= 1, "log-every", "must be at least 1")

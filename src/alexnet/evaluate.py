@@ -15,7 +15,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .config import EvalConfig, check_crop
 from .data import make_loader, eval_transform, ImageFolder, packed
-from .data.batch import BatchAugment, jpeg_on_gpu, on_device, supports
+from .data.batch import BatchAugment, jpeg_on_gpu, main_process_augment, on_device, supports
 from .data.synthetic import ensure_dataset
 from .models import create_model
 from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
@@ -99,7 +99,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
         jpeg_on_gpu([val], device, cfg.jpeg_decode, lambda warning: print(warning, file=sys.stderr, flush=True))
     loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
                          rank=distributed.rank(), world=distributed.world_size(), device_type=device.type)
-    augment = val.batch if device.type != "cpu" else None
+    augment = main_process_augment(val, device)
     model = model_from_checkpoint(state).to(device)
     classes = list(state["classes"])
     # the run's own precision, as its validation used (checkpoints from before --precision were fp32)

@@ -17,7 +17,7 @@ from torch import nn
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
 from .data import held, make_loader, open_splits, packed, train_transform, eval_transform
-from .data.batch import jpeg_on_gpu, on_device, to_device
+from .data.batch import jpeg_on_gpu, main_process_augment, on_device, to_device
 from .data.mix import BatchMix
 from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
@@ -229,8 +229,11 @@ def data_path(dataset, device: torch.device) -> str:
             return ""
         return f" ({kind}; per-image augmentation: rotation has no batch path)"
     decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
-    decoded += f"; held in {device} memory" if getattr(dataset, "held", False) else ""
-    return f" ({kind}{decoded}; batch augmentation {'in the loader workers' if device.type == 'cpu' else 'on ' + str(device)})"
+    held = getattr(dataset, "held", False)
+    if held:
+        decoded += "; crops read from the memory map by the main process" if device.type == "cpu" else f"; held in {device} memory"
+    where = "in the loader workers" if device.type == "cpu" and not held else "on " + str(device)
+    return f" ({kind}{decoded}; batch augmentation {where})"
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -314,9 +317,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     train_loader, val_loader = (make_loader(dataset, cfg.batch_size, cfg.workers, train=dataset is train_set,
                                             seed=cfg.seed, pin_memory=pin, rank=rank, world=world,
                                             device_type=device.type) for dataset in (train_set, val_set))
-    # the batch path's pixel work: in the loader's workers on a CPU, here on a GPU (see data.batch)
-    train_augment, val_augment = (getattr(d, "batch", None) if device.type != "cpu" else None
-                                  for d in (train_set, val_set))
+    # the batch path's pixel work: here on a GPU and for held data, else in the loader's workers (data.batch)
+    train_augment, val_augment = (main_process_augment(d, device) for d in (train_set, val_set))
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch has no full step: {len(train_set)} training images over {world} "

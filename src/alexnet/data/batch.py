@@ -74,10 +74,11 @@ class BatchAugment:
             crop = pixels[box[1]:box[3], box[0]:box[2]]
         else:  # the whole image goes to PIL: its bilinear filter reads the pixels around the box too
             crop = np.asarray(self.crop.resize(Image.fromarray(pixels), box))
-        if params[FLIP]:  # mirrored while it is copied out anyway: no pass of its own
-            crop = crop[:, ::-1]
         # a copy always: a crop as wide as the image is a contiguous view of the read-only memory map
-        return torch.from_numpy(np.array(crop, order="C")), params
+        crop = torch.from_numpy(np.array(crop, order="C"))
+        if params[FLIP]:  # torch's flip: ten times quicker than numpy's copy of a mirrored view of 3-byte pixels
+            crop = crop.flip(1)
+        return crop, params
 
     def draw(self, h: int, w: int, g: torch.Generator | None) -> tuple[int, int, torch.Tensor]:
         """(top, left, parameters) of the window crop of an h x w resized image."""
@@ -114,7 +115,7 @@ class BatchAugment:
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The permuted uint8 batch is already in
         channels_last order, so the float result is too, without a copy to change layout."""
-        x = crops.permute(0, 3, 1, 2).float()
+        x = crops.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # a new tensor: worked on in place below
         params = params.to(x.device, torch.float32)
         if self.jitter:  # on 8-bit values, as PIL
             for k in range(ORDER.stop - ORDER.start):
@@ -123,13 +124,14 @@ class BatchAugment:
                     idx = (codes == code).nonzero().flatten()
                     if idx.numel():
                         x[idx] = _JITTER[name](x[idx], params[idx, FACTORS.start + code].view(-1, 1, 1, 1))
-        # (x / 255 + shift - mean) / std in one pass: x * scale + bias, the PCA shift (added on the [0, 1]
-        # pixels before normalisation, as the per-image path) folded into each image's bias
+        # (x / 255 + shift - mean) / std as x * scale + bias, the PCA shift (added on the [0, 1] pixels
+        # before normalisation, as the per-image path) folded into each image's bias; in place, as on a CPU
+        # that is quicker than one addcmul out of place (6 against 11 ms for 64 images at 224)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         bias = -mean / std
         if self.pca:
             bias = bias + params[:, SHIFT].view(-1, 3, 1, 1) / std
-        return torch.addcmul(bias, x, 1 / (255 * std))
+        return x.mul_(1 / (255 * std)).add_(bias)
 
 
 # The jitter operations work on 8-bit values held in floats and, like PIL's, truncate after each one, so
@@ -211,6 +213,14 @@ def jpeg_on_gpu(splits, device: torch.device, jpeg_decode: str, say) -> None:
         raise DataError(f"{device} cannot decode JPEGs here ({problem}); use --jpeg-decode workers")
     else:
         say(f"WARNING: {device} cannot decode JPEGs here ({problem}); decoding them in the loader workers")
+
+
+def main_process_augment(dataset, device: torch.device) -> BatchAugment | None:
+    """The batch augmentation that `on_device` finishes a loader's batches with in the main process: on a
+    GPU always (the workers send uint8 crops), on a CPU for a held split (data.held: the workers send only
+    where its crops lie); None where the workers finish them (a CPU reading the memory map or JPEGs)."""
+    batch = getattr(dataset, "batch", None)
+    return batch if device.type != "cpu" or getattr(dataset, "held", False) else None
 
 
 def on_device(batch, device: torch.device, channels_last: bool, augment: BatchAugment | None = None):

@@ -1,12 +1,14 @@
-"""Packed splits held in GPU memory: the loader then moves no pixels at all.
+"""Packed splits held in the device's memory: the loader then moves no pixels at all.
 
-A packed split that fits (by default, when the whole dataset takes at most half of the GPU's free
-memory) is copied to the GPU once. The loader workers still draw every image's crop, flip and colour
-parameters from its own generator, exactly as on the other paths, but hand over only where each crop
-lies; the crops are then gathered on the GPU from the held pixels, a batch at a time, and the batch
-augmentation (data.batch) finishes them. This takes the copies that bound the packed path on a fast GPU
-(a batch's crops written to shared memory by a worker, copied to pinned memory, then to the GPU) out of
-every step.
+On a GPU, a packed split that fits (by default, when the whole dataset takes at most half of the GPU's
+free memory) is copied there once. On a CPU the split is not copied: the main process reads the crops
+straight from the file's memory map (the page cache holds it after the first epoch). The loader workers
+still draw every image's crop, flip and colour parameters from its own generator, exactly as on the other
+paths, but hand over only where each crop lies; the crops are then gathered from the held pixels, a batch
+at a time, and the batch augmentation (data.batch) finishes them. This takes the copies that bound the
+packed path out of every step: on a fast GPU a batch's crops written to shared memory by a worker, copied
+to pinned memory, then to the GPU; on a CPU the same shared memory, faulted in page by page by the main
+process, and the workers' pixel work competing with the training step for the cores.
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ def _key(pixels_file, device: torch.device) -> tuple[str, str]:
 
 def hold(pixels_file: Path, device: torch.device) -> None:
     """Copy a split's pixels to `device` (once per process and file), a chunk at a time from its memory
-    map."""
+    map; on a CPU, map the file."""
     key = _key(pixels_file, device)
     if key in _HELD:
+        return
+    if device.type == "cpu":  # the memory map itself (copy-on-write, so writable for torch; nothing writes)
+        _HELD[key] = torch.from_numpy(np.memmap(pixels_file, dtype=np.uint8, mode="c")).view(-1, 3)
         return
     source = np.memmap(pixels_file, dtype=np.uint8, mode="r")
     held = torch.empty(len(source), dtype=torch.uint8, device=device)
@@ -72,6 +77,19 @@ class HeldCrops:
         pixels = _HELD.get(_key(self.pixels_file, device))
         if pixels is None:
             raise RuntimeError(f"{self.pixels_file} is not held on {device}")
+        # on a CPU a copy of each crop's window is ten times quicker than the indexed gather (1 against 11 ms
+        # for 64 crops of 224); on a GPU one indexed gather beats a kernel launch per image
+        return self.windows(pixels) if device.type == "cpu" else self.indexed(pixels, device)
+
+    def windows(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(self.where), self.size, self.size, 3, dtype=torch.uint8)
+        for i, ((first, width, top, left), flip) in enumerate(zip(self.where.tolist(), self.flips.tolist())):
+            start = first + top * width
+            window = pixels[start:start + self.size * width].view(self.size, width, 3)[:, left:left + self.size]
+            out[i] = window.flip(1) if flip else window
+        return out
+
+    def indexed(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
         where = self.where.to(device, non_blocking=True)
         flips = self.flips.to(device, non_blocking=True)
         first, width, top, left = (where[:, k].view(-1, 1, 1) for k in range(4))

@@ -204,20 +204,24 @@ def open_splits(root: str | Path, resize: str, train_transform: Compose, eval_tr
 
 def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
     """Hold the packed splits on the batch path (with `mode` yes the first, training, split must be one)
-    in GPU memory (data.held): with `mode` auto when they take at most half of the GPU's free memory,
-    with yes whenever they fit (an error otherwise), with no never."""
+    in the device's memory (data.held). On a GPU: with `mode` auto when they take at most half of its
+    free memory, with yes whenever they fit (an error otherwise), with no never. On a CPU, where holding
+    is reading the crops from the memory map in the main process, with auto and yes."""
     if mode == "no":
         return
     candidates = [s for s in splits if isinstance(s, PackedSplit) and s.batch is not None and s.batch.window]
     if mode == "yes":
-        if device.type != "cuda":
-            raise DataError("--data-on-device yes needs a CUDA device; use --data-on-device no")
         if not isinstance(splits[0], PackedSplit):
             raise DataError("--data-on-device yes needs packed data: pack the folder with `alexnet data pack "
                             "DIR OUT --resize R` and train with --data OUT, or use --data-on-device no")
         if splits[0] not in candidates:
-            raise DataError("--data-on-device yes crops the held images on the GPU, which cannot rotate them "
-                            "or take random-resized crops; use --data-on-device no")
+            raise DataError("--data-on-device yes crops the held images as windows (on the GPU, or in the main process on a CPU), which cannot "
+                            "rotate them or take random-resized crops; use --data-on-device no")
+    if device.type == "cpu":
+        for split in candidates:
+            hold(split.pixels_file, device)
+            split.held = True
+        return
     if device.type != "cuda" or not candidates:
         return
     size = sum(s.pixels_file.stat().st_size for s in candidates)
