@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Accuracy is not traded for speed: the same seed and recipe trained through the fast path (the packed
-# form, batch augmentation, channels_last, fused SGD) and through a reference-style path (JPEG files,
-# per-image PIL transforms, NCHW, the for-loop SGD update), both fp32; prints each run's final and best
-# validation top-1 and their difference.
+# form, batch augmentation, channels_last, fused SGD, --precision auto: bf16 on GPUs and AMX CPUs) and
+# through a reference-style path (JPEG files, per-image PIL transforms, NCHW, the for-loop SGD update,
+# fp32); prints each run's final and best validation top-1 and their difference. FAST_PRECISION=fp32
+# runs the fast path in fp32 too.
 #
 #   benchmarks/parity.sh IMAGEFOLDER [WORKDIR] [extra alexnet train flags...]
 #
-# Example (what BENCHMARKS.md reports, 10 epochs at 112 px on a 2-core CPU, both runs side by side):
-#   benchmarks/parity.sh /data/imagenette /tmp/parity --resize 128 --crop 112
+# Examples (what BENCHMARKS.md reports: 10 epochs on a 2-core CPU, both runs side by side):
+#   benchmarks/parity.sh /data/imagenette /tmp/parity                          # 224 px, bf16 on AMX
+#   FAST_PRECISION=fp32 benchmarks/parity.sh /data/imagenette /tmp/parity --resize 128 --crop 112
 set -euo pipefail
 data=${1:?usage: parity.sh IMAGEFOLDER [WORKDIR] [flags...]}
 work=${2:-/tmp/alexnet-parity}
@@ -17,11 +19,12 @@ resize=256
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --resize ]] && resize=${args[i + 1]}; done
 alexnet data pack "$data" "$work/packed-$resize" --resize "$resize"
-common=(--recipe fast --epochs 10 --precision fp32 --seed 0 --threads 1 --workers 1 --quiet "$@")
-alexnet train --data "$work/packed-$resize" "${common[@]}" --out "$work/fast" > "$work/fast.log" 2>&1 &
+common=(--recipe fast --epochs 10 --seed 0 --threads 1 --workers 1 --quiet)
+alexnet train --data "$work/packed-$resize" "${common[@]}" --precision "${FAST_PRECISION:-auto}" "$@" \
+  --out "$work/fast" > "$work/fast.log" 2>&1 &
 fast=$!
-alexnet train --data "$data" "${common[@]}" --sgd for-loop --no-channels-last --out "$work/reference" \
-  > "$work/reference.log" 2>&1 &
+alexnet train --data "$data" "${common[@]}" --precision fp32 "$@" --sgd for-loop --no-channels-last \
+  --out "$work/reference" > "$work/reference.log" 2>&1 &
 reference=$!
 wait $fast
 wait $reference
