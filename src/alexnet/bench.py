@@ -141,8 +141,9 @@ class InOwnProcess:
     def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_reference, args=(child, str(root), cfg, str(device), classes),
-                                 name="alexnet-bench-reference")
+        # its loader starts workers as a script's would here (fork on Linux), not as this process was started
+        self._proc = ctx.Process(target=_serve_reference, name="alexnet-bench-reference",
+                                 args=(child, str(root), cfg, str(device), classes, multiprocessing.get_start_method()))
         self._proc.start()
         child.close()
         self._answer()  # built, or the error that stopped it
@@ -174,9 +175,10 @@ class InOwnProcess:
         self._conn.close()
 
 
-def _serve_reference(conn, root: str, cfg: BenchConfig, device: str, classes: int) -> None:
+def _serve_reference(conn, root: str, cfg: BenchConfig, device: str, classes: int, start_method: str) -> None:
     """The reference's process: build it, then measure what is asked until told to stop (None)."""
     try:
+        multiprocessing.set_start_method(start_method, force=True)
         configure(False, cfg.threads)
         dev = torch.device(device)
         if dev.type == "cuda":
