@@ -113,9 +113,10 @@ class BatchAugment:
         return box, params
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The permuted uint8 batch is already in
-        channels_last order, so the float result is too, without a copy to change layout."""
-        x = crops.permute(0, 3, 1, 2).to(torch.float32, copy=True)  # a new tensor: worked on in place below
+        """crops: (B, H, W, 3) uint8; params: (B, N_PARAMS). The float batch is made in the crops' (B, H, W, 3)
+        order and returned as its (B, 3, H, W) view, which is channels_last, without a copy to change layout."""
+        pixels = crops.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # worked on in place
+        x = pixels.permute(0, 3, 1, 2)
         params = params.to(x.device, torch.float32)
         if self.jitter:  # on 8-bit values, as PIL
             for k in range(ORDER.stop - ORDER.start):
@@ -125,13 +126,17 @@ class BatchAugment:
                     if idx.numel():
                         x[idx] = _JITTER[name](x[idx], params[idx, FACTORS.start + code].view(-1, 1, 1, 1))
         # (x / 255 + shift - mean) / std as x * scale + bias, the PCA shift (added on the [0, 1] pixels
-        # before normalisation, as the per-image path) folded into each image's bias; in place, as on a CPU
-        # that is quicker than one addcmul out of place (6 against 11 ms for 64 images at 224)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        # before normalisation, as the per-image path) folded into each image's bias. In place on rows of
+        # W x 3 values, the channels' factors repeated along a row: on a CPU that is 4 times quicker than
+        # broadcasting them over the channel dimension (3.4 against 15 ms for 64 images at 224).
+        mean, std = self.mean.view(1, 3).to(x.device), self.std.view(1, 3).to(x.device)
         bias = -mean / std
         if self.pca:
-            bias = bias + params[:, SHIFT].view(-1, 3, 1, 1) / std
-        return x.mul_(1 / (255 * std)).add_(bias)
+            bias = bias + params[:, SHIFT] / std
+        b, h, w, _ = pixels.shape
+        rows = pixels.view(b, h, w * 3)
+        rows.mul_((1 / (255 * std)).repeat(1, w).view(1, 1, w * 3)).add_(bias.repeat(1, w).view(-1, 1, w * 3))
+        return x
 
 
 # The jitter operations work on 8-bit values held in floats and, like PIL's, truncate after each one, so
