@@ -146,14 +146,25 @@ class InOwnProcess:
                                  args=(child, str(root), cfg, str(device), classes, multiprocessing.get_start_method()))
         self._proc.start()
         child.close()
-        self._answer()  # built, or the error that stopped it
+        try:
+            self.facts = self._answer()  # built, or the error that stopped it
+        except BaseException:
+            self.close()
+            raise
 
     def _answer(self):
+        # polled, so that a process that died without a word (its loader workers may hold the pipe open)
+        # is noticed; a measurement itself may take minutes
+        while not self._conn.poll(1.0):
+            if not self._proc.is_alive():
+                break
         try:
-            kind, value = self._conn.recv()
+            kind, value = self._conn.recv() if self._conn.poll() else ("gone", None)
         except EOFError:
+            kind, value = "gone", None
+        if kind == "gone":
             self._proc.join(5)
-            raise BenchError(f"the reference pipeline's process ended (exit code {self._proc.exitcode})") from None
+            raise BenchError(f"the reference pipeline's process ended (exit code {self._proc.exitcode})")
         if kind == "error":
             raise BenchError(f"the reference pipeline failed: {value}")
         return value
@@ -184,13 +195,27 @@ def _serve_reference(conn, root: str, cfg: BenchConfig, device: str, classes: in
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
         pipe = Reference(Path(root), cfg, dev, classes)
-        conn.send(("ready", None))
+        conn.send(("ready", {"pid": os.getpid(), "start_method": multiprocessing.get_start_method()}))
         while (what := conn.recv()) is not None:
             conn.send(("rate", measure(pipe, what, cfg, dev)))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):  # the parent was interrupted or has gone: it says so
+        pass
     except Exception as e:  # reported by the parent, which stops the bench with it
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        try:
+            conn.send(("error", _one_line(e)))
+        except OSError:
+            pass
     finally:
         conn.close()
+
+
+def _one_line(e: Exception) -> str:
+    """An exception as one line; one re-raised from a DataLoader worker ("Caught X in DataLoader worker
+    process 0. Original Traceback ...") as the original's last line."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(e):
+        return lines[-1].strip()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 class Ours(Pipeline):

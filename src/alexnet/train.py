@@ -208,7 +208,7 @@ def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
 def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
     """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded there a batch at a time,
     or in the workers with --jpeg-decode workers, the rest on batches on the GPU); see data.batch for the
-    batch path, data.jpeg for the decoding and data.held for packed data held in GPU memory."""
+    batch path, data.jpeg for the decoding and data.held for packed data held in the device's memory."""
     transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(root):
         if cfg.random_resized_crop:
@@ -294,6 +294,13 @@ def newest_agreed(ckpt_dir: Path, rank: int, say) -> tuple[Path | None, dict | N
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
+    try:
+        return _fit(cfg, log)
+    finally:
+        held.release()  # on every exit, an error before the first epoch too: no held split stays mapped
+
+
+def _fit(cfg: TrainConfig, log) -> dict:
     tune_allocator()
     threads = configure(cfg.deterministic, cfg.threads)
     seed_everything(cfg.seed)
@@ -528,6 +535,5 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {rank} of {world})")
         return last
     finally:
-        held.release()
         scalars.close()
         logs.close_file(log_file)

@@ -5,7 +5,8 @@ per-sample generators as the per-image path (so a sample gets the same crop, fli
 colour shift either way); the loader then only slices the crop out of the stored uint8 pixels (a
 random-resized crop is also resized there, by PIL as in the per-image path, still in uint8). The pixel
 work (flip, colour jitter, PCA lighting, scaling and normalisation) is done on the whole batch at once:
-on the GPU after the uint8 batch is copied there, or vectorised on the CPU in the loader's workers.
+on the GPU after the uint8 batch is copied there, or vectorised on the CPU, in the main process for a
+held split (data.held) and in the loader's workers otherwise.
 """
 
 from __future__ import annotations

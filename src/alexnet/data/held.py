@@ -2,7 +2,8 @@
 
 On a GPU, a packed split that fits (by default, when the whole dataset takes at most half of the GPU's
 free memory) is copied there once. On a CPU the split is not copied: the main process reads the crops
-straight from the file's memory map (the page cache holds it after the first epoch). The loader workers
+straight from the file's read-only memory map (which the page cache keeps in memory between epochs when
+it fits, as for the workers that would read it otherwise). The loader workers
 still draw every image's crop, flip and colour parameters from its own generator, exactly as on the other
 paths, but hand over only where each crop lies; the crops are then gathered from the held pixels, a batch
 at a time, and the batch augmentation (data.batch) finishes them. This takes the copies that bound the
@@ -13,6 +14,7 @@ process, and the workers' pixel work competing with the training step for the co
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,8 +39,10 @@ def hold(pixels_file: Path, device: torch.device) -> None:
     key = _key(pixels_file, device)
     if key in _HELD:
         return
-    if device.type == "cpu":  # the memory map itself (copy-on-write, so writable for torch; nothing writes)
-        _HELD[key] = torch.from_numpy(np.memmap(pixels_file, dtype=np.uint8, mode="c")).view(-1, 3)
+    if device.type == "cpu":  # the memory map itself, read-only: crops are copied out of it, nothing writes
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            _HELD[key] = torch.from_numpy(np.memmap(pixels_file, dtype=np.uint8, mode="r")).view(-1, 3)
         return
     source = np.memmap(pixels_file, dtype=np.uint8, mode="r")
     held = torch.empty(len(source), dtype=torch.uint8, device=device)

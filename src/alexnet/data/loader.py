@@ -74,7 +74,8 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool,
                 persistent: bool = True) -> DataLoader:
     """A loader of (images, targets, unreadable count) batches. A dataset on the batch path (its `batch`
     set, see data.batch) gives its batches finished on the CPU (by the workers), or for a GPU as
-    ((uint8 crops, parameters), targets, unreadable count) for data.batch.to_device to finish there."""
+    ((uint8 crops, parameters), targets, unreadable count) for data.batch.to_device to finish there; a
+    held split (data.held) gives where its crops lie, for data.batch.on_device to gather and finish."""
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
     augment = getattr(dataset, "batch", None)
     strict = getattr(dataset, "on_bad_image", "skip") == "error"

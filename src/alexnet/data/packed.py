@@ -144,7 +144,7 @@ def _same_pack(out: Path, source: Path, resize: str, log) -> Path:
 class PackedSplit(Dataset):
     """One split of a packed dataset. Items by index or by (epoch, index), as ImageFolder's. With a
     BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path, or with `held`
-    (its pixels in GPU memory, data.held) ((where the crop lies, parameters), label); otherwise the
+    (its pixels in the device's memory, data.held) ((where the crop lies, parameters), label); otherwise the
     per-image transform runs on the stored pixels (its resize is then a no-op)."""
 
     def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
