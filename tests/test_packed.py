@@ -378,8 +378,8 @@ def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
             splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0)
             packed.hold_on_device(splits, torch.device("cpu"), mode, print)
             assert [s.held for s in splits] == [holds, holds]
-        rrc = packed.open_splits(packed_shapes, "72", train_transform(TrainConfig(resize="72", crop=64,
-                                                                                  random_resized_crop=True)), eval_tf, 0)
+        rrc_cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True)
+        rrc = packed.open_splits(packed_shapes, "72", train_transform(rrc_cfg), eval_tf, 0)
         packed.hold_on_device(rrc, torch.device("cpu"), "auto", print)
         assert [s.held for s in rrc] == [False, True]  # random-resized crops are cut in the workers
     finally:

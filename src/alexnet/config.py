@@ -326,8 +326,8 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.workers >= 0, "workers", "must be 0 or more")
     if cfg.data_on_device == "yes":  # what can be told before any work; the data's kind and size later
         need(not (cfg.random_resized_crop or cfg.rotation), "data-on-device",
-             "yes crops the held images as windows (on the GPU, or in the main process on a CPU), which cannot rotate them or take random-resized "
-             "crops; use --data-on-device no")
+             "yes crops the held images as windows (on the GPU, or in the main process on a CPU), which "
+             "cannot rotate them or take random-resized crops; use --data-on-device no")
     need(cfg.threads >= 0, "threads", "must be 0 or more")
     need(cfg.log_every >= 1, "log-every", "must be at least 1")
     need(cfg.global_batch_size >= 0, "global-batch-size", "must be 0 (unset) or positive")

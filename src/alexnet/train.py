@@ -231,7 +231,8 @@ def data_path(dataset, device: torch.device) -> str:
     decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
     held = getattr(dataset, "held", False)
     if held:
-        decoded += "; crops read from the memory map by the main process" if device.type == "cpu" else f"; held in {device} memory"
+        decoded += ("; crops read from the memory map by the main process" if device.type == "cpu"
+                    else f"; held in {device} memory")
     where = "in the loader workers" if device.type == "cpu" and not held else "on " + str(device)
     return f" ({kind}{decoded}; batch augmentation {where})"
 

@@ -3,10 +3,10 @@
 On a GPU, a packed split that fits (by default, when the whole dataset takes at most half of the GPU's
 free memory) is copied there once. On a CPU the split is not copied: the main process reads the crops
 straight from the file's read-only memory map (which the page cache keeps in memory between epochs when
-it fits, as for the workers that would read it otherwise). The loader workers
-still draw every image's crop, flip and colour parameters from its own generator, exactly as on the other
-paths, but hand over only where each crop lies; the crops are then gathered from the held pixels, a batch
-at a time, and the batch augmentation (data.batch) finishes them. This takes the copies that bound the
+it fits, as for the workers that would read it otherwise). The loader workers still draw every image's
+crop, flip and colour parameters from its own generator, exactly as on the other paths, but hand over
+only where each crop lies; the crops are then gathered from the held pixels, a batch at a time, and the
+batch augmentation (data.batch) finishes them. This takes the copies that bound the
 packed path out of every step: on a fast GPU a batch's crops written to shared memory by a worker, copied
 to pinned memory, then to the GPU; on a CPU the same shared memory, faulted in page by page by the main
 process, and the workers' pixel work competing with the training step for the cores.

@@ -215,8 +215,9 @@ def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
             raise DataError("--data-on-device yes needs packed data: pack the folder with `alexnet data pack "
                             "DIR OUT --resize R` and train with --data OUT, or use --data-on-device no")
         if splits[0] not in candidates:
-            raise DataError("--data-on-device yes crops the held images as windows (on the GPU, or in the main process on a CPU), which cannot "
-                            "rotate them or take random-resized crops; use --data-on-device no")
+            raise DataError("--data-on-device yes crops the held images as windows (on the GPU, or in the main "
+                            "process on a CPU), which cannot rotate them or take random-resized crops; use "
+                            "--data-on-device no")
     if device.type == "cpu":
         for split in candidates:
             hold(split.pixels_file, device)
