@@ -218,22 +218,18 @@ def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
             raise DataError("--data-on-device yes crops the held images as windows (on the GPU, or in the main "
                             "process on a CPU), which cannot rotate them or take random-resized crops; use "
                             "--data-on-device no")
-    if device.type == "cpu":
-        for split in candidates:
-            hold(split.pixels_file, device)
-            split.held = True
+    if device.type not in ("cpu", "cuda") or not candidates:
         return
-    if device.type != "cuda" or not candidates:
-        return
-    size = sum(s.pixels_file.stat().st_size for s in candidates)
-    free = torch.cuda.mem_get_info(device)[0]
-    if size > (free / 2 if mode == "auto" else free):
-        message = (f"packed images ({size / 2**30:.1f} GiB) larger than {'half of ' if mode == 'auto' else ''}"
-                   f"{device}'s free memory ({free / 2**30:.1f} GiB)")
-        if mode == "yes":
-            raise DataError(f"--data-on-device yes: {message}; use --data-on-device no")
-        say(f"{message}: read by the loader")
-        return
+    if device.type == "cuda":  # copied there, so it must fit; a CPU maps the file and has no such limit
+        size = sum(s.pixels_file.stat().st_size for s in candidates)
+        free = torch.cuda.mem_get_info(device)[0]
+        if size > (free / 2 if mode == "auto" else free):
+            message = (f"packed images ({size / 2**30:.1f} GiB) larger than {'half of ' if mode == 'auto' else ''}"
+                       f"{device}'s free memory ({free / 2**30:.1f} GiB)")
+            if mode == "yes":
+                raise DataError(f"--data-on-device yes: {message}; use --data-on-device no")
+            say(f"{message}: read by the loader")
+            return
     for split in candidates:
         hold(split.pixels_file, device)
         split.held = True
