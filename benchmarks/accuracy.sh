@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the recipes reach: the `fast` recipe over two seeds, and `paper2012` and `torchvision` for the same
-# number of epochs, all from scratch on one packed dataset; then each final model evaluated with the
-# centre crop and with 10-crop. Runs one after another (each uses the whole machine) and every run
+# number of epochs, all from scratch on the data packed at each recipe's resize; then each final model
+# evaluated with the centre crop and with 10-crop. Runs one after another (each uses the whole machine) and every run
 # resumes where it stopped (--resume auto), so the script can be stopped and started again.
 # Validation during training is the centre crop (10-crop at every epoch costs ten forward passes an
 # image); the 10-crop figures come from `alexnet eval --tta 10crop` on the last checkpoint.
@@ -18,13 +18,20 @@ work=${2:?usage: accuracy.sh IMAGEFOLDER WORKDIR [flags...]}
 [[ $work != -* ]] || { echo "accuracy.sh: the second argument is the work folder, not $work" >&2; exit 2; }
 shift 2
 mkdir -p "$work"
-resize=256
+resize=
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case ${args[i]} in --resize) resize=${args[i + 1]:?--resize needs a value} ;; --resize=*) resize=${args[i]#--resize=} ;; esac
 done
-packed="$work/packed-$resize"
-alexnet data pack "$data" "$packed" --resize "$resize"
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+packed_for() {  # recipe: the data packed at the recipe's resize (or --resize's), packed once per size
+  local size=$resize
+  [[ -n $size ]] || size=$(sed -n 's/^resize: *"\{0,1\}\([0-9x]*\)"\{0,1\}.*/\1/p' "$here/configs/$1.yaml")
+  local out="$work/packed-${size:-256}"
+  alexnet data pack "$data" "$out" --resize "${size:-256}" >&2
+  echo "$out"
+}
 
 finished() {  # the run's last epoch is the last its config asks for
   python - "$1" <<'PY'
@@ -44,10 +51,10 @@ PY
 runs=${RUNS:-fast:0 fast:1 paper2012:0 torchvision:0}
 
 train() {  # recipe seed: train the run unless it is finished
-  local recipe=$1 seed=$2 out="$work/$1-s$2" source=$packed
-  # RandomResizedCrop (the torchvision recipe) is taken from the original images, not the packed ones
-  [[ $recipe != torchvision ]] || source=$data
+  local recipe=$1 seed=$2 out="$work/$1-s$2" source
   finished "$out" && return 0
+  # RandomResizedCrop (the torchvision recipe) is taken from the original images, not the packed ones
+  if [[ $recipe == torchvision ]]; then source=$data; else source=$(packed_for "$recipe"); fi
   echo "training $recipe, seed $seed -> $out (log: $out.log)"
   rm -f "$out"/eval-*.json
   alexnet train --data "$source" --recipe "$recipe" --seed "$seed" --val-tta none --quiet \
@@ -70,7 +77,8 @@ for run in $runs; do
   out="$work/${run%%:*}-s${run##*:}"
   for tta in none 10crop; do
     if [[ ! -s $out/eval-$tta.json ]]; then
-      alexnet eval --checkpoint "$out/checkpoints/last.pt" --data "$packed" --tta "$tta" --json > "$out/eval.tmp"
+      alexnet eval --checkpoint "$out/checkpoints/last.pt" --data "$(packed_for "${run%%:*}")" --tta "$tta" \
+        --json > "$out/eval.tmp"
       mv "$out/eval.tmp" "$out/eval-$tta.json"
     fi
   done

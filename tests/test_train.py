@@ -106,3 +106,35 @@ def test_train_bn_saves_the_plain_model_that_evaluates_as_trained_and_resumes_ex
     again = checkpoint.load_run(resumed / "checkpoints" / "last.pt")
     assert max_diff(again["model_with_bn"], state["model_with_bn"]) == 0.0
     assert max_diff(again["model"], state["model"]) == 0.0
+
+
+@pytest.mark.parametrize("source", ["jpeg", "packed"])
+def test_val_crop_is_the_size_the_run_validates_evaluates_and_exports_at(tiny_data, tmp_path, source):
+    """--val-crop 80 of images resized to 88, training on 64-px crops: the run's own validation, `alexnet
+    eval` by default and the exported metadata all use the 80-px centre crop, not the 64 of training."""
+    from alexnet.export import metadata
+    data = tiny_data
+    if source == "packed":
+        data = tmp_path / "packed"
+        run_cli("data", "pack", tiny_data, data, "--resize", "88", "--workers", "0")
+    out = tmp_path / "run"
+    flags = [*TINY, "--resize", "88", "--val-crop", "80", "--deterministic", "--epochs", "2", "--lr", "0.01",
+             "--init", "fan-in", "--dropout", "0"]  # fan-in: outputs that depend on the image after 6 steps
+    p = run_cli("train", "--data", data, "--out", out, *flags)
+    if source == "packed":
+        assert "crops read from the memory map" in p.stdout  # the held CPU path, whose windows differ in size
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    ckpt = out / "checkpoints" / "last.pt"
+    runs = {crop: json.loads(run_cli("eval", "--checkpoint", ckpt, "--workers", "0", "--json", *crop).stdout)
+            for crop in ((), ("--crop", "80"), ("--crop", "64"))}
+    assert runs[()]["crop"] == 80 and runs[()]["loss"] == runs[("--crop", "80")]["loss"]
+    assert runs[()]["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert abs(runs[("--crop", "64")]["loss"] - last["val_loss"]) > 1e-3, runs  # the control: size matters
+    meta = metadata(checkpoint.load_run(ckpt))
+    assert meta["crop"] == 80 and meta["input"]["shape"] == ["batch", 3, 80, 80]
+
+
+def test_val_crop_larger_than_the_resized_image_is_a_clear_error(tiny_data, tmp_path):
+    p = run_cli("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY, "--val-crop", "80", check=False)
+    assert p.returncode == 2 and "--val-crop: 80 is larger than the resized image (72)" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()

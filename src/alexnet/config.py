@@ -66,6 +66,8 @@ class TrainConfig:
     # augmentation
     resize: str = opt("256", "resize: N for the shorter side to N (keeping the aspect ratio), or WxH for exactly that size")
     crop: int = opt(224, "crop size: random for training, centre for evaluation")
+    val_crop: int = opt(0, "centre crop size for evaluation, if other than --crop (0: --crop); a larger one "
+                           "than training's shows objects at the size random-resized crops enlarged them to")
     random_resized_crop: bool = opt(False, "training crop as torchvision's RandomResizedCrop instead of resize + random crop")
     rrc_min_scale: float = opt(0.08, "smallest area fraction for --random-resized-crop")
     hflip: float = opt(0.5, "probability of a horizontal flip in training")
@@ -268,14 +270,21 @@ def parse_resize(text: str) -> tuple[int, int] | int:
     return (h, w)
 
 
-def check_crop(resize: str, crop: int) -> None:
+def check_crop(resize: str, crop: int, setting: str = "crop") -> None:
     """A crop that AlexNet can take and that fits inside the resized image."""
     size = parse_resize(resize)
     smallest = min(size) if isinstance(size, tuple) else size
     if crop < MIN_INPUT_SIZE:
-        raise ConfigError(f"--crop: {crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
+        raise ConfigError(f"--{setting}: {crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
     if crop > smallest:
-        raise ConfigError(f"--crop: {crop} is larger than the resized image ({resize}); use a crop of at most {smallest}")
+        raise ConfigError(f"--{setting}: {crop} is larger than the resized image ({resize}); use a crop of at most {smallest}")
+
+
+def eval_crop(cfg) -> int:
+    """The centre crop a run evaluates with: --val-crop, or --crop when that is 0 or the run predates it
+    (`cfg` a TrainConfig or a saved config's dict)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
+    return int(get("val_crop", 0) or get("crop"))
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -290,6 +299,9 @@ def validate_train(cfg: TrainConfig) -> None:
     # Evaluation always resizes then centre-crops, so the crop must fit the resize even with
     # --random-resized-crop.
     check_crop(cfg.resize, cfg.crop)
+    need(cfg.val_crop >= 0, "val-crop", "must be 0 (the --crop) or a crop size")
+    if cfg.val_crop:
+        check_crop(cfg.resize, cfg.val_crop, "val-crop")
     need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")
     need(0 <= cfg.hflip <= 1, "hflip", "must be a probability in [0, 1]")
     for name in ("brightness", "contrast", "saturation"):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import EvalConfig, check_crop
+from .config import EvalConfig, check_crop, eval_crop
 from .data import make_loader, eval_transform, ImageFolder, packed
 from .data.batch import BatchAugment, jpeg_on_gpu, main_process_augment, on_device, supports
 from .data.synthetic import ensure_dataset
@@ -80,7 +80,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     state = checkpoint.load_run(cfg.checkpoint)
     tcfg = state["config"]
     resize = cfg.resize if cfg.resize is not None else tcfg["resize"]
-    crop = cfg.crop if cfg.crop is not None else tcfg["crop"]
+    crop = cfg.crop if cfg.crop is not None else eval_crop(tcfg)
     data = cfg.data or tcfg["data"]
     if data is not None and packed.is_packed(data):  # the stored size first: it is what --resize must be
         packed.check_resize(data, resize)

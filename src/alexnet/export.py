@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import ConfigError
+from .config import ConfigError, eval_crop
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "safetensors": ".safetensors"}
 
@@ -33,7 +33,7 @@ META_FILE = "alexnet.json"  # its name among TorchScript's and torch.export's ex
 
 def metadata(state: dict) -> dict:
     cfg = state["config"]
-    crop = int(cfg["crop"])
+    crop = eval_crop(cfg)  # what the run evaluated with
     return {"arch": cfg["arch"], "fc_width": int(cfg["fc_width"]), "classes": list(state["classes"]),
             "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize": str(cfg["resize"]), "crop": crop,
             "input": {"name": "images", "shape": ["batch", 3, crop, crop], "dtype": "float32",

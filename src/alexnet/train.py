@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed, logs, report
-from .config import ConfigError, TrainConfig, parse_every, save_yaml, to_dict
+from .config import ConfigError, TrainConfig, eval_crop, parse_every, save_yaml, to_dict
 from .data import held, make_loader, open_splits, packed, train_transform, eval_transform
 from .data.batch import jpeg_on_gpu, main_process_augment, on_device, to_device
 from .data.mix import BatchMix
@@ -209,7 +209,7 @@ def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
     """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded there a batch at a time,
     or in the workers with --jpeg-decode workers, the rest on batches on the GPU); see data.batch for the
     batch path, data.jpeg for the decoding and data.held for packed data held in the device's memory."""
-    transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.val_tta))
+    transforms = (train_transform(cfg), eval_transform(cfg.resize, eval_crop(cfg), cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(root):
         if cfg.random_resized_crop:
             say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
