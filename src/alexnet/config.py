@@ -280,11 +280,10 @@ def check_crop(resize: str, crop: int, setting: str = "crop") -> None:
         raise ConfigError(f"--{setting}: {crop} is larger than the resized image ({resize}); use a crop of at most {smallest}")
 
 
-def eval_crop(cfg) -> int:
-    """The centre crop a run evaluates with: --val-crop, or --crop when that is 0 or the run predates it
-    (`cfg` a TrainConfig or a saved config's dict)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda key, default=None: getattr(cfg, key, default)
-    return int(get("val_crop", 0) or get("crop"))
+def eval_crop(cfg: dict) -> int:
+    """The centre crop a run evaluates with, from its settings as a dict (a saved config, or `to_dict`):
+    --val-crop, or --crop when that is 0 or the run predates it."""
+    return int(cfg.get("val_crop") or cfg["crop"])
 
 
 def validate_train(cfg: TrainConfig) -> None:

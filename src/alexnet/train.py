@@ -209,7 +209,7 @@ def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
     """(train, val): from a packed dataset, or from JPEG files (on a GPU decoded there a batch at a time,
     or in the workers with --jpeg-decode workers, the rest on batches on the GPU); see data.batch for the
     batch path, data.jpeg for the decoding and data.held for packed data held in the device's memory."""
-    transforms = (train_transform(cfg), eval_transform(cfg.resize, eval_crop(cfg), cfg.mean, cfg.std, cfg.val_tta))
+    transforms = (train_transform(cfg), eval_transform(cfg.resize, eval_crop(to_dict(cfg)), cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(root):
         if cfg.random_resized_crop:
             say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
