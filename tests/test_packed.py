@@ -424,3 +424,30 @@ def test_crops_are_copies_of_the_memory_map(crop):
     assert torch.equal(pixels, torch.from_numpy(stored[start:start + crop, start:start + crop].copy()))
     pixels += 1
     assert not np.shares_memory(pixels.numpy(), stored) and stored[start, start, 0] == (start * 72 + start) * 3 % 256
+
+
+def test_random_resized_crop_warns_only_when_the_pack_stores_fewer_pixels_than_the_sources(tmp_path, capsys):
+    """The pack counts the images it stores smaller than their files; training with random-resized crops
+    warns of the lost detail with that count (in the run's train.log, though said before the folder was
+    made), and not at all from a pack that enlarged every image."""
+    src = write_folder(tmp_path / "src", classes=2, train_per_class=3, val_per_class=1, size=72)
+    train = ["--random-resized-crop", "--crop", "64", "--epochs", "1", "--batch-size", "6", "--fc-width", "16",
+             "--workers", "0", "--quiet"]
+    for resize, smaller in (("96", 0), ("64", 6)):
+        code, _, err = cli(capsys, "data", "pack", src, tmp_path / resize, "--resize", resize, "--workers", "0")
+        assert code == 0, err
+        assert packed.read_meta(tmp_path / resize)["splits"]["train"]["smaller_than_source"] == smaller
+        code, _, err = cli(capsys, "train", "--data", tmp_path / resize, "--resize", resize, *train,
+                             "--out", tmp_path / f"run{resize}")
+        assert code == 0, err
+        log = (tmp_path / f"run{resize}" / "train.log").read_text()  # the lines said before the folder existed too
+        warned = [line for line in log.splitlines() if "WARNING: --random-resized-crop" in line]
+        assert warned == ([] if smaller == 0 else [warned[0]])
+        if smaller:
+            assert "6 of its 6 training images are stored with fewer pixels" in warned[0]
+    meta_file = tmp_path / "64" / "packed.json"  # a pack made before the count was recorded
+    meta = json.loads(meta_file.read_text())
+    del meta["splits"]["train"]["smaller_than_source"]
+    meta_file.write_text(json.dumps(meta))
+    code, _, err = cli(capsys, "train", "--data", tmp_path / "64", "--resize", "64", *train, "--out", tmp_path / "old")
+    assert code == 0 and "may store images with fewer pixels" in (tmp_path / "old" / "train.log").read_text(), err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 FORMAT = "%(asctime)s{tag} %(message)s"
@@ -21,11 +22,33 @@ def setup(rank: str | None) -> logging.Logger:
     return logger
 
 
-def to_file(path: Path) -> logging.Handler:
-    """Also write the log to `path` (appending: a resumed run continues its log), with full dates."""
+def hold_early() -> MemoryHandler:
+    """Keep the lines logged from now on until `to_file(path, early=...)` writes them, with their own
+    times, into the file: the warnings said before a run folder exists belong in its log too."""
+    handler = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    logging.getLogger("alexnet").addHandler(handler)
+    return handler
+
+
+def drop_early(handler: MemoryHandler) -> None:
+    """Stop keeping lines (those kept and not yet written are dropped)."""
+    logging.getLogger("alexnet").removeHandler(handler)
+    handler.setTarget(None)
+    handler.close()
+
+
+def to_file(path: Path, early: MemoryHandler | None = None) -> logging.Handler:
+    """Also write the log to `path` (appending: a resumed run continues its log), with full dates; first
+    the lines kept by `early` (hold_early), which stops keeping them."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT.format(tag=""), datefmt="%Y-%m-%d %H:%M:%S"))
-    logging.getLogger("alexnet").addHandler(handler)
+    logger = logging.getLogger("alexnet")
+    if early is not None:
+        logger.removeHandler(early)
+        early.setTarget(handler)
+        early.flush()
+        drop_early(early)
+    logger.addHandler(handler)
     return handler
 
 

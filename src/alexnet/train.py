@@ -212,14 +212,28 @@ def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
     transforms = (train_transform(cfg), eval_transform(cfg.resize, eval_crop(to_dict(cfg)), cfg.mean, cfg.std, cfg.val_tta))
     if packed.is_packed(root):
         if cfg.random_resized_crop:
-            say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {cfg.resize}, "
-                f"not the originals: small crops are enlarged from fewer pixels than from the JPEG files")
+            warn_smaller_than_source(root, cfg.resize, say)
         splits = packed.open_splits(root, cfg.resize, *transforms, cfg.seed)
     else:
         splits = open_splits(root, *transforms, cfg.seed, on_bad_image=cfg.on_bad_image)
         jpeg_on_gpu(splits, device, cfg.jpeg_decode, say)
     packed.hold_on_device(splits, device, cfg.data_on_device, say)
     return splits
+
+
+def warn_smaller_than_source(root: str, resize: str, say) -> None:
+    """Random-resized crops of packed images are cut from the stored pixels: where those are fewer than the
+    source file's, small crops are enlarged from less detail than the JPEG path would give them."""
+    train = packed.read_meta(root)["splits"]["train"]
+    smaller = train.get("smaller_than_source")
+    if smaller == 0:
+        return
+    what = (f"{smaller} of its {train['images']} training images are stored with fewer pixels than their source "
+            f"files" if smaller is not None else "it may store images with fewer pixels than their source files "
+            f"(packed by an older version, which did not record it; pack again to know)")
+    say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {resize}, and {what}: "
+        f"their small crops are enlarged from less detail than from the JPEG files (pack at a larger --resize "
+        f"or train from the JPEG files to avoid it)")
 
 
 def data_path(dataset, device: torch.device) -> str:
@@ -295,19 +309,23 @@ def newest_agreed(ckpt_dir: Path, rank: int, say) -> tuple[Path | None, dict | N
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
+    early = logs.hold_early()  # what is said before the run folder exists goes into its train.log too
     try:
-        return _fit(cfg, log)
+        return _fit(cfg, log, early)
     finally:
+        logs.drop_early(early)
         held.release()  # on every exit, an error before the first epoch too: no held split stays mapped
 
 
-def _fit(cfg: TrainConfig, log) -> dict:
+def _fit(cfg: TrainConfig, log, early) -> dict:
     tune_allocator()
     threads = configure(cfg.deterministic, cfg.threads)
     seed_everything(cfg.seed)
     device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.dist_timeout, log)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     say = log if main else _silent  # one voice: rank 0 reports; every rank reports errors and its weights
+    if not main:
+        logs.drop_early(early)  # no run folder here to write them to
     out = Path(distributed.broadcast_object(cfg.out or str(default_out(cfg))))  # one folder, rank 0's name
     cfg.out = str(out)
     ckpt_dir = out / "checkpoints"

@@ -5,7 +5,8 @@ per-image path) and writes, per split:
 
     OUT/<split>.u8        the pixels of all images, HWC uint8, one after another
     OUT/<split>.idx.npy   int64 (images, 4): byte offset, height, width, label
-    OUT/packed.json       format version, resize, classes, image counts, skipped files
+    OUT/packed.json       format version, resize, classes, image counts, skipped files, and how many
+                          images are stored with fewer pixels than their source files
 
 Reading an image is then a slice of a memory map: no decoding and no resizing, and the operating
 system's page cache keeps the hot pages in memory for every loader worker at once.
@@ -56,19 +57,22 @@ def read_meta(root: str | Path) -> dict:
 
 
 def _decode(job: tuple[str, str]):
+    """(pixels, error, whether the stored image has fewer pixels than the source's)."""
     path, resize = job
     try:
-        return np.asarray(Resize(parse_resize(resize))(load_rgb(path)), dtype=np.uint8), None
+        img = load_rgb(path)
+        pixels = np.asarray(Resize(parse_resize(resize))(img), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
-        return None, f"{path}: {e or type(e).__name__}"
+        return None, f"{path}: {e or type(e).__name__}", False
+    return pixels, None, pixels.shape[0] * pixels.shape[1] < img.width * img.height
 
 
 def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: str, pool, progress) -> dict:
-    index, skipped, offset = [], [], 0
+    index, skipped, offset, smaller = [], [], 0, 0
     jobs = [(path, resize) for path, _ in samples]
     with open(out / f"{split}.u8", "wb") as f:
         decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
-        for (path, label), (pixels, error) in zip(samples, decoded):
+        for (path, label), (pixels, error, shrunk) in zip(samples, decoded):
             if error is not None:
                 skipped.append(error)
                 print(f"WARNING: skipping unreadable image {error}", file=sys.stderr, flush=True)
@@ -76,11 +80,12 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
                 f.write(pixels.tobytes())
                 index.append((offset, pixels.shape[0], pixels.shape[1], label))
                 offset += pixels.size
+                smaller += shrunk
             progress(split)
     if not index:
         raise DataError(f"no readable image in the {split} split")
     np.save(out / f"{split}.idx.npy", np.array(index, dtype=np.int64))
-    return {"images": len(index), "bytes": offset, "skipped": skipped}
+    return {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller}
 
 
 def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print) -> Path:
