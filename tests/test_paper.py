@@ -15,7 +15,7 @@ from alexnet.config import IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, ConfigError
 from alexnet.data.transforms import eval_transform, sample_generator, train_transform
 from alexnet.evaluate import evaluate
 from alexnet.train import batch_sizes, learning_rate
-from conftest import cli
+from conftest import TINY, cli
 
 
 def position_image(w: int, h: int) -> Image.Image:
@@ -176,3 +176,34 @@ def test_a_finished_run_writes_a_report_with_per_class_accuracy(shipped, tiny_da
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"| final (epoch 2) | {last['val_acc1']:.2%} |" in text
+
+
+def test_a_batch_of_test_time_views_holds_batch_size_crops_not_ten_times_as_many(shipped, tiny_data, capsys,
+                                                                                  monkeypatch):
+    """With --tta 10crop a batch of --batch-size 20 is 2 images of 10 views (a batch of 128 images would
+    hold 1,280 crops, which ran out of memory at 288 px); the metrics are those of one batch of all."""
+    from alexnet import evaluate as evaluation
+    out, _ = shipped
+    sizes, make = [], evaluation.make_loader
+    monkeypatch.setattr(evaluation, "make_loader", lambda ds, size, *a, **k: sizes.append(size) or make(ds, size, *a, **k))
+    results = {}
+    for batch in (20, 1000):
+        code, stdout, err = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data,
+                                "--workers", "0", "--json", "--tta", "10crop", "--batch-size", batch)
+        assert code == 0, err
+        results[batch] = json.loads(stdout.strip().splitlines()[-1])
+    assert sizes == [2, 100]
+    assert results[20]["count"] == 12 and results[20]["correct1"] == results[1000]["correct1"]
+    assert results[20]["loss"] == pytest.approx(results[1000]["loss"], rel=1e-5)
+
+
+def test_validation_with_ten_crops_during_training_takes_a_tenth_of_the_images_per_batch(tiny_data, tmp_path,
+                                                                                         capsys, monkeypatch):
+    from alexnet import train
+    sizes, make = [], train.make_loader
+    monkeypatch.setattr(train, "make_loader", lambda ds, size, *a, **k: sizes.append(size) or make(ds, size, *a, **k))
+    args = ["train", "--data", tiny_data, *TINY, "--batch-size", "20", "--val-tta", "10crop"]
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert sizes == [20, 2]  # the training loader's batch, then the validation's: 2 images of 10 views
+    assert "val_acc1" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -28,6 +28,13 @@ IMAGENET_PCA_EIGVEC = (-0.5675, 0.7192, 0.4009,
                        -0.5808, -0.0045, -0.8140,
                        -0.5836, -0.6948, 0.4203)
 TTA_MODES = ("none", "flip", "10crop")
+TTA_VIEWS = {"none": 1, "flip": 2, "10crop": 10}  # crops a test-time augmentation makes of each image
+
+
+def images_per_eval_batch(batch_size: int, tta: str) -> int:
+    """Images in an evaluation batch of at most `batch_size` crops: with test-time views, fewer images,
+    so that the memory a batch takes does not grow tenfold with 10crop."""
+    return max(1, batch_size // TTA_VIEWS[tta])
 
 
 class ConfigError(ValueError):
@@ -164,7 +171,8 @@ SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "init": "fan-in", "epochs": 10
 class EvalConfig:
     checkpoint: str = opt(None, "checkpoint (.pt) to evaluate")
     data: str | None = opt(None, "ImageFolder root whose val/ split is evaluated (default: the data the model was trained on)")
-    batch_size: int = opt(128, "images per batch")
+    batch_size: int = opt(128, "crops per batch: images, or with --tta that many views (128 with 10crop: 12 "
+                               "images of 10 views)")
     workers: int = opt(2, "data loader worker processes")
     jpeg_decode: str = jpeg_decode_opt()
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")

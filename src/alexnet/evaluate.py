@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import EvalConfig, check_crop, eval_crop
+from .config import EvalConfig, check_crop, eval_crop, images_per_eval_batch
 from .data import make_loader, eval_transform, ImageFolder, packed
 from .data.batch import BatchAugment, jpeg_on_gpu, main_process_augment, on_device, supports
 from .data.synthetic import ensure_dataset
@@ -97,7 +97,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     else:
         val = ImageFolder(data, "val", transform, classes=state["classes"])
         jpeg_on_gpu([val], device, cfg.jpeg_decode, lambda warning: print(warning, file=sys.stderr, flush=True))
-    loader = make_loader(val, cfg.batch_size, cfg.workers, train=False, pin_memory=device.type == "cuda",
+    loader = make_loader(val, images_per_eval_batch(cfg.batch_size, cfg.tta), cfg.workers, train=False, pin_memory=device.type == "cuda",
                          rank=distributed.rank(), world=distributed.world_size(), device_type=device.type)
     augment = main_process_augment(val, device)
     model = model_from_checkpoint(state).to(device)

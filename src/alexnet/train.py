@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed, logs, report
-from .config import ConfigError, TrainConfig, eval_crop, parse_every, save_yaml, to_dict
+from .config import ConfigError, TrainConfig, eval_crop, images_per_eval_batch, parse_every, save_yaml, to_dict
 from .data import held, make_loader, open_splits, packed, train_transform, eval_transform
 from .data.batch import jpeg_on_gpu, main_process_augment, on_device, to_device
 from .data.mix import BatchMix
@@ -340,9 +340,12 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
     train_set, val_set = datasets(cfg, data_root, device, say)
     classes = train_set.classes
     pin = device.type == "cuda"
-    train_loader, val_loader = (make_loader(dataset, cfg.batch_size, cfg.workers, train=dataset is train_set,
+    # validation with test-time views: batches of as many crops as a training batch holds, not 10 times as many
+    train_loader, val_loader = (make_loader(dataset, size, cfg.workers, train=dataset is train_set,
                                             seed=cfg.seed, pin_memory=pin, rank=rank, world=world,
-                                            device_type=device.type) for dataset in (train_set, val_set))
+                                            device_type=device.type)
+                                for dataset, size in ((train_set, cfg.batch_size),
+                                                      (val_set, images_per_eval_batch(cfg.batch_size, cfg.val_tta))))
     # the batch path's pixel work: here on a GPU and for held data, else in the loader's workers (data.batch)
     train_augment, val_augment = (main_process_augment(d, device) for d in (train_set, val_set))
     steps_per_epoch = len(train_loader) // cfg.accum_steps
@@ -420,7 +423,7 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
-        log_file = logs.to_file(out / "train.log")
+        log_file = logs.to_file(out / "train.log", early)
         if cfg.tensorboard:
             scalars = logs.Scalars(out / "tensorboard")
     if resumed:
