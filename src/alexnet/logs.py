@@ -42,13 +42,11 @@ def to_file(path: Path, early: MemoryHandler | None = None) -> logging.Handler:
     the lines kept by `early` (hold_early), which stops keeping them."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT.format(tag=""), datefmt="%Y-%m-%d %H:%M:%S"))
-    logger = logging.getLogger("alexnet")
     if early is not None:
-        logger.removeHandler(early)
         early.setTarget(handler)
         early.flush()
         drop_early(early)
-    logger.addHandler(handler)
+    logging.getLogger("alexnet").addHandler(handler)
     return handler
 
 
