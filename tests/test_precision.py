@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from alexnet import checkpoint
-from alexnet.runtime import has_amx, make_sgd, resolve_precision
+from alexnet.runtime import cpu_has_bf16, make_sgd, resolve_precision
 from conftest import TINY, run_cli
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu, False) == (torch.bfloat16 if has_amx() else None)
-    monkeypatch.setattr("alexnet.runtime.has_amx", lambda: True)
+    assert resolve_precision("auto", cpu, False) == (torch.bfloat16 if cpu_has_bf16() else None)
+    monkeypatch.setattr("alexnet.runtime.cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", cpu, False) == torch.bfloat16
     assert resolve_precision("auto", cpu, True) is None  # --deterministic: fp32
     asked = []
@@ -24,6 +24,25 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert asked == [cuda, cuda]  # the capability of the device in use
     assert [resolve_precision(n, cpu, True) for n in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16,
                                                                                    torch.float16]
+
+
+def test_bf16_hardware_is_amx_or_avx512_bf16(monkeypatch):
+    def probes(amx, avx512_bf16):
+        for name, value in (("_is_amx_tile_supported", amx), ("_is_avx512_bf16_supported", avx512_bf16)):
+            if value is None:
+                monkeypatch.delattr(torch.cpu, name, raising=False)
+            else:
+                monkeypatch.setattr(torch.cpu, name, value, raising=False)
+
+    def fails():
+        raise RuntimeError("no cpuinfo")
+
+    for amx, avx, expected in ((lambda: True, lambda: False, True), (lambda: False, lambda: True, True),
+                               (lambda: False, lambda: False, False), (None, None, False),
+                               (fails, lambda: True, True), (fails, fails, False)):
+        probes(amx, avx)
+        assert cpu_has_bf16() is expected
+        assert resolve_precision("auto", torch.device("cpu"), False) == (torch.bfloat16 if expected else None)
 
 
 def test_fused_sgd_is_the_same_update_as_the_loop():

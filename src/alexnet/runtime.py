@@ -25,13 +25,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def has_amx() -> bool:
-    """An x86 CPU with AMX tiles (Sapphire Rapids and later): bf16 matrix units, so bf16 beats fp32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe else False
-    except RuntimeError:
-        return False
+def cpu_has_bf16() -> bool:
+    """An x86 CPU with bf16 arithmetic in hardware: AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16
+    (Intel Cooper Lake, AMD Zen 4 and later). There bf16 autocast beats fp32; on CPUs without either, bf16 is
+    emulated and far slower."""
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            pass
+    return False
 
 
 def resolve_precision(name: str, device: torch.device, deterministic: bool) -> torch.dtype | None:
@@ -41,7 +46,7 @@ def resolve_precision(name: str, device: torch.device, deterministic: bool) -> t
             return None
         if device.type == "cuda":  # bf16 in hardware from Ampere (compute capability 8) on; before, fp16
             return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-        return torch.bfloat16 if has_amx() else None
+        return torch.bfloat16 if cpu_has_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
