@@ -64,6 +64,39 @@ def test_fused_sgd_is_the_same_update_as_the_loop():
     assert any(p.grad is not None for p in models[0].parameters())
 
 
+def test_without_bias_decay_only_the_weights_of_convolutions_and_linear_layers_decay():
+    from alexnet.models import add_batchnorm, create_model
+    from alexnet.train import param_groups
+    for bias_decay in (True, False):
+        torch.manual_seed(0)
+        model = add_batchnorm(create_model("alexnet", 10, fc_width=32))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = make_sgd(param_groups(model, bias_decay), "auto", torch.device("cpu"), lr=1.0, momentum=0.0,
+                       weight_decay=0.1)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # the step is then the weight decay alone
+        opt.step()
+        for name, p in model.named_parameters():
+            decayed = bias_decay or p.ndim > 1
+            assert torch.allclose(p, before[name] * (0.9 if decayed else 1.0)), name
+        undecayed = [n for n, p in model.named_parameters() if p.ndim == 1]
+        assert sum(".bn." in n for n in undecayed) == 10  # the scales and shifts of the five BatchNorms
+        assert len(undecayed) == 10 + 8  # and the biases of five convolutions and three linear layers
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
+
+
+def test_a_run_without_bias_decay_saves_its_two_groups_and_refuses_a_resume_with_it(tiny_data, tmp_path):
+    args = [*TINY, "--data", tiny_data, "--train-bn"]
+    run_cli("train", *args, "--no-bias-decay", "--out", tmp_path / "nbd")
+    state = checkpoint.load_run(tmp_path / "nbd" / "checkpoints" / "last.pt")
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [5e-4, 0.0]
+    assert state["config"]["bias_decay"] is False
+    p = run_cli("train", *args, "--epochs", "2", "--bias-decay", "--resume", tmp_path / "nbd" / "checkpoints" /
+                "last.pt", "--out", tmp_path / "other", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "--bias-decay changed?" in p.stderr
+
+
 def test_fp16_keeps_its_gradient_scaler_in_checkpoints_and_resumes_exactly(tiny_data, tmp_path):
     args = [*TINY, "--data", tiny_data, "--deterministic", "--precision", "fp16", "--dropout", "0.5"]
     p = run_cli("train", *args, "--epochs", "2", "--out", tmp_path / "straight")

@@ -97,6 +97,8 @@ class TrainConfig:
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "SGD weight decay")
+    bias_decay: bool = opt(True, "weight decay on biases and BatchNorm parameters too (--no-bias-decay: on the "
+                                 "weights of convolutions and linear layers only)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
     clip_grad_norm: float = opt(0.0, "scale the gradients down when their global L2 norm exceeds this (0: off); "
                                      "guards a high learning rate against loss spikes")

@@ -188,6 +188,16 @@ def clip_gradients(optimizer, max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def param_groups(model: nn.Module, bias_decay: bool) -> list[dict]:
+    """One group, or without bias decay two: the weights of convolutions and linear layers (more than one
+    dimension) with `weight_decay`, the biases and BatchNorm scales and shifts (one dimension) without."""
+    params = list(model.parameters())
+    if bias_decay:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def batch_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(per-process batch, global batch): from --global-batch-size when given, else from --batch-size."""
     if cfg.global_batch_size:
@@ -372,8 +382,8 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
                                  powersgd_start_step=cfg.powersgd_start_step, log=say)
     if cfg.compile:  # the DDP wrapper is compiled (its buckets then split the graph); `model` stays the plain one
         ddp_model = torch.compile(ddp_model, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"))
-    optimizer = make_sgd(model.parameters(), cfg.sgd, device, lr=peak_lr, momentum=cfg.momentum,
-                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    optimizer = make_sgd(param_groups(model, cfg.bias_decay), cfg.sgd, device, lr=peak_lr,
+                         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     amp_dtype = resolve_precision(cfg.precision, device, cfg.deterministic)
     # fp16 needs its gradients scaled up so that small ones do not flush to zero; bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -401,8 +411,8 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
                 group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
         except (RuntimeError, ValueError) as e:
             raise checkpoint.CheckpointError(
-                f"--resume {source}: the checkpoint does not fit this model (was --arch, --fc-width or "
-                f"--train-bn changed?): {str(e).splitlines()[0]}") from None
+                f"--resume {source}: the checkpoint does not fit this model (was --arch, --fc-width, "
+                f"--train-bn or --bias-decay changed?): {str(e).splitlines()[0]}") from None
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
