@@ -148,8 +148,8 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads for the model (0: torch's default; 1 under --deterministic)")
     channels_last: bool = opt(True, "channels-last memory layout (faster convolutions on most hardware)")
     precision: str = opt("auto", "arithmetic of the forward pass: auto (bf16 on GPUs that have it, else fp16; bf16 on "
-                                 "CPUs with AMX; fp32 otherwise and under --deterministic), fp32, bf16 or fp16 (with a "
-                                 "gradient scaler)", ("auto", "fp32", "bf16", "fp16"))
+                                 "CPUs with AMX or AVX512-BF16; fp32 otherwise and under --deterministic), fp32, bf16 "
+                                 "or fp16 (with a gradient scaler)", ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the training model (the first steps compile it; off by default: on "
                                "CPUs it was measured slower than eager; ALEXNET_COMPILE_BACKEND picks another backend)")
     sgd: str = opt("auto", "SGD implementation: auto (fused where this torch has it), fused, foreach or for-loop",
