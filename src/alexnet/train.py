@@ -234,11 +234,10 @@ def datasets(cfg: TrainConfig, root: str, device: torch.device, say):
 def warn_smaller_than_source(root: str, resize: str, say) -> None:
     """Random-resized crops of packed images are cut from the stored pixels: where those are fewer than the
     source file's, small crops are enlarged from less detail than the JPEG path would give them."""
-    train = packed.read_meta(root)["splits"]["train"]
-    smaller = train.get("smaller_than_source")
+    smaller, images = packed.smaller_than_source(root)
     if smaller == 0:
         return
-    what = (f"{smaller} of its {train['images']} training images are stored with fewer pixels than their source "
+    what = (f"{smaller} of its {images} training images are stored with fewer pixels than their source "
             f"files" if smaller is not None else "it may store images with fewer pixels than their source files "
             f"(packed by an older version, which did not record it; pack again to know)")
     say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {resize}, and {what}: "

@@ -56,6 +56,13 @@ def read_meta(root: str | Path) -> dict:
     return meta
 
 
+def smaller_than_source(root: str | Path, split: str = "train") -> tuple[int | None, int]:
+    """(how many of the split's images are stored with fewer pixels than their source files, how many images
+    it holds); the count is None for a pack made before it was recorded."""
+    meta = read_meta(root)["splits"][split]
+    return meta.get("smaller_than_source"), meta["images"]
+
+
 def _decode(job: tuple[str, str]):
     """(pixels, error, whether the stored image has fewer pixels than the source's)."""
     path, resize = job
