@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Accuracy is not traded for speed: the same seed and recipe trained through the fast path (the packed
-# form, batch augmentation, channels_last, fused SGD, --precision auto: bf16 on GPUs and AMX CPUs) and
-# through a reference-style path (JPEG files, per-image PIL transforms, NCHW, the for-loop SGD update,
-# fp32); prints each run's final and best validation top-1 and their difference. FAST_PRECISION=fp32
-# runs the fast path in fp32 too.
+# form, batch augmentation, channels_last, fused SGD, --precision auto: bf16 on GPUs and on CPUs with AMX
+# or AVX512-BF16) and through a reference-style path (JPEG files, per-image PIL transforms, NCHW, the
+# for-loop SGD update, fp32); prints each run's final and best validation top-1 and their difference.
+# FAST_PRECISION=fp32 runs the fast path in fp32 too.
 #
 #   benchmarks/parity.sh IMAGEFOLDER [WORKDIR] [extra alexnet train flags...]
 #
