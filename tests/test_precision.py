@@ -79,9 +79,9 @@ def test_without_bias_decay_only_the_weights_of_convolutions_and_linear_layers_d
         for name, p in model.named_parameters():
             decayed = bias_decay or p.ndim > 1
             assert torch.allclose(p, before[name] * (0.9 if decayed else 1.0)), name
-        undecayed = [n for n, p in model.named_parameters() if p.ndim == 1]
-        assert sum(".bn." in n for n in undecayed) == 10  # the scales and shifts of the five BatchNorms
-        assert len(undecayed) == 10 + 8  # and the biases of five convolutions and three linear layers
+        one_dim = [n for n, p in model.named_parameters() if p.ndim == 1]
+        assert sum(".bn." in n for n in one_dim) == 10  # the scales and shifts of the five BatchNorms
+        assert len(one_dim) == 10 + 8  # and the biases of five convolutions and three linear layers
         assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
 
 

@@ -190,7 +190,7 @@ def clip_gradients(optimizer, max_norm: float) -> None:
 
 def param_groups(model: nn.Module, bias_decay: bool) -> list[dict]:
     """One group, or without bias decay two: the weights of convolutions and linear layers (more than one
-    dimension) with `weight_decay`, the biases and BatchNorm scales and shifts (one dimension) without."""
+    dimension) with the optimizer's weight decay, the biases and BatchNorm scales and shifts (one dimension) without."""
     params = list(model.parameters())
     if bias_decay:
         return [{"params": params}]
