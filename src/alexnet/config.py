@@ -77,6 +77,11 @@ class TrainConfig:
                            "than training's shows objects at the size random-resized crops enlarged them to")
     random_resized_crop: bool = opt(False, "training crop as torchvision's RandomResizedCrop instead of resize + random crop")
     rrc_min_scale: float = opt(0.08, "smallest area fraction for --random-resized-crop")
+    progressive_crop: int = opt(0, "progressive resizing: random-resized crops of this size in the first epochs, "
+                                   "growing to --crop by --progressive-end (0: off; needs --random-resized-crop)")
+    progressive_start: int = opt(1, "progressive resizing: the last epoch at --progressive-crop; the crop then grows "
+                                    "linearly, in steps of 32")
+    progressive_end: int = opt(0, "progressive resizing: the first epoch at --crop (0: the last epoch)")
     hflip: float = opt(0.5, "probability of a horizontal flip in training")
     brightness: float = opt(0.0, "colour jitter: brightness factor drawn from [1-b, 1+b]")
     contrast: float = opt(0.0, "colour jitter: contrast factor drawn from [1-c, 1+c]")
@@ -90,6 +95,8 @@ class TrainConfig:
     pca_eigvec: list = opt(IMAGENET_PCA_EIGVEC, "the 3 eigenvectors as the columns of a 3x3 matrix, 9 numbers row by "
                                                 "row (write --pca-eigvec=-0.57,... when the first is negative)")
     val_tta: str = opt("none", "test-time augmentation of the validation during training: none, flip or 10crop", TTA_MODES)
+    val_every: int = opt(1, "validate every N epochs, and always after the last (a CPU run spends less time on "
+                            "validation; the plateau schedule needs 1)")
     # optimisation
     epochs: int = opt(90, "number of training epochs")
     batch_size: int = opt(128, "images per step on each process (see --global-batch-size)")
@@ -312,6 +319,16 @@ def validate_train(cfg: TrainConfig) -> None:
     if cfg.val_crop:
         check_crop(cfg.resize, cfg.val_crop, "val-crop")
     need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")
+    if cfg.progressive_crop:
+        need(cfg.random_resized_crop, "progressive-crop", "needs --random-resized-crop (a smaller plain crop would "
+             "show less of the image, not the image at a lower resolution)")
+        need(MIN_INPUT_SIZE <= cfg.progressive_crop < cfg.crop, "progressive-crop",
+             f"must be 0 (off) or from AlexNet's smallest input, {MIN_INPUT_SIZE}, to less than --crop {cfg.crop}")
+        need(cfg.progressive_end >= 0, "progressive-end", "must be 0 (the last epoch) or an epoch")
+        end = cfg.progressive_end or cfg.epochs
+        need(1 <= cfg.progressive_start < end, "progressive-start",
+             f"must be at least 1 and before --progressive-end (epoch {end})")
+        need(end <= cfg.epochs, "progressive-end", f"must be at most --epochs {cfg.epochs} (0: the last epoch)")
     need(0 <= cfg.hflip <= 1, "hflip", "must be a probability in [0, 1]")
     for name in ("brightness", "contrast", "saturation"):
         need(getattr(cfg, name) >= 0, name, "must be 0 or more")
@@ -330,6 +347,9 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.fc_width >= 1, "fc-width", "must be at least 1")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.val_every >= 1, "val-every", "must be at least 1 (validate every N epochs)")
+    need(cfg.val_every == 1 or cfg.schedule != "plateau", "val-every",
+         "the plateau schedule divides the learning rate on the validation loss of every epoch; use --val-every 1")
     need(cfg.batch_size >= 1, "batch-size", "must be at least 1")
     need(cfg.lr > 0, "lr", "must be positive")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")

@@ -103,13 +103,21 @@ def by_epoch(history: list[dict]) -> list[dict]:
     return [last[e] for e in sorted(last)]
 
 
+def validated(history: list[dict]) -> list[dict]:
+    """The epochs that were validated (all but those skipped by --val-every)."""
+    return [m for m in history if "val_acc1" in m]
+
+
 def summary_table(history: list[dict]) -> str:
-    """A text table of the epochs (the last entry of each epoch number), the best top-1 marked with *."""
+    """A text table of the epochs (the last entry of each epoch number), the best top-1 marked with *; an
+    epoch that was not validated (--val-every) shows - for the validation columns."""
     rows = by_epoch(history)
     if not rows:
         return ""
-    best = max(rows, key=lambda m: m["val_acc1"])["epoch"]
-    cells = [[fmt.format(m[key]) + ("*" if key == "val_acc1" and m["epoch"] == best else " " if key == "val_acc1" else "")
+    scored = validated(rows)
+    best = max(scored, key=lambda m: m["val_acc1"])["epoch"] if scored else None
+    cells = [[(fmt.format(m[key]) if key in m else "-")
+              + ("*" if key == "val_acc1" and m["epoch"] == best else " " if key == "val_acc1" else "")
               for _, key, fmt in COLUMNS] for m in rows]
     head = [title for title, _, _ in COLUMNS]
     widths = [max(len(head[i]), *(len(r[i]) for r in cells)) for i in range(len(head))]

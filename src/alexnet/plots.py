@@ -63,8 +63,8 @@ def training_curves(runs: list[tuple[str, list[dict]]]):
     axes = fig.subplots(2, 3).ravel()
     for ax, (title, key) in zip(axes, PANELS):
         for name, epochs in runs:
-            ax.plot([m["epoch"] for m in epochs], [m.get(key, float("nan")) for m in epochs], marker="o",
-                    markersize=3, label=name)
+            epochs = [m for m in epochs if key in m]  # a line through the validated epochs (--val-every)
+            ax.plot([m["epoch"] for m in epochs], [m[key] for m in epochs], marker="o", markersize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_path
 from .config import ConfigError
-from .logs import by_epoch, summary_table
+from .logs import by_epoch, summary_table, validated
 from .plots import confusion_figure, save
 
 
@@ -22,8 +22,8 @@ def per_class(confusion: list[list[int]], classes: list[str]) -> list[dict]:
 
 def write(out: Path, history: list[dict], confusion: list[list[int]], classes: list[str], cfg: dict) -> Path:
     history = by_epoch(history)
-    last = history[-1]
-    best = max(history, key=lambda m: m["val_acc1"])
+    last = history[-1]  # the last epoch is always validated
+    best = max(validated(history), key=lambda m: m["val_acc1"])
     try:
         save(confusion_figure(confusion, classes, f"{out.name}: validation, epoch {last['epoch']}"),
              out / "confusion.png")

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint, distributed, logs, report
 from .config import ConfigError, TrainConfig, eval_crop, images_per_eval_batch, parse_every, save_yaml, to_dict
-from .data import held, make_loader, open_splits, packed, train_transform, eval_transform
+from .data import held, make_loader, open_splits, packed, train_crop_sizes, train_transform, eval_transform
 from .data.batch import jpeg_on_gpu, main_process_augment, on_device, to_device
 from .data.mix import BatchMix
 from .data.synthetic import ensure_dataset
@@ -48,8 +48,9 @@ class Schedule:
             return peak * self.plateau_factor
         return peak
 
-    def end_epoch(self, val_loss: float) -> None:
-        """The paper's rule: divide when the validation error stops improving."""
+    def end_epoch(self, val_loss: float | None) -> None:
+        """The paper's rule: divide when the validation error stops improving (None: not validated, which
+        the plateau schedule does not allow)."""
         if self.cfg.schedule != "plateau":
             return
         if val_loss < self.best_loss - 1e-4:
@@ -380,7 +381,9 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
                                  static_graph=cfg.static_graph, powersgd_rank=cfg.powersgd_rank,
                                  powersgd_start_step=cfg.powersgd_start_step, log=say)
     if cfg.compile:  # the DDP wrapper is compiled (its buckets then split the graph); `model` stays the plain one
-        ddp_model = torch.compile(ddp_model, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"))
+        # progressive resizing meets a few input sizes: one static graph each, not a slower dynamic one
+        ddp_model = torch.compile(ddp_model, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"),
+                                  dynamic=False if cfg.progressive_crop else None)
     optimizer = make_sgd(param_groups(model, cfg.bias_decay), cfg.sgd, device, lr=peak_lr,
                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     amp_dtype = resolve_precision(cfg.precision, device, cfg.deterministic)
@@ -491,6 +494,7 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
     def any_rank(flag: bool) -> bool:
         return distributed.sum_all([float(flag)])[0] > 0 if world > 1 else flag
 
+    crops = train_crop_sizes(cfg)  # the training crop of each epoch: --crop, or growing to it (--progressive-crop)
     last, v = {}, {}
     stopped = False
     try:
@@ -498,6 +502,8 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
             skip = skip_steps if epoch == start_epoch else 0
             train_loader.sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.accum_steps)
             epoch_start_step = global_step
+            if cfg.progressive_crop and (epoch == start_epoch or crops[epoch] != crops[epoch - 1]):
+                say(f"epoch {epoch + 1}: training crops of {crops[epoch]} px (progressive resizing to {cfg.crop})")
             progress = Progress(steps_per_epoch - skip, f"epoch {epoch + 1}/{cfg.epochs}", every=cfg.log_every,
                                 enabled=main and not cfg.quiet)
             try:
@@ -505,7 +511,7 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
                                     global_step=global_step, accum_steps=cfg.accum_steps,
                                     channels_last=cfg.channels_last, progress=progress,
                                     sums=partial if skip else None, after_step=after_step,
-                                    any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=cfg.crop,
+                                    any_rank=any_rank, max_nonfinite=cfg.max_nonfinite_steps, input_size=crops[epoch],
                                     amp_dtype=amp_dtype, scaler=scaler, augment=train_augment, mix=mix,
                                     clip_grad_norm=cfg.clip_grad_norm)
             except NonFiniteLoss as e:
@@ -522,17 +528,19 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
                 [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
             distributed.average_buffers(model)  # BatchNorm's statistics (--train-bn), the same on every rank
             final = epoch + 1 == cfg.epochs  # its validation also counts the confusion matrix, for the report
-            v = evaluate(model, val_loader, device, cfg.channels_last,
-                         confusion_classes=len(classes) if final else 0, amp_dtype=amp_dtype, augment=val_augment)
-            schedule.end_epoch(v["loss"])
+            validated = final or (epoch + 1) % cfg.val_every == 0
+            v = evaluate(model, val_loader, device, cfg.channels_last, confusion_classes=len(classes) if final else 0,
+                         amp_dtype=amp_dtype, augment=val_augment) if validated else {}
+            schedule.end_epoch(v.get("loss"))
             epoch_seconds = seconds / world
             last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
-                    "val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"],
+                    **({"val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"]} if validated else {}),
                     "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / epoch_seconds,
                     "epoch_seconds": epoch_seconds, "global_step": global_step, "skipped_steps": t["skipped"],
-                    "bad_images": int(bad), "val_bad_images": v["bad_images"]}
-            is_best = v["acc1"] > best_acc1
-            best_acc1 = max(best_acc1, v["acc1"])
+                    "bad_images": int(bad), **({"val_bad_images": v["bad_images"]} if validated else {}),
+                    "train_crop": crops[epoch]}
+            is_best = validated and v["acc1"] > best_acc1
+            best_acc1 = max(best_acc1, v.get("acc1", -1.0))
             if main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -541,13 +549,14 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
                 scalars.flush()
             save(epoch + 1, 0, None, last, is_best)
             last_save = time.monotonic()
-            if bad or v["bad_images"]:
-                say(f"WARNING: epoch {epoch + 1}: {int(bad)} training and {v['bad_images']} validation images were "
-                    f"unreadable and skipped (`alexnet data check` lists them)")
+            if bad or v.get("bad_images"):
+                say(f"WARNING: epoch {epoch + 1}: {int(bad)} training and {v.get('bad_images', 0)} validation images "
+                    f"were unreadable and skipped (`alexnet data check` lists them)")
             if t["skipped"]:
                 say(f"WARNING: {t['skipped']} step(s) of epoch {epoch + 1} skipped: the loss was not finite")
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, val loss {v['loss']:.4f}, "
-                f"top-1 {v['acc1']:.2%}, top-5 {v['acc5']:.2%}, lr {last['lr']:.3g}, "
+            scores = (f"val loss {v['loss']:.4f}, top-1 {v['acc1']:.2%}, top-5 {v['acc5']:.2%}" if validated
+                      else f"not validated (--val-every {cfg.val_every})")
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, {scores}, lr {last['lr']:.3g}, "
                 f"{last['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
             if t["stopped"]:
                 stopped = True

@@ -4,7 +4,7 @@ from .folder import DataError, ImageFolder, open_splits
 from .images import load_rgb, to_rgb
 from . import packed
 from .loader import EpochSampler, make_loader
-from .transforms import eval_transform, train_transform
+from .transforms import eval_transform, train_crop_sizes, train_transform
 
 __all__ = ["DataError", "ImageFolder", "open_splits", "load_rgb", "to_rgb", "EpochSampler", "make_loader", "packed",
-           "eval_transform", "train_transform"]
+           "eval_transform", "train_crop_sizes", "train_transform"]

@@ -72,6 +72,7 @@ class ImageFolder(Dataset):
         """The transformed image and its label; None for an unreadable file under on_bad_image="skip"
         (the loader's collate drops it and counts it)."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        self.transform.at_epoch(epoch)
         path, label = self.samples[index]
         if self.decode_on_device:
             encoded = read_encoded(path, self.batch, sample_generator(self.seed, epoch, index))

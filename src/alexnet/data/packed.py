@@ -184,6 +184,7 @@ class PackedSplit(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
+        self.transform.at_epoch(epoch)
         label = int(self.index[i][3])
         g = sample_generator(self.seed, epoch, i)
         if self.batch is not None and self.held:

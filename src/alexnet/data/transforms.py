@@ -34,6 +34,13 @@ class Compose:
             img = step(img, g)
         return img
 
+    def at_epoch(self, epoch: int) -> None:
+        """Sets the steps whose settings follow the epoch (a progressive random-resized crop's size); the
+        datasets call it with each sample's epoch, in whatever process loads the sample."""
+        for step in self.steps:
+            if hasattr(step, "at_epoch"):
+                step.at_epoch(epoch)
+
     def __repr__(self) -> str:
         return "Compose(" + ", ".join(repr(s) for s in self.steps) + ")"
 
@@ -93,10 +100,16 @@ class CenterCrop:
 
 
 class RandomResizedCrop:
-    """torchvision's RandomResizedCrop (scale (s, 1), ratio (3/4, 4/3)), drawing from the generator."""
+    """torchvision's RandomResizedCrop (scale (s, 1), ratio (3/4, 4/3)), drawing from the generator. With
+    `sizes` (one output size per epoch, see train_crop_sizes), `at_epoch(e)` sets the size to epoch e's."""
 
-    def __init__(self, size: int, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3), sizes: list[int] | None = None):
         self.size, self.min_scale, self.ratio = size, min_scale, ratio
+        self.sizes = list(sizes) if sizes else None
+
+    def at_epoch(self, epoch: int) -> None:
+        if self.sizes:
+            self.size = self.sizes[min(epoch, len(self.sizes) - 1)]
 
     def draw(self, g: torch.Generator, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the region of a width x height image that is resized."""
@@ -264,10 +277,28 @@ class TTAViews:
         return f"TTAViews({self.mode}, {self.size})"
 
 
+def train_crop_sizes(cfg: TrainConfig) -> list[int]:
+    """The training crop of each epoch (0-based): --crop throughout, or with --progressive-crop P, P up to
+    epoch --progressive-start (1-based), --crop from epoch --progressive-end (0: the last), and between
+    them a linear growth rounded to a multiple of 32 (as FFCV's progressive resizing does), so that a run
+    meets only a few sizes. Early epochs on smaller crops cost less; the last ones train at --crop, the
+    size the model is evaluated and exported at."""
+    if not cfg.progressive_crop:
+        return [cfg.crop] * cfg.epochs
+    low, high = cfg.progressive_crop, cfg.crop
+    start, end = cfg.progressive_start, cfg.progressive_end or cfg.epochs
+    sizes = []
+    for epoch in range(1, cfg.epochs + 1):
+        t = min(max((epoch - start) / (end - start), 0.0), 1.0)
+        sizes.append(high if t == 1.0 else min(max(int(round((low + t * (high - low)) / 32)) * 32, low), high))
+    return sizes
+
+
 def train_transform(cfg: TrainConfig) -> Compose:
     steps = []
     if cfg.random_resized_crop:
-        steps.append(RandomResizedCrop(cfg.crop, cfg.rrc_min_scale))
+        steps.append(RandomResizedCrop(cfg.crop, cfg.rrc_min_scale,
+                                       sizes=train_crop_sizes(cfg) if cfg.progressive_crop else None))
     else:
         steps += [Resize(parse_resize(cfg.resize)), RandomCrop(cfg.crop)]
     if cfg.hflip > 0:
