@@ -19,10 +19,10 @@ resize=256
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --resize ]] && resize=${args[i + 1]}; done
 alexnet data pack "$data" "$work/packed-$resize" --resize "$resize"
-# The `fast` recipe as BENCHMARKS.md's pairs ran it (before its BatchNorm, random-resized crops and
-# 288-px validation): a plain crop is what both paths, and the held crops, take.
-as_measured=(--no-train-bn --no-random-resized-crop --resize 256 --val-crop 0 --global-batch-size 128
-  --lr 0.01 --lr-reference-batch 128)
+# The `fast` recipe as BENCHMARKS.md's pairs ran it (before its BatchNorm, random-resized crops, progressive
+# resizing to 288 px and 352-px validation): a plain crop is what both paths, and the held crops, take.
+as_measured=(--no-train-bn --no-random-resized-crop --progressive-crop 0 --crop 224 --val-every 1 --resize 256
+  --val-crop 0 --global-batch-size 128 --lr 0.01 --lr-reference-batch 128)
 common=(--recipe fast "${as_measured[@]}" --epochs 10 --seed 0 --threads 1 --workers 1 --quiet)
 alexnet train --data "$work/packed-$resize" "${common[@]}" --precision "${FAST_PRECISION:-auto}" "$@" \
   --out "$work/fast" > "$work/fast.log" 2>&1 &
