@@ -144,3 +144,11 @@ def test_a_run_from_before_precision_existed_resumes_in_fp32():
     assert resolve_train({"resume": __file__}, lambda r, o: dict(old))[0].precision == "fp32"
     assert resolve_train({"resume": __file__}, lambda r, o: {**old, "precision": "bf16"})[0].precision == "bf16"
     assert resolve_train({"resume": __file__, "precision": "bf16"}, lambda r, o: dict(old))[0].precision == "bf16"
+
+
+def test_only_fp16_on_a_cpu_is_warned_of():
+    from alexnet.runtime import precision_warning
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "fp16 on a CPU" in precision_warning(torch.float16, cpu)
+    assert precision_warning(torch.bfloat16, cpu) is None and precision_warning(None, cpu) is None
+    assert precision_warning(torch.float16, cuda) is None

@@ -37,7 +37,7 @@ from .data.batch import main_process_augment, on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
 from .models import MIN_INPUT_SIZE, create_model
 from .progress import Progress
-from .runtime import configure, make_sgd, resolve_device, resolve_precision, tune_allocator
+from .runtime import configure, make_sgd, precision_warning, resolve_device, resolve_precision, tune_allocator
 
 # torchvision's AlexNet at 224x224: 0.714 G multiply-adds forward; a trained image costs about three
 # forward passes (forward, and the two products of the backward), 2 FLOP a multiply-add.
@@ -419,6 +419,8 @@ def _run(cfg: BenchConfig, pipes: list, device: torch.device, threads: int, sour
         f"{_held_words(device) if any(getattr(p, 'held', False) for p in pipes) else ''}; "
         f"reference: fp32, NCHW; {cfg.rounds} rounds of "
         f"{cfg.steps} steps after {cfg.warmup}, alternating")
+    if warning := precision_warning(amp, device):
+        log(f"WARNING: {warning}")
     rates = {(p.name, w): [] for p in pipes for w in cfg.what}
     for r in range(cfg.rounds):
         for what in cfg.what:

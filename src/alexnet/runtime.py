@@ -50,6 +50,15 @@ def resolve_precision(name: str, device: torch.device, deterministic: bool) -> t
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def precision_warning(dtype: torch.dtype | None, device: torch.device) -> str | None:
+    """Why `dtype` on `device` is a poor choice, when it is far slower there than fp32; else None."""
+    if dtype == torch.float16 and device.type == "cpu":
+        # torch runs the fp16 convolution backward on CPUs without an optimised kernel (2.14: about 70x fp32)
+        return ("fp16 on a CPU: torch's convolution backward in fp16 is far slower there than fp32; "
+                "--precision bf16 is the fast reduced precision on CPUs with AMX or AVX512-BF16 (auto picks it)")
+    return None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The forward pass's precision context: torch.autocast with `dtype`, or nothing for fp32."""
     if dtype is None:

@@ -23,8 +23,8 @@ from .data.synthetic import ensure_dataset
 from .evaluate import evaluate, topk_correct
 from .models import add_batchnorm, create_model, folded_state_dict, load_pretrained
 from .progress import Progress
-from .runtime import (autocast, configure, make_sgd, match_state_layouts, resolve_device, resolve_precision,
-                      rng_state, seed_everything, set_rng_state, tune_allocator)
+from .runtime import (autocast, configure, make_sgd, match_state_layouts, precision_warning, resolve_device,
+                      resolve_precision, rng_state, seed_everything, set_rng_state, tune_allocator)
 
 
 class Schedule:
@@ -445,10 +445,8 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
         f"{' with BatchNorm while training' if cfg.train_bn else ''} (fc width {cfg.fc_width}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters) on {device}, {threads} thread{'s' if threads > 1 else ''}, "
         f"{precision}{', channels_last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}")
-    if amp_dtype == torch.float16 and device.type == "cpu":
-        # torch runs the fp16 convolution backward on CPUs without an optimised kernel (2.14: about 70x fp32)
-        say("WARNING: fp16 on a CPU: torch's convolution backward in fp16 is far slower there than fp32; "
-            "--precision bf16 is the fast reduced precision on CPUs with AMX or AVX512-BF16 (auto picks it)")
+    if warning := precision_warning(amp_dtype, device):
+        say(f"WARNING: {warning}")
     say(f"batch: {cfg.batch_size} per process x {world} process{'es' if world > 1 else ''} x "
         f"{cfg.accum_steps} accumulation step{'s' if cfg.accum_steps > 1 else ''} = {global_batch} global; "
         f"lr {peak_lr:g}" + (f" (--lr {cfg.lr:g} scaled by {global_batch}/{cfg.lr_reference_batch})"
