@@ -45,6 +45,57 @@ def run_cli(*args, timeout=300, cwd=None, env=None, check=True) -> subprocess.Co
     return proc
 
 
+def run_here(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    """The command line as run_cli runs it, with the same result, but in this process: a fresh interpreter
+    spends seconds importing torch before it trains for less than one. For runs of one process whose
+    loader reads in that process (--workers 0), where nothing is killed; runs that start processes, kill
+    them or compile stay with run_cli. What a run sets for the whole process (the root logger, the thread
+    count, deterministic algorithms, the random state, the environment) is put back afterwards. An
+    uncaught exception fails the test, as a traceback would with run_cli."""
+    import contextlib
+    import io
+    import logging
+    from alexnet.cli import main
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    environ = dict(os.environ)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    flags = [str(a) for a in args]
+    assert "--workers" not in flags or flags[len(flags) - 1 - flags[::-1].index("--workers") + 1] == "0", \
+        "loader workers would be forked from the test runner: use run_cli"
+    out, err = io.StringIO(), io.StringIO()
+    for h in handlers:  # so that the run's logging.basicConfig writes to `out`, as in a process of its own
+        root.removeHandler(h)
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+            h.close()
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+    proc = subprocess.CompletedProcess(["alexnet", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"alexnet {' '.join(map(str, args))} returned {code}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     """The command line run in this process: quicker than a fresh interpreter for checks that end before
     any training. Returns the exit code (argparse's too), stdout and stderr; an uncaught exception fails."""
@@ -99,8 +150,9 @@ def exact(tmp_path_factory):
 
 def train_run(exact, name, *flags, env=None):
     out = exact["root"] / name
-    p = run_cli("train", "--data", exact["data"], "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
-                *flags, env=env)
+    run = run_cli if env or "--nproc-per-node" in flags or "--compile" in flags else run_here
+    p = run("train", "--data", exact["data"], "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
+            *flags, env=env)
     return final_weights(out), p
 
 
@@ -136,6 +188,6 @@ def shipped(tmp_path_factory, tiny_data):
         model.classifier[6].bias -= logits.median(dim=0).values
     torch.save(model.state_dict(), root / "w0.pt")
     out = root / "run"
-    p = run_cli("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2", "--weights", root / "w0.pt",
-                "--lr", "1e-7", "--momentum", "0", "--dropout", "0", "--tensorboard", "--log-every", "1")
+    p = run_here("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2", "--weights", root / "w0.pt",
+                 "--lr", "1e-7", "--momentum", "0", "--dropout", "0", "--tensorboard", "--log-every", "1")
     return out, p

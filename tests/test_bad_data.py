@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, cli, run_cli, write_folder
+from conftest import TINY, cli, run_cli, run_here, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,6 @@ def test_training_skips_and_counts_bad_images(messy, tmp_path):
 
 
 def test_on_bad_image_error_stops_with_the_file_named(messy, tmp_path):
-    p = run_cli("train", "--data", messy, "--out", tmp_path / "r", *TINY, "--on-bad-image", "error", check=False)
+    p = run_here("train", "--data", messy, "--out", tmp_path / "r", *TINY, "--on-bad-image", "error", check=False)
     assert p.returncode == 2
     assert "unreadable image" in p.stderr and "Traceback" not in p.stderr

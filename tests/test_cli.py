@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torchvision
 import yaml
 
 from alexnet import checkpoint
-from conftest import TINY, cli, run_cli
+from conftest import TINY, cli, run_cli, run_here
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_sec", "epoch_seconds"}
 
@@ -126,10 +127,9 @@ def test_predict_missing_image(trained, tmp_path, capsys):
 
 def test_resume_continues_the_run(trained, tiny_data, tmp_path):
     out, _ = trained
-    import shutil
     copy = tmp_path / "r"
     shutil.copytree(out, copy)
-    run_cli("train", "--resume", copy / "checkpoints" / "last.pt", "--out", copy, "--epochs", "3")
+    run_here("train", "--resume", copy / "checkpoints" / "last.pt", "--out", copy, "--epochs", "3")
     lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert checkpoint.load_run(copy / "checkpoints" / "last.pt")["epoch"] == 3
@@ -137,7 +137,7 @@ def test_resume_continues_the_run(trained, tiny_data, tmp_path):
 
 def test_deterministic_runs_give_identical_weights(tiny_data, tmp_path):
     args = [*TINY, "--data", tiny_data, "--deterministic", "--epochs", "2", "--workers", "2"]
-    run_cli("train", *args, "--out", tmp_path / "a")
+    run_cli("train", *args, "--out", tmp_path / "a")  # loader workers: processes of their own
     run_cli("train", *args, "--out", tmp_path / "b")
     run_cli("train", *args, "--out", tmp_path / "c", "--seed", "1")
     a, b, c = (checkpoint.load_run(tmp_path / x / "checkpoints" / "last.pt")["model"] for x in "abc")
@@ -152,8 +152,8 @@ def test_deterministic_runs_give_identical_weights(tiny_data, tmp_path):
 def test_fine_tune_from_torchvision_weights(tiny_data, tmp_path):
     tv = torchvision.models.alexnet(weights=None)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    run_cli("train", *TINY, "--fc-width", "4096", "--lr", "1e-9", "--weights", tmp_path / "tv.pth",
-            "--data", tiny_data, "--out", tmp_path / "ft")
+    run_here("train", *TINY, "--fc-width", "4096", "--lr", "1e-9", "--weights", tmp_path / "tv.pth",
+             "--data", tiny_data, "--out", tmp_path / "ft")
     state = checkpoint.load_run(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
     assert state["classifier.6.weight"].shape == (3, 4096)
     assert torch.allclose(state["features.0.weight"], tv.state_dict()["features.0.weight"], atol=1e-6)
@@ -178,17 +178,18 @@ def test_version_and_help(capsys):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
     args = [*TINY, "--data", tiny_data, "--deterministic", "--dropout", "0.5", "--schedule", "step",
             "--step-size", "1", "--gamma", "0.5"]
-    run_cli("train", *args, "--epochs", "3", "--out", tmp_path / "full")
-    run_cli("train", *args, "--epochs", "2", "--out", tmp_path / "cut")
-    run_cli("train", "--resume", tmp_path / "cut" / "checkpoints" / "last.pt", "--epochs", "3")
+    run_here("train", *args, "--epochs", "3", "--out", tmp_path / "full")
+    run_here("train", *args, "--epochs", "2", "--out", tmp_path / "cut")
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut2")  # for the control below
+    run_here("train", "--resume", tmp_path / "cut" / "checkpoints" / "last.pt", "--epochs", "3")
     full = checkpoint.load_run(tmp_path / "full" / "checkpoints" / "last.pt")
     resumed = checkpoint.load_run(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert resumed["epoch"] == full["epoch"] == 3
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     assert full["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
     # control: the same resume with the last epoch's data in another order ends elsewhere
-    run_cli("train", *args, "--epochs", "2", "--out", tmp_path / "cut2")
-    run_cli("train", "--resume", tmp_path / "cut2" / "checkpoints" / "last.pt", "--epochs", "3", "--seed", "7")
+    run_here("train", "--resume", tmp_path / "cut2" / "checkpoints" / "last.pt", "--out", tmp_path / "cut2",
+             "--epochs", "3", "--seed", "7")
     other = checkpoint.load_run(tmp_path / "cut2" / "checkpoints" / "last.pt")
     assert other["epoch"] == 3
     assert not all(torch.equal(full["model"][k], other["model"][k]) for k in full["model"])
@@ -222,6 +223,6 @@ def test_eval_and_predict_setting_errors(trained, command, args, message, capsys
 
 
 def test_alexnet2012_trains_through_the_cli(tiny_data, tmp_path):
-    run_cli("train", *TINY, "--arch", "alexnet2012", "--data", tiny_data, "--out", tmp_path / "p")
+    run_here("train", *TINY, "--arch", "alexnet2012", "--data", tiny_data, "--out", tmp_path / "p")
     state = checkpoint.load_run(tmp_path / "p" / "checkpoints" / "last.pt")
     assert state["config"]["arch"] == "alexnet2012" and state["model"]["features.4.weight"].shape == (256, 48, 5, 5)

@@ -17,7 +17,7 @@ from alexnet import checkpoint, distributed, launch
 from alexnet.config import ConfigError
 from alexnet.data import EpochSampler
 from alexnet.models import add_batchnorm, create_model
-from conftest import EXACT, final_weights, max_diff, run_cli, shas, tolerance, train_run, write_folder
+from conftest import EXACT, final_weights, max_diff, run_cli, run_here, shas, tolerance, train_run, write_folder
 
 # --------------------------------------------------------------------------------------------- sharding
 
@@ -205,8 +205,8 @@ def odd_val(tmp_path_factory):
     extra = sorted((data / "val" / "square").glob("*.jpg"))[-1]
     extra.unlink()
     out = root / "run"
-    run_cli("train", "--data", data, "--out", out, "--resize", "72", "--crop", "64", "--fc-width", "32",
-            "--workers", "0", "--epochs", "1", "--quiet", "--batch-size", "8", "--lr", "0.02")
+    run_here("train", "--data", data, "--out", out, "--resize", "72", "--crop", "64", "--fc-width", "32",
+             "--workers", "0", "--epochs", "1", "--quiet", "--batch-size", "8", "--lr", "0.02")
     return data, out / "checkpoints" / "last.pt"
 
 
@@ -216,8 +216,9 @@ def test_evaluation_is_exact_for_any_number_of_processes(odd_val):
     results = []
     for n in (1, 2, 3):
         flags = [] if n == 1 else ["--nproc-per-node", str(n)]
-        p = run_cli("eval", "--checkpoint", ckpt, "--data", data, "--json", "--workers", "0", "--batch-size", "8",
-                    *flags)
+        run = run_here if n == 1 else run_cli
+        p = run("eval", "--checkpoint", ckpt, "--data", data, "--json", "--workers", "0", "--batch-size", "8",
+                *flags)
         results.append(json.loads(p.stdout.strip().splitlines()[-1]))
     for m in results:
         assert m["count"] == 101

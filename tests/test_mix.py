@@ -8,7 +8,7 @@ from alexnet.data.mix import BatchMix
 from alexnet.progress import Progress
 from alexnet.train import Schedule, train_one_epoch
 
-from conftest import TINY, run_cli, shas
+from conftest import TINY, run_here, shas
 
 
 def batch(n=8, size=16):
@@ -81,6 +81,6 @@ def test_training_with_mixup_and_cutmix_is_reproducible(tiny_data, tmp_path):
     runs = []
     for name, extra in [("a", ["--mixup", "0.4", "--cutmix", "1"]), ("b", ["--mixup", "0.4", "--cutmix", "1"]),
                         ("plain", [])]:
-        p = run_cli("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
+        p = run_here("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
         runs.append(shas(p.stdout)[0])
     assert runs[0] == runs[1] != runs[2]

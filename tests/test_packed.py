@@ -15,7 +15,7 @@ from alexnet.data.batch import BatchAugment, supports
 from alexnet.data.images import load_rgb
 from alexnet.data.transforms import Resize, eval_transform, sample_generator, train_transform
 
-from conftest import EXACT, cli, final_weights, max_diff, run_cli, write_folder
+from conftest import EXACT, cli, final_weights, max_diff, run_here, write_folder
 
 
 def odd_folder(root):
@@ -192,8 +192,8 @@ def test_training_from_packed_equals_training_from_jpeg(exact, one_process, tmp_
     code, _, err = cli(capsys, "data", "pack", exact["data"], tmp_path / "packed", "--resize", "72", "--workers", "1")
     assert code == 0, err
     out = tmp_path / "run"
-    p = run_cli("train", "--data", tmp_path / "packed", "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
-                "--batch-size", "8", "--data-on-device", on_device)
+    p = run_here("train", "--data", tmp_path / "packed", "--weights", exact["root"] / "w0.pt", "--out", out, *EXACT,
+                 "--batch-size", "8", "--data-on-device", on_device)
     assert path in p.stdout
     w = final_weights(out)
     assert max_diff(w, one_process) <= 1e-5 * max_diff(one_process, exact["w0"])

@@ -7,7 +7,7 @@ import torch
 
 from alexnet import checkpoint
 from alexnet.runtime import cpu_has_bf16, make_sgd, resolve_precision
-from conftest import TINY, run_cli
+from conftest import TINY, run_here, write_folder
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
@@ -87,28 +87,29 @@ def test_without_bias_decay_only_the_weights_of_convolutions_and_linear_layers_d
 
 def test_a_run_without_bias_decay_saves_its_two_groups_and_refuses_a_resume_with_it(tiny_data, tmp_path):
     args = [*TINY, "--data", tiny_data, "--train-bn"]
-    run_cli("train", *args, "--no-bias-decay", "--out", tmp_path / "nbd")
+    run_here("train", *args, "--no-bias-decay", "--out", tmp_path / "nbd")
     state = checkpoint.load_run(tmp_path / "nbd" / "checkpoints" / "last.pt")
     assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [5e-4, 0.0]
     assert state["config"]["bias_decay"] is False
-    p = run_cli("train", *args, "--epochs", "2", "--bias-decay", "--resume", tmp_path / "nbd" / "checkpoints" /
-                "last.pt", "--out", tmp_path / "other", check=False)
+    p = run_here("train", *args, "--epochs", "2", "--bias-decay", "--resume", tmp_path / "nbd" / "checkpoints" /
+                 "last.pt", "--out", tmp_path / "other", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "--bias-decay changed?" in p.stderr
 
 
-def test_fp16_keeps_its_gradient_scaler_in_checkpoints_and_resumes_exactly(tiny_data, tmp_path):
-    # fp16 steps are slow on CPUs (torch's fp16 convolution backward), so: one epoch of 3 steps, resumed
-    # inside it from the checkpoint after its first step
-    args = [*TINY, "--data", tiny_data, "--deterministic", "--precision", "fp16", "--dropout", "0.5",
-            "--checkpoint-every", "1"]
-    p = run_cli("train", *args, "--out", tmp_path / "straight")
+def test_fp16_keeps_its_gradient_scaler_in_checkpoints_and_resumes_exactly(tmp_path):
+    # fp16 steps are slow on CPUs (torch's fp16 convolution backward), so: 6 images in batches of 2, one
+    # epoch of 3 steps, resumed inside it from the checkpoint after its first step
+    data = write_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    args = [*TINY, "--data", data, "--batch-size", "2", "--deterministic", "--precision", "fp16",
+            "--dropout", "0.5", "--checkpoint-every", "1"]
+    p = run_here("train", *args, "--out", tmp_path / "straight")
     assert "fp16 with a gradient scaler" in p.stdout
     assert "WARNING: fp16 on a CPU" in p.stdout and "--precision bf16" in p.stdout
     after_one = tmp_path / "straight" / "checkpoints" / "step-000000001.pt"
     state = checkpoint.load_run(after_one)
     assert state["scaler"]["scale"] > 1 and state["scaler"]["_growth_tracker"] == 1  # 1 step, no overflow
-    run_cli("train", *args, "--resume", after_one, "--out", tmp_path / "resumed")
+    run_here("train", *args, "--resume", after_one, "--out", tmp_path / "resumed")
     a = checkpoint.load_run(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = checkpoint.load_run(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

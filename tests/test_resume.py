@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from alexnet import checkpoint
-from conftest import final_weights, max_diff, run_cli
+from conftest import final_weights, max_diff, run_cli, run_here
 
 # Deterministic, with dropout on (so the random state matters), 24 images in batches of 4: 6 steps an epoch.
 RESUME = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "4", "--workers", "0", "--quiet",
@@ -34,7 +34,8 @@ def resume_from(exact, src: Path, name: str, *flags, edit=None):
     if edit:
         edit(state)
     torch.save(state, out / "checkpoints" / src.name)
-    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, *flags, "--resume", "auto")
+    run = run_cli if "--nproc-per-node" in flags else run_here
+    p = run("train", "--data", exact["data"], "--out", out, *RESUME, *flags, "--resume", "auto")
     return final_weights(out), p
 
 
@@ -42,7 +43,7 @@ def resume_from(exact, src: Path, name: str, *flags, edit=None):
 def straight(exact):
     """A run never stopped: 2 epochs (12 steps), a checkpoint every 2 steps."""
     out = exact["root"] / "straight"
-    run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--checkpoint-every", "2")
+    run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--checkpoint-every", "2")
     return out
 
 
@@ -94,14 +95,14 @@ def test_two_processes_resume_inside_an_epoch_exactly(exact):
 @pytest.mark.slow
 def test_resume_auto_skips_an_unusable_checkpoint_and_keeps_the_last_k(exact, straight, tmp_path):
     out = tmp_path / "auto"
-    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "1", "--resume", "auto",
-                "--checkpoint-every", "1", "--keep-last", "2")
+    p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "1", "--resume", "auto",
+                 "--checkpoint-every", "1", "--keep-last", "2")
     assert "starting afresh" in p.stdout
     assert steps_of(out) == [5, 6]  # the last 2 kept
     assert os.path.samefile(out / "checkpoints" / "last.pt", out / "checkpoints" / "step-000000006.pt")
     newest = out / "checkpoints" / "step-000000006.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
-    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--resume", "auto")
+    p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--resume", "auto")
     assert "skipping an unusable checkpoint" in p.stdout and "step-000000006.pt" in p.stdout
     assert "at epoch 1, step 5 of it" in p.stdout
 
@@ -122,7 +123,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, exact):
     for args in (["eval", "--checkpoint", evil], ["predict", "--checkpoint", evil, evil],
                  ["train", "--data", exact["data"], "--resume", evil, "--out", tmp_path / "r"],
                  ["train", "--data", exact["data"], "--weights", evil, "--out", tmp_path / "w", "--epochs", "1"]):
-        p = run_cli(*args, check=False)
+        p = run_here(*args, check=False)
         assert p.returncode == 2, p.stderr
         assert "it may run code when unpickled" in p.stderr and "Traceback" not in p.stderr
     assert not MARKER.exists()
@@ -134,7 +135,7 @@ def test_resume_inside_an_epoch_mixes_the_same(exact):
     have and ends with the same weights."""
     mixing = ["--epochs", "2", "--checkpoint-every", "2", "--mixup", "0.4", "--cutmix", "1"]
     out = exact["root"] / "mixed-straight"
-    run_cli("train", "--data", exact["data"], "--out", out, *RESUME, *mixing)
+    run_here("train", "--data", exact["data"], "--out", out, *RESUME, *mixing)
     w, _ = resume_from(exact, out / "checkpoints" / "step-000000008.pt", "mixed-resumed", *mixing)
     assert max_diff(w, final_weights(out)) == 0.0
 
@@ -143,7 +144,7 @@ def test_resume_inside_an_epoch_mixes_the_same(exact):
 def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path):
     flags = [*RESUME, "--epochs", "12", "--data", exact["data"]]
     reference = tmp_path / "reference"
-    run_cli("train", *flags, "--out", reference)
+    run_here("train", *flags, "--out", reference)
     out = tmp_path / "preempted"
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -157,7 +158,7 @@ def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, 
     assert "stopped on SIGTERM" in stdout and "--resume auto" in stdout
     stopped_at = checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"]
     assert 12 <= stopped_at < 72
-    run_cli("train", *flags, "--out", out, "--resume", "auto")
+    run_here("train", *flags, "--out", out, "--resume", "auto")
     assert max_diff(final_weights(out), final_weights(reference)) == 0.0
 
 
@@ -199,13 +200,13 @@ def worker_pid(tag: str, rank: int) -> int:
 
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_usable_checkpoint(exact, tmp_path):
     out = tmp_path / "diverged"
-    p = run_cli("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "3", "--lr", "1e6",
-                "--max-nonfinite-steps", "3", check=False)
+    p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "3", "--lr", "1e6",
+                 "--max-nonfinite-steps", "3", check=False)
     assert p.returncode == 1, p.stderr
     assert "the loss was not finite for 3 steps in a row" in p.stderr and "Traceback" not in p.stderr
     state = checkpoint.load_run(out / "checkpoints" / "last.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     # The control: a sane learning rate skips nothing.
-    run_cli("train", "--data", exact["data"], "--out", tmp_path / "sane", *RESUME, "--epochs", "1")
+    run_here("train", "--data", exact["data"], "--out", tmp_path / "sane", *RESUME, "--epochs", "1")
     import json
     assert json.loads((tmp_path / "sane" / "metrics.jsonl").read_text())["skipped_steps"] == 0

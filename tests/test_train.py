@@ -13,7 +13,7 @@ from alexnet.models import add_batchnorm, create_model
 from alexnet.progress import Progress
 from alexnet.train import Schedule, train_one_epoch
 
-from conftest import TINY, batchnorm_variances, max_diff, run_cli, shas
+from conftest import TINY, batchnorm_variances, max_diff, run_here, shas
 
 
 def epoch(model, batches, lr: float, **kw) -> dict:
@@ -51,7 +51,7 @@ def test_clipping_under_a_gradient_scaler_clips_the_unscaled_gradients():
 def test_training_with_clipping_is_reproducible_and_changes_the_run(tiny_data, tmp_path):
     runs = []
     for name, extra in [("a", ["--clip-grad-norm", "0.01"]), ("b", ["--clip-grad-norm", "0.01"]), ("plain", [])]:
-        p = run_cli("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
+        p = run_here("train", "--data", tiny_data, "--out", tmp_path / name, *TINY, "--deterministic", *extra)
         runs.append(shas(p.stdout)[0])
     assert runs[0] == runs[1] != runs[2]
 
@@ -83,7 +83,7 @@ def test_train_bn_saves_the_plain_model_that_evaluates_as_trained_and_resumes_ex
     flags = [*TINY, "--deterministic", "--epochs", "2", "--lr", "0.05", "--train-bn", "--checkpoint-every", "2",
              "--keep-last", "10"]
     straight = tmp_path / "straight"
-    p = run_cli("train", "--data", tiny_data, "--out", straight, *flags)
+    p = run_here("train", "--data", tiny_data, "--out", straight, *flags)
     assert "alexnet with BatchNorm while training" in p.stdout
     state = checkpoint.load_run(straight / "checkpoints" / "last.pt")
     plain = create_model("alexnet", 3, fc_width=32)
@@ -93,8 +93,8 @@ def test_train_bn_saves_the_plain_model_that_evaluates_as_trained_and_resumes_ex
 
     # `alexnet eval` of the folded weights gives what the run's own validation measured with BatchNorm
     last = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
-    e = json.loads(run_cli("eval", "--checkpoint", straight / "checkpoints" / "last.pt", "--workers", "0",
-                           "--json").stdout.splitlines()[-1])
+    e = json.loads(run_here("eval", "--checkpoint", straight / "checkpoints" / "last.pt", "--workers", "0",
+                            "--json").stdout.splitlines()[-1])
     assert e["acc1"] == last["val_acc1"]
     assert e["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
 
@@ -102,7 +102,7 @@ def test_train_bn_saves_the_plain_model_that_evaluates_as_trained_and_resumes_ex
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "checkpoints" / "step-000000004.pt", resumed / "checkpoints")
-    run_cli("train", "--data", tiny_data, "--out", resumed, *flags, "--resume", "auto")
+    run_here("train", "--data", tiny_data, "--out", resumed, *flags, "--resume", "auto")
     again = checkpoint.load_run(resumed / "checkpoints" / "last.pt")
     assert max_diff(again["model_with_bn"], state["model_with_bn"]) == 0.0
     assert max_diff(again["model"], state["model"]) == 0.0
@@ -116,16 +116,16 @@ def test_val_crop_is_the_size_the_run_validates_evaluates_and_exports_at(tiny_da
     data = tiny_data
     if source == "packed":
         data = tmp_path / "packed"
-        run_cli("data", "pack", tiny_data, data, "--resize", "88", "--workers", "0")
+        run_here("data", "pack", tiny_data, data, "--resize", "88", "--workers", "0")
     out = tmp_path / "run"
     flags = [*TINY, "--resize", "88", "--val-crop", "80", "--deterministic", "--epochs", "2", "--lr", "0.01",
              "--init", "fan-in", "--dropout", "0"]  # fan-in: outputs that depend on the image after 6 steps
-    p = run_cli("train", "--data", data, "--out", out, *flags)
+    p = run_here("train", "--data", data, "--out", out, *flags)
     if source == "packed":
         assert "crops read from the memory map" in p.stdout  # the held CPU path, whose windows differ in size
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     ckpt = out / "checkpoints" / "last.pt"
-    runs = {crop: json.loads(run_cli("eval", "--checkpoint", ckpt, "--workers", "0", "--json", *crop).stdout)
+    runs = {crop: json.loads(run_here("eval", "--checkpoint", ckpt, "--workers", "0", "--json", *crop).stdout)
             for crop in ((), ("--crop", "80"), ("--crop", "64"))}
     assert runs[()]["crop"] == 80 and runs[()]["loss"] == runs[("--crop", "80")]["loss"]
     assert runs[()]["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
@@ -135,6 +135,6 @@ def test_val_crop_is_the_size_the_run_validates_evaluates_and_exports_at(tiny_da
 
 
 def test_val_crop_larger_than_the_resized_image_is_a_clear_error(tiny_data, tmp_path):
-    p = run_cli("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY, "--val-crop", "80", check=False)
+    p = run_here("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY, "--val-crop", "80", check=False)
     assert p.returncode == 2 and "--val-crop: 80 is larger than the resized image (72)" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()
