@@ -25,7 +25,9 @@ def _run(args):
 
 
 def test_processes_started_together_build_once(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    # not fork: this test runner has threads of its own (torch's), and a child forked while one of them holds
+    # a lock can wait for it forever
+    ctx = multiprocessing.get_context("forkserver")
     barrier = ctx.Manager().Barrier(4)
     final, log = tmp_path / "out", tmp_path / "log.txt"
     with ctx.Pool(4) as pool:
