@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as F
 from PIL import Image
 
 from ..config import TrainConfig, parse_resize
@@ -177,6 +176,7 @@ class ColorJitter:
         return [ops[i] for i in torch.randperm(len(ops), generator=g).tolist()]
 
     def __call__(self, img: Image.Image, g: torch.Generator) -> Image.Image:
+        import torchvision.transforms.functional as F  # here, not at the top: importing torchvision costs seconds
         for name, factor in self.draw(g):
             img = getattr(F, f"adjust_{name}")(img, factor)
         return img
