@@ -228,6 +228,34 @@ def test_evaluation_is_exact_for_any_number_of_processes(odd_val):
     assert results[0]["correct5"] < 101  # top-5 of 6 classes can miss, so it is compared for real
 
 
+GROUP_THREADS_AFTER_SHUTDOWN = """
+import os, sys, torch
+from alexnet import distributed
+distributed.setup(torch.device("cpu"), timeout_s=60)
+import torchvision, torch._dynamo  # what the data path and --compile import once the group exists
+distributed.sum_all([1.0])
+distributed.shutdown()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w") as f:
+    f.write(",".join(names))
+"""
+
+
+@pytest.mark.slow
+def test_shutdown_ends_the_groups_threads(tmp_path):
+    # A gloo group kept alive past shutdown leaves its threads running into interpreter exit, where one
+    # of them can abort the process after its work is done (seen as a rank stopped by signal 6 in eval).
+    script = tmp_path / "threads.py"
+    script.write_text(GROUP_THREADS_AFTER_SHUTDOWN)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        names = (tmp_path / f"rank{rank}").read_text()
+        assert names.startswith("python") and "gloo" not in names, names
+
+
 # --------------------------------------------------------------------------------------- dead peers
 
 def free_port() -> int:

@@ -168,6 +168,7 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, l
     if master and os.environ.get("ALEXNET_NETWORK_SET") != "1":  # under torchrun; our launcher did it already
         several_nodes = int(os.environ["WORLD_SIZE"]) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         configure_network(master, log if int(os.environ["RANK"]) == 0 else None, multi_node=several_nodes)
+    _bind_defaults_before_the_group()
     try:
         store = _attempt_store(timeout_s)
         if store is None:
@@ -184,6 +185,20 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, l
         log(f"process group: {world_size()} processes, backend {backend}, rank 0 on "
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, timeout {timeout_s:g} s")
     return device
+
+
+def _bind_defaults_before_the_group() -> None:
+    """Import torch.distributed.nn.functional before the process group exists.
+
+    That module binds `group.WORLD` as a default argument of its functions when it is first imported
+    (torchvision and torch.compile import it). Imported after init_process_group, it keeps the group, and
+    gloo's threads, alive past destroy_process_group; one of those threads can then release a finished
+    collective's tensor while the interpreter exits, which aborts the process ("terminate called without
+    an active exception") after its work is done. Imported first, those defaults hold None."""
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a build without it: nothing binds the group
+        pass
 
 
 def _attempt_store(timeout_s: float):
