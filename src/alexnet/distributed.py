@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from datetime import timedelta
 
 import torch
@@ -219,6 +220,13 @@ def _attempt_store(timeout_s: float):
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        if torch.__version__ < "2.8":
+            # Before torch 2.8 (pytorch/pytorch#154976) the process group's destructor joins gloo's threads
+            # while it holds the GIL. A thread still releasing a finished collective whose tensor Python
+            # has dropped needs the GIL for that, so the two wait on each other for ever (seen on torch
+            # 2.4.1 as a rank that printed its result and never exited, in most 3-process evals). The
+            # pause hands the GIL to such a thread first.
+            time.sleep(0.1)
         dist.destroy_process_group()
 
 
