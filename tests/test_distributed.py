@@ -1,6 +1,7 @@
 """Distributed training: sharding, exact evaluation, equivalence with one process, the launcher, torchrun,
 dead peers. Real gloo processes on loopback; the two-host test is in test_netns.py."""
 
+import inspect
 import json
 import os
 import re
@@ -79,6 +80,28 @@ def test_launcher_builds_a_c10d_rendezvous_hosted_here(monkeypatch):
     static = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=2, master_addr="127.0.0.1",
                                                master_port=29998, node_rank=1), "train", [], 30, None)
     assert "--rdzv-backend static --master-addr 127.0.0.1 --master-port 29998 --node-rank 1" in " ".join(static)
+
+
+def test_rank_0_is_published_at_the_chosen_address_not_its_host_name(monkeypatch):
+    # What the launcher gives torch versions whose rendezvous publishes socket.getfqdn() as MASTER_ADDR:
+    # node rank 0 publishes the address chosen from the route, and every node reads the same back.
+    from torch.distributed.elastic.rendezvous import api
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "a-name-that-resolves-to-loopback")
+    port = free_port()
+    server = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False)
+    build = launch._store_info_builder("10.1.2.3")
+    first, second = build(0, server), build(1, client)
+    assert first.master_addr == second.master_addr == "10.1.2.3"
+    assert first.master_port == second.master_port > 0
+    # where torch publishes --local-addr itself, its own build is kept
+    original = api.RendezvousStoreInfo.build
+    monkeypatch.setattr(api.RendezvousStoreInfo, "build", original)
+    launch._advertise("10.1.2.3")
+    if "local_addr" in inspect.signature(original).parameters:
+        assert api.RendezvousStoreInfo.build is original
+    else:
+        assert api.RendezvousStoreInfo.build(0, torch.distributed.HashStore()).master_addr == "10.1.2.3"
 
 
 @pytest.mark.parametrize("kw,message", [

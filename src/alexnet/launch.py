@@ -10,6 +10,7 @@ that a host name resolving to 127.0.0.1 cannot send peers to loopback. `--dist-t
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -128,6 +129,37 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     return args + ["-m", "alexnet", command, *worker_argv]
 
 
+def _store_info_builder(address: str):
+    """torch's RendezvousStoreInfo.build as later versions have it with --local-addr: node rank 0 publishes
+    `address` and a free port of its own as MASTER_ADDR and MASTER_PORT, and every node reads them back."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    def build(rank: int, store) -> RendezvousStoreInfo:
+        if rank == 0:
+            store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, address.encode())
+            store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(get_free_port()).encode())
+        return RendezvousStoreInfo(master_addr=store.get(RendezvousStoreInfo.MASTER_ADDR_KEY).decode(),
+                                   master_port=int(store.get(RendezvousStoreInfo.MASTER_PORT_KEY).decode()))
+    return build
+
+
+def _advertise(address: str) -> None:
+    """Make the c10d rendezvous tell the workers to reach rank 0 at `address` on torch versions that ignore
+    --local-addr for it.
+
+    Up to torch 2.4 at least, the agent of node rank 0 publishes its host name (socket.getfqdn()) as the
+    workers' MASTER_ADDR. Where that name resolves to loopback, or to an address the other nodes have no
+    route to, their workers wait on it until the timeout (pytorch/examples #812). Later versions publish
+    --local-addr, the address chosen here from the route to the rendezvous; this gives the older ones the
+    same behaviour."""
+    from torch.distributed.elastic.rendezvous import api
+    info = getattr(api, "RendezvousStoreInfo", None)
+    if info is None or "local_addr" in inspect.signature(info.build).parameters:
+        return
+    info.build = staticmethod(_store_info_builder(address))
+
+
 def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, log=print) -> int:
     """Launch the workers for this node and wait for them. Returns the exit status for the command line."""
     from torch.distributed import run as torchrun
@@ -135,6 +167,7 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     from torch.distributed.elastic.rendezvous import RendezvousError
 
     args = torchrun_args(a, command, strip(argv), timeout, log)
+    _advertise(args[args.index("--local-addr") + 1])
     host, port, _ = _endpoint(a)
     if (a.launch_nproc_per_node or 1) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
