@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from alexnet.config import TrainConfig, parse_resize
@@ -19,6 +20,11 @@ from alexnet.data.transforms import Resize, eval_transform, train_transform
 from conftest import cli
 
 CPU = torch.device("cpu")
+# The device path decodes a list of files in one call, which torchvision does from 0.20 on (also on the CPU,
+# which stands in for the GPU here); with 0.19 the path is not used (device_decoding_available).
+batched_decoding = pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torchvision.__version__) < "0.20",
+    reason="torchvision before 0.20 decodes one JPEG a call, so the device path is not used with it")
 
 
 def photo(w, h, seed):
@@ -165,6 +171,7 @@ def test_unreadable_file_on_the_device_path(tmp_path):
         on_device(next(iter(strict)), CPU, False, strict.dataset.batch)
 
 
+@batched_decoding
 def test_a_refused_file_goes_to_the_cpu_at_once_next_time(tmp_path, monkeypatch):
     """The first batch with a file the decoder refuses costs a failed batch call and one call a file; the
     next time that file goes straight to the CPU and the others are decoded in one call."""
@@ -235,6 +242,7 @@ def test_resize_rounds_halves_up_as_pil():
     assert torch.equal(got[0], expected[:, :, :96])
 
 
+@batched_decoding
 def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypatch, capsys):
     """Where the device's decoder fails a small test image (no nvJPEG in this build, ROCm), auto decodes
     in the workers with a warning and `device` is a clear error; where it works, the JPEG splits are
@@ -308,3 +316,13 @@ def test_training_steps_on_device_decoded_batches(tmp_path):
     moved = max(float((p - q).abs().max()) for p, q in zip(pa, before))
     apart = max(float((p - q).abs().max()) for p, q in zip(pa, pb))
     assert moved > 1e-3 and apart < 0.01 * moved, (apart, moved)
+
+
+def test_device_decoding_needs_a_torchvision_that_decodes_lists(monkeypatch):
+    from alexnet.data.jpeg import device_decoding_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for version, expected in (("0.19.1+cu121", False), ("0.20.0", True), ("0.29.1+cu130", True)):
+        monkeypatch.setattr(torchvision, "__version__", version)
+        assert device_decoding_available() is expected, version
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_decoding_available() is False

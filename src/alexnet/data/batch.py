@@ -200,7 +200,7 @@ def jpeg_on_gpu(splits, device: torch.device, jpeg_decode: str, say) -> None:
     decoder passes a test image. Errors for a `device` that cannot be honoured."""
     from .folder import DataError
     if jpeg_decode == "device" and not (device.type == "cuda" and device_decoding_available()):
-        raise DataError("--jpeg-decode device needs a CUDA device and torchvision 0.19 or later; "
+        raise DataError("--jpeg-decode device needs a CUDA device and torchvision 0.20 or later; "
                         "use --jpeg-decode workers")
     if device.type != "cuda":
         return

@@ -37,14 +37,13 @@ from .images import load_rgb
 
 
 def device_decoding_available() -> bool:
-    """Whether this torchvision decodes lists of JPEGs on a CUDA device (0.19 and later)."""
+    """Whether this torchvision decodes lists of JPEGs on a CUDA device (0.20 and later; 0.19 takes one
+    file a call) and a CUDA device is there."""
     try:
-        import inspect
-
-        from torchvision.io import decode_jpeg
+        import torchvision
     except ImportError:
         return False
-    return torch.cuda.is_available() and "device" in inspect.signature(decode_jpeg).parameters
+    return torch.cuda.is_available() and torch.torch_version.TorchVersion(torchvision.__version__) >= "0.20"
 
 
 def device_decoding_works(device: torch.device) -> str | None:
