@@ -115,7 +115,7 @@ def _write(model, example, fmt: str, path: str, text: str) -> None:
 
 def _write_onnx(model, example, path: str, text: str) -> None:
     import inspect
-    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:  # torch 2.4 has dynamo=, not this
         raise ConfigError(f"ONNX export needs torch >= 2.5 (this is {torch.__version__})")
     try:
         with _quietly():
