@@ -70,6 +70,8 @@ def test_launcher_builds_a_c10d_rendezvous_hosted_here(monkeypatch):
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ALEXNET_NETWORK_SET", "RANK", "WORLD_SIZE"):
         monkeypatch.setenv(var, "")  # recorded, so that what the launcher sets is undone after the test
         monkeypatch.delenv(var)
+    from torch.distributed.elastic.rendezvous import api
+    monkeypatch.setattr(api.RendezvousStoreInfo, "build", api.RendezvousStoreInfo.build)  # _advertise, torch 2.4
     args = launch.torchrun_args(_launch_args(nproc_per_node=2, nnodes=2, rdzv_endpoint="127.0.0.1:29999"),
                                 "train", ["--epochs", "1"], 30, None)
     joined = " ".join(args)
@@ -96,7 +98,7 @@ def test_rank_0_is_published_at_the_chosen_address_not_its_host_name(monkeypatch
     assert first.master_port == second.master_port > 0
     # where torch publishes --local-addr itself, its own build is kept
     original = api.RendezvousStoreInfo.build
-    monkeypatch.setattr(api.RendezvousStoreInfo, "build", original)
+    monkeypatch.setattr(api.RendezvousStoreInfo, "build", original)  # so that it is put back after the test
     launch._advertise("10.1.2.3")
     if "local_addr" in inspect.signature(original).parameters:
         assert api.RendezvousStoreInfo.build is original
@@ -276,7 +278,7 @@ def test_shutdown_ends_the_groups_threads(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     for rank in (0, 1):
         names = (tmp_path / f"rank{rank}").read_text()
-        assert "gloo" not in names, names  # the main thread is "python" ("pt_main_thread" before torch 2.5)
+        assert "gloo" not in names, names  # the main thread is "python" (torch 2.4 names it "pt_main_thread")
 
 
 # --------------------------------------------------------------------------------------- dead peers

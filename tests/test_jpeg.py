@@ -14,7 +14,7 @@ from alexnet.config import TrainConfig, parse_resize
 from alexnet.data import ImageFolder, make_loader
 from alexnet.data.batch import BatchAugment, on_device
 from alexnet.data.folder import DataError
-from alexnet.data.jpeg import JpegBatch, resize_crop_flip
+from alexnet.data.jpeg import JpegBatch, decodes_lists, resize_crop_flip
 from alexnet.data.transforms import Resize, eval_transform, train_transform
 
 from conftest import cli
@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 # The device path decodes a list of files in one call, which torchvision does from 0.20 on (also on the CPU,
 # which stands in for the GPU here); with 0.19 the path is not used (device_decoding_available).
 batched_decoding = pytest.mark.skipif(
-    torch.torch_version.TorchVersion(torchvision.__version__) < "0.20",
+    not decodes_lists(),
     reason="torchvision before 0.20 decodes one JPEG a call, so the device path is not used with it")
 
 

@@ -113,9 +113,14 @@ def _write(model, example, fmt: str, path: str, text: str) -> None:
         save_file(weights, path, metadata={META_KEY: text})
 
 
-def _write_onnx(model, example, path: str, text: str) -> None:
+def onnx_export_available() -> bool:
+    """Whether torch.onnx.export takes dynamo= and dynamic_shapes= (torch 2.5 on; 2.4 has dynamo= only)."""
     import inspect
-    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:  # torch 2.4 has dynamo=, not this
+    return "dynamic_shapes" in inspect.signature(torch.onnx.export).parameters
+
+
+def _write_onnx(model, example, path: str, text: str) -> None:
+    if not onnx_export_available():
         raise ConfigError(f"ONNX export needs torch >= 2.5 (this is {torch.__version__})")
     try:
         with _quietly():

@@ -87,7 +87,8 @@ def _endpoint(a: argparse.Namespace) -> tuple[str, int, bool]:
 
 
 def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], timeout: float, log) -> list[str]:
-    """The torch.distributed.run command line for this node, after choosing the network settings."""
+    """The torch.distributed.run command line for this node, after choosing the network settings (and making
+    the rendezvous of older torch versions publish the chosen address: _advertise)."""
     if distributed.launched():
         raise ConfigError("this process is already a worker of a distributed launch (torchrun sets RANK); "
                           "drop --nproc-per-node, --nnodes and the rendezvous flags")
@@ -108,6 +109,7 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     except distributed.DistributedError as e:
         raise ConfigError(f"rendezvous {host}:{port}: {e}") from None
     os.environ["ALEXNET_NETWORK_SET"] = "1"  # the workers inherit the choice
+    _advertise(net["address"])
     seconds = max(1, int(round(timeout)))
     args = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
             "--max-restarts", str(a.launch_max_restarts or 0), "--rdzv-id", a.launch_rdzv_id or "alexnet",
@@ -167,7 +169,6 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     from torch.distributed.elastic.rendezvous import RendezvousError
 
     args = torchrun_args(a, command, strip(argv), timeout, log)
-    _advertise(args[args.index("--local-addr") + 1])
     host, port, _ = _endpoint(a)
     if (a.launch_nproc_per_node or 1) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner

@@ -36,14 +36,18 @@ from PIL import Image
 from .images import load_rgb
 
 
-def device_decoding_available() -> bool:
-    """Whether this torchvision decodes lists of JPEGs on a CUDA device (0.20 and later; 0.19 takes one
-    file a call) and a CUDA device is there."""
+def decodes_lists() -> bool:
+    """Whether this torchvision's decode_jpeg takes a list of files (0.20 and later; 0.19 takes one a call)."""
     try:
         import torchvision
     except ImportError:
         return False
-    return torch.cuda.is_available() and torch.torch_version.TorchVersion(torchvision.__version__) >= "0.20"
+    return torch.torch_version.TorchVersion(torchvision.__version__) >= "0.20"
+
+
+def device_decoding_available() -> bool:
+    """Whether a CUDA device is there and this torchvision decodes lists of JPEGs on it."""
+    return torch.cuda.is_available() and decodes_lists()
 
 
 def device_decoding_works(device: torch.device) -> str | None:
