@@ -17,10 +17,11 @@ import torch
 from alexnet.config import TrainConfig
 from alexnet.data import make_loader, packed
 from alexnet.data.transforms import eval_transform, train_transform
+from alexnet.train.plan import augmentation
 
 
 def images_per_second(root: str, cfg: TrainConfig, batch_on: bool, batches: int, batch_size: int) -> float:
-    transforms = (train_transform(cfg), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std))
+    transforms = (train_transform(**augmentation(cfg)), eval_transform(cfg.resize, cfg.crop, cfg.mean, cfg.std))
     train = packed.open_splits(root, cfg.resize, *transforms, 0, batch_on=batch_on)[0]
     assert (train.batch is not None) == batch_on
     it = iter(make_loader(train, batch_size, 0, train=True, device_type="cpu"))

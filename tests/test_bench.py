@@ -3,7 +3,7 @@
 import re
 import statistics
 
-from alexnet.bench import BenchConfig, run
+from alexnet.bench import BenchConfig, Pipeline, run
 
 from conftest import cli, max_diff, run_cli, train_run, write_folder
 
@@ -75,7 +75,7 @@ def test_compiled_training_equals_eager(exact, one_process):
     assert max_diff(w, one_process) <= 1e-5 * max_diff(one_process, exact["w0"])
 
 
-class Counting:
+class Counting(Pipeline):
     """A pipeline that counts what measure() asks of it."""
 
     name = "counting"

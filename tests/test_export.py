@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alexnet import checkpoint
-from alexnet.evaluate import model_from_checkpoint
+from alexnet.train.state import model_from_checkpoint
 from alexnet.export import FORMATS, export, load_predictor, onnx_export_available
 from conftest import cli as alexnet, run_cli
 

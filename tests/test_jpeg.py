@@ -13,9 +13,10 @@ from PIL import Image
 from alexnet.config import TrainConfig, parse_resize
 from alexnet.data import ImageFolder, make_loader
 from alexnet.data.batch import BatchAugment, on_device
-from alexnet.data.folder import DataError
+from alexnet.errors import DataError
 from alexnet.data.jpeg import JpegBatch, decodes_lists, resize_crop_flip
 from alexnet.data.transforms import Resize, eval_transform, train_transform
+from alexnet.train.plan import augmentation
 
 from conftest import cli
 
@@ -69,6 +70,15 @@ def mixed_folder(root):
     return root
 
 
+def datasets(cfg: TrainConfig, root: str, device, say) -> tuple:
+    """(train, val) as alexnet train opens them (data.build), for `device`."""
+    from alexnet.data.build import build_loaders
+    from alexnet.train.plan import evaluation
+    built = build_loaders(root, device, train=augmentation(cfg), val=evaluation(cfg), batch_size=4, eval_batch=4,
+                          workers=0, jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, say=say)
+    return built.train_set, built.val_set
+
+
 @pytest.mark.parametrize("resize", ["40", "256", "56x44"])
 def test_resize_matches_pils(resize):
     """Our resize on decoded pixels against PIL's (the workers' path): within one level everywhere, and
@@ -95,7 +105,7 @@ def test_resize_matches_pils(resize):
 
 
 def loaders(root, cfg, strict=False, **kw):
-    transform = train_transform(cfg)
+    transform = train_transform(**augmentation(cfg))
     on_bad = "error" if strict else "skip"
     workers_path = ImageFolder(root, "train", transform, seed=3, on_bad_image=on_bad)
     workers_path.batch = BatchAugment(transform)
@@ -129,8 +139,8 @@ def test_device_decoding_gives_the_workers_batches(tmp_path):
     assert bad == [3, 3] and jpeg_batches == len(a) - 1
     assert [p.name for p in map(Path, on_cpu)] == ["huffman.jpg"]  # the one file the decoder refused
     # control: the same images with another seed's draws are far apart
-    other = ImageFolder(root, "train", train_transform(cfg), seed=4)
-    other.batch, other.decode_on_device = BatchAugment(train_transform(cfg)), True
+    other = ImageFolder(root, "train", train_transform(**augmentation(cfg)), seed=4)
+    other.batch, other.decode_on_device = BatchAugment(train_transform(**augmentation(cfg))), True
     x, _, _ = on_device(next(iter(make_loader(other, 4, 0, train=False, device_type="cuda"))), CPU, True, other.batch)
     y, _, _ = on_device(next(iter(b)), CPU, True, b.dataset.batch)
     assert (x - y).abs().mean() > 0.2
@@ -215,7 +225,7 @@ def test_truncated_jpegs_stay_off_the_device(tmp_path):
     """A JPEG without its end-of-image marker goes to the workers (nvJPEG would decode what it holds,
     where PIL refuses it); a complete one, also with padding after the marker, goes to the device."""
     from alexnet.data.jpeg import Encoded, read_encoded
-    augment = BatchAugment(train_transform(TrainConfig(resize="40", crop=36)))
+    augment = BatchAugment(train_transform(**augmentation(TrainConfig(resize="40", crop=36))))
     photo(50, 40, 1).save(tmp_path / "full.jpg", quality=90)
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "padded.jpg").write_bytes(data + b"\0" * 7)
@@ -249,7 +259,6 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
     decoded there. (The device is named cuda; nothing runs on it.)"""
     from torchvision import io as tvio
 
-    from alexnet import train
     from alexnet.data import batch
     from alexnet.data.jpeg import device_decoding_works
     real = tvio.decode_jpeg
@@ -268,17 +277,17 @@ def test_a_gpu_that_cannot_decode_falls_back_to_the_workers(tiny_data, monkeypat
         cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode=decode)
         if decode == "device" and not works:
             with pytest.raises(DataError, match="cannot decode JPEGs here.*use --jpeg-decode workers"):
-                train.datasets(cfg, str(tiny_data), cuda, said.append)
+                datasets(cfg, str(tiny_data), cuda, said.append)
             continue
-        splits = train.datasets(cfg, str(tiny_data), cuda, said.append)
+        splits = datasets(cfg, str(tiny_data), cuda, said.append)
         assert all(s.batch is not None for s in splits)
         assert [s.decode_on_device for s in splits] == [works and decode != "workers"] * 2, (decode, works)
     assert len(said) == 1 and "decoding them in the loader workers" in said[0]
     cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, jpeg_decode="device", random_resized_crop=True)
     with pytest.raises(DataError, match="cannot rotate them, take random-resized crops"):
-        train.datasets(cfg, str(tiny_data), cuda, said.append)
+        datasets(cfg, str(tiny_data), cuda, said.append)
     cfg = TrainConfig(data=str(tiny_data), resize="72", crop=64, random_resized_crop=True)  # auto
-    splits = train.datasets(cfg, str(tiny_data), cuda, said.append)
+    splits = datasets(cfg, str(tiny_data), cuda, said.append)
     assert splits[0].batch is not None and not splits[0].decode_on_device  # resized in the workers
     assert splits[1].batch is not None and splits[1].decode_on_device
     # evaluation chooses the same way: test-time views have no batch path
@@ -296,7 +305,7 @@ def test_training_steps_on_device_decoded_batches(tmp_path):
     the workers' batches do, and the unreadable files are counted alike."""
     from alexnet.models import create_model
     from alexnet.progress import Progress
-    from alexnet.train import Schedule, train_one_epoch
+    from alexnet.train import Schedule, Trainer, train_one_epoch
     root = mixed_folder(tmp_path / "src")
     cfg = TrainConfig(resize="72", crop=64, hflip=0.5)
     a, b = loaders(root, cfg)
@@ -307,8 +316,9 @@ def test_training_steps_on_device_decoded_batches(tmp_path):
         model = create_model("alexnet", 2, 0.0, 16)
         before = [p.detach().clone() for p in model.parameters()]
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-        sums = train_one_epoch(model, loader, optimizer, Schedule(cfg, len(loader), 0.02), torch.nn.CrossEntropyLoss(),
-                               CPU, global_step=0, accum_steps=1, channels_last=True, input_size=64,
+        trainer = Trainer(model, optimizer, Schedule(cfg, len(loader), 0.02), torch.nn.CrossEntropyLoss(), CPU,
+                          channels_last=True)
+        sums = train_one_epoch(trainer, loader, global_step=0, input_size=64,
                                progress=Progress(len(loader), "t", enabled=False), augment=loader.dataset.batch)
         results.append((sums, [p.detach() for p in model.parameters()]))
     (sa, pa), (sb, pb) = results

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from alexnet.config import TrainConfig
 from alexnet.data.mix import BatchMix
 from alexnet.progress import Progress
-from alexnet.train import Schedule, train_one_epoch
+from alexnet.train import Schedule, Trainer, train_one_epoch
 
 from conftest import TINY, run_here, shas
 
@@ -70,9 +70,9 @@ def test_the_loss_weighs_both_labels():
     expected = lam * F.cross_entropy(logits, t) + (1 - lam) * F.cross_entropy(logits, t[perm])
     plain = F.cross_entropy(logits, t)
     cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
-    sums = train_one_epoch(model, [(x, t, 0)], torch.optim.SGD(model.parameters(), lr=0.0), Schedule(cfg, 1, 0.0),
-                           torch.nn.CrossEntropyLoss(), torch.device("cpu"), global_step=0, accum_steps=1,
-                           channels_last=True, progress=Progress(1, "t", enabled=False), mix=mix)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), Schedule(cfg, 1, 0.0),
+                      torch.nn.CrossEntropyLoss(), torch.device("cpu"), channels_last=True, mix=mix)
+    sums = train_one_epoch(trainer, [(x, t, 0)], global_step=0, progress=Progress(1, "t", enabled=False))
     assert abs(sums["loss_sum"] / 8 - expected.item()) < 1e-5
     assert abs(expected.item() - plain.item()) > 1e-3  # the check can tell the two apart
 

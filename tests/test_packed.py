@@ -14,6 +14,7 @@ from alexnet.data import held, packed
 from alexnet.data.batch import BatchAugment, supports
 from alexnet.data.images import load_rgb
 from alexnet.data.transforms import Resize, eval_transform, sample_generator, train_transform
+from alexnet.train.plan import augmentation
 
 from conftest import EXACT, cli, final_weights, max_diff, run_here, write_folder
 
@@ -64,7 +65,7 @@ def test_pack_round_trips(tmp_path, resize):
 def check_same_draws(cfg: TrainConfig, data, atol: float, mean_atol: float = 1e-6, n: int = 24):
     """The batch path's output for the packed images against the per-image transform's output for the
     same images and the same per-sample generators."""
-    transform = train_transform(cfg)
+    transform = train_transform(**augmentation(cfg))
     assert supports(transform)
     aug = BatchAugment(transform)
     ds = packed.PackedSplit(data, "train", transform, seed=3, batch=aug)
@@ -112,7 +113,7 @@ def test_batch_random_resized_crop_equal_per_image(packed_shapes):
     cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True, rrc_min_scale=0.2, hflip=0.5,
                       brightness=0.4, saturation=0.4, pca_lighting=0.1)
     check_same_draws(cfg, packed_shapes, atol=1e-5)
-    aug = BatchAugment(train_transform(cfg))
+    aug = BatchAugment(train_transform(**augmentation(cfg)))
     assert not aug.window
     with pytest.raises(ValueError, match="not a window"):
         aug.draw(72, 72, sample_generator(0, 0, 0))
@@ -162,8 +163,8 @@ def test_batch_augment_on_gpu_equals_cpu(packed_shapes):
         pytest.skip("no CUDA device")
     cfg = TrainConfig(resize="72", crop=64, hflip=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
                       pca_lighting=0.1)
-    aug = BatchAugment(train_transform(cfg))
-    ds = packed.PackedSplit(packed_shapes, "train", train_transform(cfg), seed=3, batch=aug)
+    aug = BatchAugment(train_transform(**augmentation(cfg)))
+    ds = packed.PackedSplit(packed_shapes, "train", train_transform(**augmentation(cfg)), seed=3, batch=aug)
     items = [ds[(0, i)] for i in range(16)]
     crops, params = torch.stack([c for (c, _), _ in items]), torch.stack([p for (_, p), _ in items])
     cpu = aug(crops, params)
@@ -262,7 +263,7 @@ def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path, rrc):
     src = odd_folder(tmp_path / "src")
     cfg = TrainConfig(resize="40", crop=36, hflip=0.5, brightness=0.3, saturation=0.3, random_resized_crop=rrc,
                       rrc_min_scale=0.2)
-    transform = train_transform(cfg)
+    transform = train_transform(**augmentation(cfg))
     per_image = ImageFolder(src, "train", transform, seed=1)
     on_batches = ImageFolder(src, "train", transform, seed=1)
     on_batches.batch = BatchAugment(transform)
@@ -320,8 +321,8 @@ def test_held_split_gives_the_loaders_batches(tmp_path, workers, device):
     data = packed.pack(odd_folder(tmp_path / "src"), tmp_path / "p", "40", workers=0, log=lambda *_: None)
     cfg = TrainConfig(resize="40", crop=33, hflip=0.5, brightness=0.3, pca_lighting=0.1)
     dev = torch.device(device)
-    read, held = (packed.PackedSplit(data, "train", train_transform(cfg), seed=5,
-                                     batch=BatchAugment(train_transform(cfg))) for _ in range(2))
+    read, held = (packed.PackedSplit(data, "train", train_transform(**augmentation(cfg)), seed=5,
+                                     batch=BatchAugment(train_transform(**augmentation(cfg)))) for _ in range(2))
     hold(held.pixels_file, dev)
     held.held = True
     try:
@@ -364,8 +365,8 @@ def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before any work
     cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True)
     eval_tf = eval_transform("72", 64, cfg.mean, cfg.std)
-    rrc = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0)  # the batch path, not windows
-    per_image = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0, batch_on=False)
+    rrc = packed.open_splits(packed_shapes, "72", train_transform(**augmentation(cfg)), eval_tf, 0)  # the batch path, not windows
+    per_image = packed.open_splits(packed_shapes, "72", train_transform(**augmentation(cfg)), eval_tf, 0, batch_on=False)
     for splits in (rrc, per_image):
         for device in ("cuda", "cpu"):
             with pytest.raises(packed.DataError, match="yes crops the held images as windows"):
@@ -375,11 +376,11 @@ def test_data_on_device_choices(packed_shapes, tmp_path, capsys):
     eval_tf = eval_transform("72", 64, cfg.mean, cfg.std)
     try:
         for mode, holds in (("no", False), ("auto", True), ("yes", True)):
-            splits = packed.open_splits(packed_shapes, "72", train_transform(cfg), eval_tf, 0)
+            splits = packed.open_splits(packed_shapes, "72", train_transform(**augmentation(cfg)), eval_tf, 0)
             packed.hold_on_device(splits, torch.device("cpu"), mode, print)
             assert [s.held for s in splits] == [holds, holds]
         rrc_cfg = TrainConfig(resize="72", crop=64, random_resized_crop=True)
-        rrc = packed.open_splits(packed_shapes, "72", train_transform(rrc_cfg), eval_tf, 0)
+        rrc = packed.open_splits(packed_shapes, "72", train_transform(**augmentation(rrc_cfg)), eval_tf, 0)
         packed.hold_on_device(rrc, torch.device("cpu"), "auto", print)
         assert [s.held for s in rrc] == [False, True]  # random-resized crops are cut in the workers
     finally:
@@ -397,7 +398,7 @@ def test_data_on_device_auto_holds_what_takes_at_most_half_the_free_memory(packe
     for mode, free, holds in [("auto", 2 * size, True), ("auto", 2 * size - 1, False), ("yes", size, True),
                               ("yes", size - 1, None), ("no", 10 * size, False)]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 4 * free))
-        splits = packed.open_splits(packed_shapes, "72", train_transform(cfg),
+        splits = packed.open_splits(packed_shapes, "72", train_transform(**augmentation(cfg)),
                                     eval_transform("72", 64, cfg.mean, cfg.std), 0)
         said, held_files[:] = [], []
         if holds is None:

@@ -15,6 +15,7 @@ from alexnet.config import IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, ConfigError
 from alexnet.data.transforms import eval_transform, sample_generator, train_transform
 from alexnet.evaluate import evaluate
 from alexnet.train import batch_sizes, learning_rate
+from alexnet.train.plan import augmentation
 from conftest import TINY, cli
 
 
@@ -29,8 +30,8 @@ def position_image(w: int, h: int) -> Image.Image:
 
 def test_pca_shift_is_one_per_image_with_std_a_tenth_of_each_eigenvalue():
     cfg = TrainConfig(resize="20", crop=16, pca_lighting=0.1)  # small images: quick draws
-    plain = train_transform(TrainConfig(resize="20", crop=16))
-    lit = train_transform(cfg)
+    plain = train_transform(**augmentation(TrainConfig(resize="20", crop=16)))
+    lit = train_transform(**augmentation(cfg))
     std = torch.tensor(cfg.std).view(3, 1, 1)
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
@@ -50,7 +51,7 @@ def test_pca_shift_is_one_per_image_with_std_a_tenth_of_each_eigenvalue():
 
 
 def test_pca_draws_change_with_the_epoch():
-    lit = train_transform(TrainConfig(resize="20", crop=16, pca_lighting=0.1, hflip=0))
+    lit = train_transform(**augmentation(TrainConfig(resize="20", crop=16, pca_lighting=0.1, hflip=0)))
     img = position_image(20, 20)
     a, b = (lit(img, sample_generator(0, epoch, 5)) for epoch in (0, 1))
     assert not torch.allclose(a, b)  # each time the image is used, new alphas
@@ -182,10 +183,10 @@ def test_a_batch_of_test_time_views_holds_batch_size_crops_not_ten_times_as_many
                                                                                   monkeypatch):
     """With --tta 10crop a batch of --batch-size 20 is 2 images of 10 views (a batch of 128 images would
     hold 1,280 crops, which ran out of memory at 288 px); the metrics are those of one batch of all."""
-    from alexnet import evaluate as evaluation
+    from alexnet.data import build
     out, _ = shipped
-    sizes, make = [], evaluation.make_loader
-    monkeypatch.setattr(evaluation, "make_loader", lambda ds, size, *a, **k: sizes.append(size) or make(ds, size, *a, **k))
+    sizes, make = [], build.make_loader
+    monkeypatch.setattr(build, "make_loader", lambda ds, size, *a, **k: sizes.append(size) or make(ds, size, *a, **k))
     results = {}
     for batch in (20, 1000):
         code, stdout, err = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data,
@@ -199,9 +200,9 @@ def test_a_batch_of_test_time_views_holds_batch_size_crops_not_ten_times_as_many
 
 def test_validation_with_ten_crops_during_training_takes_a_tenth_of_the_images_per_batch(tiny_data, tmp_path,
                                                                                          capsys, monkeypatch):
-    from alexnet import train
-    sizes, make = [], train.make_loader
-    monkeypatch.setattr(train, "make_loader", lambda ds, size, *a, **k: sizes.append(size) or make(ds, size, *a, **k))
+    from alexnet.data import build
+    sizes, make = [], build.make_loader
+    monkeypatch.setattr(build, "make_loader", lambda ds, size, *a, **k: sizes.append(size) or make(ds, size, *a, **k))
     args = ["train", "--data", tiny_data, *TINY, "--batch-size", "20", "--val-tta", "10crop"]
     code, _, err = cli(capsys, *args, "--out", tmp_path / "run")
     assert code == 0, err

@@ -118,7 +118,7 @@ def test_fp16_keeps_its_gradient_scaler_in_checkpoints_and_resumes_exactly(tmp_p
 
 
 def test_steps_the_scaler_skips_are_counted_and_end_the_run_when_they_persist():
-    from alexnet.train import NonFiniteLoss, Schedule, train_one_epoch
+    from alexnet.train import NonFiniteLoss, Schedule, Trainer, train_one_epoch
     from alexnet.config import TrainConfig
     from alexnet.progress import Progress
     torch.manual_seed(0)
@@ -128,15 +128,14 @@ def test_steps_the_scaler_skips_are_counted_and_end_the_run_when_they_persist():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     before = model.weight.detach().clone()
-    kw = dict(global_step=0, accum_steps=1, channels_last=False, progress=Progress(6, "t", enabled=False),
-              amp_dtype=torch.float16, scaler=scaler)
-    sums = train_one_epoch(model, batches[:2], optimizer, Schedule(TrainConfig(), 6, 0.1),
-                           torch.nn.CrossEntropyLoss(), torch.device("cpu"), max_nonfinite=3, **kw)
+    trainer = Trainer(model, optimizer, Schedule(TrainConfig(), 6, 0.1), torch.nn.CrossEntropyLoss(),
+                      torch.device("cpu"), amp_dtype=torch.float16, scaler=scaler, max_nonfinite=3)
+    kw = dict(global_step=0, progress=Progress(6, "t", enabled=False))
+    sums = train_one_epoch(trainer, batches[:2], **kw)
     assert sums["skipped"] == 2 and sums["images"] == 0 and torch.equal(model.weight, before)
     assert scaler.get_scale() == 65536.0 / 4  # halved at each skipped step
     with pytest.raises(NonFiniteLoss, match="not finite for 3 steps in a row"):
-        train_one_epoch(model, batches, optimizer, Schedule(TrainConfig(), 6, 0.1), torch.nn.CrossEntropyLoss(),
-                        torch.device("cpu"), max_nonfinite=3, **kw)
+        train_one_epoch(trainer, batches, **kw)
 
 
 def test_a_run_from_before_precision_existed_resumes_in_fp32():

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from alexnet.config import TrainConfig
-from alexnet.data import make_loader, packed, train_crop_sizes, train_transform
+from alexnet.data import make_loader, packed, train_transform
 from alexnet.data.batch import BatchAugment
 from alexnet.data.folder import ImageFolder
 from alexnet.models import _AlexNetShape
+from alexnet.train.plan import augmentation, crop_sizes
 
 from conftest import cli, write_folder
 
@@ -20,17 +21,17 @@ def progressive(**kw) -> TrainConfig:
 
 def test_crop_sizes_hold_then_grow_in_steps_of_32_to_the_crop():
     cfg = progressive(epochs=30, crop=288, progressive_crop=192, progressive_start=14, progressive_end=26)
-    sizes = train_crop_sizes(cfg)
+    sizes = crop_sizes(cfg)
     # worked by hand: 192 + 96 (e - 14) / 12 for epochs 15 to 25, to the nearest multiple of 32
     assert sizes == [192] * 16 + [224] * 3 + [256] * 5 + [288] * 6
     for epoch, size in enumerate(sizes, start=1):
         linear = 192 + 96 * min(max((epoch - 14) / 12, 0), 1)
         assert size % 32 == 0 and abs(size - linear) <= 16
     # the defaults: from the first epoch to the last; off: --crop throughout
-    assert train_crop_sizes(progressive(epochs=5, crop=224, progressive_crop=96)) == [96, 128, 160, 192, 224]
-    assert train_crop_sizes(progressive(epochs=3, crop=224)) == [224] * 3
+    assert crop_sizes(progressive(epochs=5, crop=224, progressive_crop=96)) == [96, 128, 160, 192, 224]
+    assert crop_sizes(progressive(epochs=3, crop=224)) == [224] * 3
     # a --crop that is no multiple of 32 is reached exactly at the end, never passed
-    sizes = train_crop_sizes(progressive(epochs=4, crop=100, progressive_crop=64))
+    sizes = crop_sizes(progressive(epochs=4, crop=100, progressive_crop=64))
     assert sizes[0] == 64 and sizes[-1] == 100 and max(sizes) == 100
 
 
@@ -45,14 +46,14 @@ def test_a_persistent_loader_worker_crops_each_epoch_at_its_size(folder, tmp_pat
     """The size travels with each sample's epoch, so a loader worker started in the first epoch (a copy of
     the dataset made then) crops the later epochs at their sizes too, on the batch path and per image."""
     cfg = progressive(resize="96", crop=96, epochs=3, progressive_crop=64, rrc_min_scale=0.3)
-    sizes = train_crop_sizes(cfg)
+    sizes = crop_sizes(cfg)
     assert sizes == [64, 64, 96]
     if source == "packed":
         data = packed.pack(folder, tmp_path / "packed", "96", workers=0, log=lambda *_: None)
-        transform = train_transform(cfg)
+        transform = train_transform(**augmentation(cfg))
         ds = packed.PackedSplit(data, "train", transform, seed=1, batch=BatchAugment(transform))
     else:
-        ds = ImageFolder(folder, "train", train_transform(cfg), seed=1)
+        ds = ImageFolder(folder, "train", train_transform(**augmentation(cfg)), seed=1)
     loader = make_loader(ds, 4, workers=1, train=True, seed=1)
     seen = []
     for epoch in range(cfg.epochs):
@@ -64,11 +65,11 @@ def test_a_persistent_loader_worker_crops_each_epoch_at_its_size(folder, tmp_pat
 def test_batch_path_equals_per_image_at_every_size(folder, tmp_path):
     cfg = progressive(resize="96", crop=96, epochs=3, progressive_crop=64, hflip=0.5, brightness=0.3)
     data = packed.pack(folder, tmp_path / "packed", "96", workers=0, log=lambda *_: None)
-    transform = train_transform(cfg)
+    transform = train_transform(**augmentation(cfg))
     aug = BatchAugment(transform)
     on_batches = packed.PackedSplit(data, "train", transform, seed=2, batch=aug)
-    per_image = packed.PackedSplit(data, "train", train_transform(cfg), seed=2)
-    for epoch, size in enumerate(train_crop_sizes(cfg)):
+    per_image = packed.PackedSplit(data, "train", train_transform(**augmentation(cfg)), seed=2)
+    for epoch, size in enumerate(crop_sizes(cfg)):
         items = [on_batches[(epoch, i)] for i in range(len(on_batches))]
         batch = aug(torch.stack([c for (c, _), _ in items]), torch.stack([p for (_, p), _ in items]))
         expected = torch.stack([per_image[(epoch, i)][0] for i in range(len(per_image))])

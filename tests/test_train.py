@@ -11,17 +11,19 @@ from alexnet import checkpoint
 from alexnet.config import TrainConfig
 from alexnet.models import add_batchnorm, create_model
 from alexnet.progress import Progress
-from alexnet.train import Schedule, train_one_epoch
+from alexnet.train import Schedule, Trainer, train_one_epoch
 
 from conftest import TINY, batchnorm_variances, max_diff, run_here, shas
 
 
-def epoch(model, batches, lr: float, **kw) -> dict:
-    """`train_one_epoch` over `batches` (a step each) with plain SGD at a constant `lr`, on the CPU."""
+def epoch(model, batches, lr: float, input_size: int = 224, **kw) -> dict:
+    """`train_one_epoch` over `batches` (a step each) with plain SGD at a constant `lr`, on the CPU; `kw`
+    are the Trainer's settings (scaler, clip_grad_norm)."""
     cfg = TrainConfig(schedule="constant", epochs=1, warmup_epochs=0)
-    return train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=lr), Schedule(cfg, len(batches), lr),
-                           torch.nn.CrossEntropyLoss(), torch.device("cpu"), global_step=0, accum_steps=1,
-                           channels_last=False, progress=Progress(len(batches), "t", enabled=False), **kw)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=lr), Schedule(cfg, len(batches), lr),
+                      torch.nn.CrossEntropyLoss(), torch.device("cpu"), **kw)
+    return train_one_epoch(trainer, batches, global_step=0, input_size=input_size,
+                           progress=Progress(len(batches), "t", enabled=False))
 
 
 def one_step(clip: float, scaler=None) -> float:

@@ -8,6 +8,7 @@ from alexnet.data import ImageFolder, make_loader
 from alexnet.data.transforms import (CenterCrop, ColorJitter, RandomCrop, RandomHorizontalFlip,
                                      RandomResizedCrop, Resize, ToTensorNormalize, sample_generator,
                                      train_transform)
+from alexnet.train.plan import augmentation
 
 
 def gradient_image(w, h) -> Image.Image:
@@ -88,16 +89,16 @@ def test_colour_jitter_changes_and_is_reproducible():
 
 def test_train_transform_has_every_requested_step():
     cfg = TrainConfig(brightness=0.2, hue=0.05, rotation=10, crop=64, resize="72")
-    names = [type(s).__name__ for s in train_transform(cfg).steps]
+    names = [type(s).__name__ for s in train_transform(**augmentation(cfg)).steps]
     assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ColorJitter", "RandomRotation",
                      "ToTensorNormalize"]
     cfg = TrainConfig(random_resized_crop=True, crop=64, hflip=0.0)
-    assert [type(s).__name__ for s in train_transform(cfg).steps] == ["RandomResizedCrop", "ToTensorNormalize"]
+    assert [type(s).__name__ for s in train_transform(**augmentation(cfg)).steps] == ["RandomResizedCrop", "ToTensorNormalize"]
 
 
 def _epoch_batches(tiny_data, workers):
     cfg = TrainConfig(resize="72", crop=64, brightness=0.3, rotation=5)
-    ds = ImageFolder(tiny_data, "train", train_transform(cfg), seed=3)
+    ds = ImageFolder(tiny_data, "train", train_transform(**augmentation(cfg)), seed=3)
     loader = make_loader(ds, 4, workers, train=True, seed=3)
     out = []
     for epoch in (0, 1):

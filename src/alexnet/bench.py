@@ -24,18 +24,20 @@ import multiprocessing
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
-from .data import held, make_loader, packed, train_transform
+from .config import IMAGENET_MEAN, IMAGENET_STD, BenchConfig, TrainConfig, validate_bench
+from .data import held, packed
+from .data.build import build_loaders
 from .data.folder import find_classes
-from .data.batch import main_process_augment, on_device
+from .data.batch import on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
-from .models import MIN_INPUT_SIZE, create_model
+from .errors import BenchError, ConfigError
+from .models import create_model
+from .parallel import DataParallel
 from .progress import Progress
 from .runtime import configure, make_sgd, precision_warning, resolve_device, resolve_precision, tune_allocator
 
@@ -44,57 +46,35 @@ from .runtime import configure, make_sgd, precision_warning, resolve_device, res
 TRAIN_FLOP_PER_IMAGE_224 = 3 * 2 * 0.714e9
 # Dense bf16 peak of the GPUs we quote utilisation for (the vendors' figures, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-WHAT = ("data", "model", "end-to-end")
-
-
-@dataclass
-class BenchConfig:
-    data: str | None = None
-    packed: str | None = None
-    device: str = "auto"
-    batch_size: int = 64
-    image_size: int = 224
-    steps: int = 10
-    warmup: int = 3
-    rounds: int = 3
-    workers: int = 2
-    threads: int = 0
-    precision: str = "auto"
-    compile: bool = False
-    pipelines: list = field(default_factory=lambda: ["ours", "reference"])
-    what: list = field(default_factory=lambda: list(WHAT))
-    json: bool = False
-    profile: str | None = None
-
-
-def validate(cfg: BenchConfig) -> None:
-    if cfg.image_size < MIN_INPUT_SIZE:
-        raise ConfigError(f"--image-size: {cfg.image_size} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
-    for name in ("batch_size", "steps", "rounds"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be 1 or more")
-    if cfg.warmup < 0 or cfg.workers < 0:
-        raise ConfigError("--warmup and --workers: must be 0 or more")
-    for p in cfg.pipelines:
-        if p not in ("ours", "reference"):
-            raise ConfigError(f"--pipelines: {p!r} is not ours or reference")
-    for w in cfg.what:
-        if w not in WHAT:
-            raise ConfigError(f"--what: {w!r} is not one of {', '.join(WHAT)}")
-
-
-class BenchError(Exception):
-    """The reference pipeline's process failed or ended."""
 
 
 class Pipeline:
     """A loader and a training step; `batches()` is a fresh pass over the loader, `step(batch)` one
-    optimizer step, `ready(batch)` the batch put on the device as the model takes it."""
+    optimizer step, `ready(batch)` the batch put on the device as the model takes it; `end_to_end(it, n)`
+    n steps as training takes them from the iterator `it`; `measure(what)` images per second."""
 
     name: str
+    cfg: BenchConfig
+    device: torch.device
 
     def batches(self):
         raise NotImplementedError
+
+    def ready(self, batch):
+        raise NotImplementedError
+
+    def step(self, batch) -> None:
+        raise NotImplementedError
+
+    def end_to_end(self, it, n: int) -> None:
+        for _ in range(n):
+            self.step(self.ready(next(it)))
+
+    def measure(self, what: str) -> float:
+        return measure(self, what, self.cfg, self.device)
+
+    def close(self) -> None:
+        pass
 
 
 class Reference(Pipeline):
@@ -109,7 +89,7 @@ class Reference(Pipeline):
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                                                   num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                                   drop_last=True)
-        self.device = device
+        self.cfg, self.device = cfg, device
         self.model = torchvision.models.alexnet(num_classes=classes).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         self.criterion = nn.CrossEntropyLoss()
@@ -132,7 +112,7 @@ class Reference(Pipeline):
         loss.item(), output.argmax(1).eq(target).sum().item()
 
 
-class InOwnProcess:
+class InOwnProcess(Pipeline):
     """The reference pipeline, built and measured in a process of its own (spawned, so nothing of this
     one's set-up carries over): `measure(what)` answers with its images per second."""
 
@@ -222,27 +202,21 @@ class Ours(Pipeline):
     name = "ours"
 
     def __init__(self, root: Path, cfg: BenchConfig, device: torch.device, classes: int, log=print) -> None:
-        from .train import Schedule
-        self.tcfg = TrainConfig(data=str(root), resize=str(round(cfg.image_size * 256 / 224)),
-                                crop=cfg.image_size, precision=cfg.precision, epochs=1, warmup_epochs=0,
-                                schedule="constant")
-        train, _ = packed.open_splits(root, self.tcfg.resize, train_transform(self.tcfg), train_transform(self.tcfg),
-                                      seed=0)
-        packed.hold_on_device([train], device, "auto", log)  # as alexnet train does
-        self.held = train.held
+        from .train import Schedule, Trainer
+        resize = str(round(cfg.image_size * 256 / 224))
         # workers stopped after each measurement (as the reference's): none go on working in the background
-        self.loader = make_loader(train, cfg.batch_size, cfg.workers, train=True, pin_memory=device.type == "cuda",
-                                  device_type=device.type, persistent=False)
-        self.augment = main_process_augment(train, device)
-        self.device = device
+        data = build_loaders(root, device, train=dict(resize=resize, crop=cfg.image_size, mean=IMAGENET_MEAN,
+                                                      std=IMAGENET_STD), val=None, batch_size=cfg.batch_size,
+                             eval_batch=cfg.batch_size, workers=cfg.workers, data_on_device="auto",
+                             persistent=False, say=log)  # held in memory as alexnet train holds it
+        self.held, self.loader, self.augment = data.train_set.held, data.train, data.train_augment
+        self.cfg, self.device = cfg, device
         self.raw = create_model("alexnet", classes).to(device, memory_format=torch.channels_last)
-        self.model = self.raw
-        if cfg.compile:
-            self.model = torch.compile(self.raw, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"))
-        self.optimizer = make_sgd(self.raw.parameters(), "auto", device, lr=0.01, momentum=0.9, weight_decay=1e-4)
-        self.amp = resolve_precision(cfg.precision, device, False)
-        self.schedule = Schedule(self.tcfg, 1, 0.01)
-        self.criterion = nn.CrossEntropyLoss()
+        optimizer = make_sgd(self.raw.parameters(), "auto", device, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        schedule = Schedule(TrainConfig(epochs=1, warmup_epochs=0, schedule="constant"), 1, 0.01)
+        self.trainer = Trainer(self.raw, optimizer, schedule, nn.CrossEntropyLoss(), device, channels_last=True,
+                               amp_dtype=resolve_precision(cfg.precision, device, False),
+                               parallel=DataParallel(self.raw, device, compile=cfg.compile))
         self.epoch = itertools.count()
 
     def batches(self):
@@ -256,25 +230,14 @@ class Ours(Pipeline):
     def step(self, batch) -> None:
         self.run_steps([(batch[0], batch[1], 0)])
 
+    def end_to_end(self, it, n: int) -> None:
+        self.run_steps(_Stream(it, n))  # through our training loop, which moves and finishes the batches
+
     def run_steps(self, batches) -> None:
-        """Our train_one_epoch over these batches (it moves and finishes them itself)."""
+        """Our train_one_epoch over these batches (a sized iterable; it moves and finishes them itself)."""
         from .train import train_one_epoch
-        train_one_epoch(self.model, _Batches(batches), self.optimizer, self.schedule, self.criterion, self.device,
-                        global_step=0, accum_steps=1, channels_last=True, progress=Progress(0, "", enabled=False),
-                        amp_dtype=self.amp, augment=self.augment)
-
-
-class _Batches:
-    """A sized iterable of prepared batches, for train_one_epoch."""
-
-    def __init__(self, items) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
+        train_one_epoch(self.trainer, batches, global_step=0, progress=Progress(0, "", enabled=False),
+                        augment=self.augment)
 
 
 class _Stream:
@@ -323,20 +286,11 @@ def measure(pipe: Pipeline, what: str, cfg: BenchConfig, device: torch.device) -
             pipe.ready(next(it))
         _sync(device)
         return n * cfg.batch_size / (time.perf_counter() - start)
-    if isinstance(pipe, Ours):  # end to end through our training loop
-        if warm:
-            pipe.run_steps(_Stream(it, warm))
-        _sync(device)
-        start = time.perf_counter()
-        pipe.run_steps(_Stream(it, n))
-        _sync(device)
-        return n * cfg.batch_size / (time.perf_counter() - start)
-    for _ in range(warm):
-        pipe.step(pipe.ready(next(it)))
+    if warm:
+        pipe.end_to_end(it, warm)
     _sync(device)
     start = time.perf_counter()
-    for _ in range(n):
-        pipe.step(pipe.ready(next(it)))
+    pipe.end_to_end(it, n)
     _sync(device)
     return n * cfg.batch_size / (time.perf_counter() - start)
 
@@ -371,7 +325,7 @@ def packed_for(source: Path, resize: str, given: str | None, log) -> Path:
 
 
 def run(cfg: BenchConfig, log=print) -> dict:
-    validate(cfg)
+    validate_bench(cfg)
     tune_allocator()  # ours as `alexnet train` runs it; the reference's own process keeps the default
     threads = configure(False, cfg.threads)
     device = resolve_device(cfg.device)
@@ -405,8 +359,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         return _run(cfg, pipes, device, threads, source, resize, log)
     finally:
         for pipe in pipes:
-            if isinstance(pipe, InOwnProcess):
-                pipe.close()
+            pipe.close()
         held.release()
 
 
@@ -425,7 +378,7 @@ def _run(cfg: BenchConfig, pipes: list, device: torch.device, threads: int, sour
     for r in range(cfg.rounds):
         for what in cfg.what:
             for pipe in (pipes if r % 2 == 0 else pipes[::-1]):  # alternate who goes first
-                rate = pipe.measure(what) if isinstance(pipe, InOwnProcess) else measure(pipe, what, cfg, device)
+                rate = pipe.measure(what)
                 rates[(pipe.name, what)].append(rate)
                 log(f"round {r + 1}/{cfg.rounds}: {pipe.name:9s} {what:10s} {rate:9.1f} img/s")
     result = {"device": str(device), "batch_size": cfg.batch_size, "image_size": cfg.image_size,

@@ -11,11 +11,9 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used; the message says which and why."""
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:

@@ -8,9 +8,11 @@ import os
 import sys
 
 from . import __version__, distributed, launch, logs
-from .config import (ConfigError, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
+from .config import (BenchConfig, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
                      validate_eval, validate_predict)
-from .export import FORMATS, ExportError
+from .errors import (BenchError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
+                     NonFiniteLoss)
+from .export import FORMATS
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
@@ -62,24 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="images/s of our pipeline and the reference pipeline (the PyTorch ImageNet "
                                       "example's), data, model step and end to end, alternating, medians")
-    bn.add_argument("--data", help="ImageFolder root (default: the built-in dataset)")
-    bn.add_argument("--packed", help="its packed form (default: made once in the cache folder)")
-    bn.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    bn.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    bn.add_argument("--image-size", type=int, default=224, help="crop size; images are resized to 256/224 of it (default: 224)")
-    bn.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default: 10)")
-    bn.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement (default: 3)")
-    bn.add_argument("--rounds", type=int, default=3, help="measurements of each kind; the median is reported (default: 3)")
-    bn.add_argument("--workers", type=int, default=2, help="loader worker processes, for both pipelines (default: 2)")
-    bn.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: torch's default)")
-    bn.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="our pipeline's precision (the reference is fp32) (default: auto)")
-    bn.add_argument("--compile", action="store_true", help="torch.compile our model")
-    bn.add_argument("--pipelines", default="ours,reference", help="comma-separated: ours, reference (default: both)")
-    bn.add_argument("--what", default="data,model,end-to-end", help="comma-separated: data, model, end-to-end (default: all)")
-    bn.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    bn.add_argument("--profile", metavar="DIR", help="also profile our end-to-end steps: DIR/trace.json (Chrome "
-                                                     "trace) and DIR/top-ops.txt")
+    _add_fields(bn, BenchConfig, suppress=False)
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -99,15 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems")
     check.add_argument("dir", help="ImageFolder root (with train/ and val/)")
     return parser
-
-
-def _checkpoint_config(resume: str, out: str | None) -> dict:
-    from pathlib import Path
-    from .checkpoint import load_run, newest_valid
-    if resume != "auto":
-        return load_run(resume)["config"]
-    found = newest_valid(Path(out) / "checkpoints")
-    return found[1]["config"] if found else {}
 
 
 def _data_check(folder: str) -> int:
@@ -138,14 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ranked = distributed.launched() and os.environ.get("WORLD_SIZE") != "1"
     who = f" (rank {os.environ['RANK']})" if ranked else ""
     log = logs.setup(os.environ["RANK"] if ranked else None).info
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .bench import BenchError
-    from .train import NonFiniteLoss
     try:
         if args.command == "train":
             from .train import batch_sizes, fit
-            cfg, _ = resolve_train(_settings(args), _checkpoint_config)
+            from .train.state import saved_config
+            cfg, _ = resolve_train(_settings(args), saved_config)
             if launch.requested(args):  # settings are checked once, here, before any worker starts
                 batch_sizes(cfg, launch.world_size(args))
                 if args.launch_max_restarts and not cfg.out:
@@ -173,10 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = load_runs(args.runs)
             print(f"wrote {save(training_curves(runs), args.out)} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
         elif args.command == "bench":
-            from .bench import BenchConfig, run
-            settings = {k: v for k, v in vars(args).items() if k != "command"}
-            settings["pipelines"], settings["what"] = (settings[k].split(",") for k in ("pipelines", "what"))
-            run(BenchConfig(**settings), log=log)
+            from .bench import run
+            run(build(BenchConfig, {k: v for k, v in vars(args).items() if k != "command"}), log=log)
         elif args.command == "data" and args.data_command == "stats":
             from pathlib import Path
             from .stats import channel_stats
@@ -202,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
-    except (distributed.DistributedError, NonFiniteLoss, ExportError, BenchError) as e:
+    except (DistributedError, NonFiniteLoss, ExportError, BenchError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file

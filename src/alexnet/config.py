@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .data.transforms import parse_resize
+from .errors import ConfigError
 from .models import ARCHITECTURES, INIT_SCHEMES, MIN_INPUT_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,8 +39,6 @@ def images_per_eval_batch(batch_size: int, tta: str) -> int:
     return max(1, batch_size // TTA_VIEWS[tta])
 
 
-class ConfigError(ValueError):
-    """An invalid setting; the message names it and says what is allowed."""
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True):
@@ -52,7 +52,7 @@ def jpeg_decode_opt():
                        "workers (workers); auto: device where torchvision can, else workers", ("auto", "device", "workers"))
 
 
-@dataclass
+@dataclass(frozen=True)  # resolved once, never changed: derived values live in train.plan
 class TrainConfig:
     # data
     data: str | None = opt(None, "ImageFolder root with train/<class>/ and val/<class>/; none: the built-in generated dataset")
@@ -209,6 +209,31 @@ class PredictConfig:
     json: bool = opt(False, "print the predictions as JSON")
 
 
+BENCH_PIPELINES = ("ours", "reference")
+BENCH_WHAT = ("data", "model", "end-to-end")
+
+
+@dataclass
+class BenchConfig:
+    data: str | None = opt(None, "ImageFolder root (default: the built-in dataset)")
+    packed: str | None = opt(None, "its packed form (default: made once in the cache folder)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    batch_size: int = opt(64, "images per step")
+    image_size: int = opt(224, "crop size; images are resized to 256/224 of it")
+    steps: int = opt(10, "timed steps per measurement")
+    warmup: int = opt(3, "untimed steps before each measurement")
+    rounds: int = opt(3, "measurements of each kind; the median is reported")
+    workers: int = opt(2, "loader worker processes, for both pipelines")
+    threads: int = opt(0, "CPU threads for the model (0: torch's default)")
+    precision: str = opt("auto", "our pipeline's precision (the reference is fp32)", ("auto", "fp32", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile our model")
+    pipelines: list = opt(BENCH_PIPELINES, "comma-separated: ours, reference")
+    what: list = opt(BENCH_WHAT, "comma-separated: data, model, end-to-end")
+    json: bool = opt(False, "print the result as one JSON object")
+    profile: str | None = opt(None, "also profile our end-to-end steps: DIR/trace.json (Chrome trace) and "
+                                    "DIR/top-ops.txt")
+
+
 def fields(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
@@ -251,6 +276,9 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             return bool(value)
         if isinstance(default, list) and not default:  # a list of names (paths)
             return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if isinstance(default, list) and isinstance(default[0], str):  # a list of words, comma-separated
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return [str(v).strip() for v in items if str(v).strip()]
         if isinstance(default, list):
             items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value).strip())
             return [float(v) for v in items if v != ""]
@@ -274,17 +302,6 @@ def build(cls, values: dict[str, Any]):
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
     return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
-
-
-def parse_resize(text: str) -> tuple[int, int] | int:
-    """'256' -> 256 (shorter side), '256x320' -> (256, 320) as (height, width)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
-    if not m:
-        raise ConfigError(f"--resize: {text!r} is not N or WxH (for example 256 or 256x256)")
-    if m.group(2) is None:
-        return int(m.group(1))
-    w, h = int(m.group(1)), int(m.group(2))
-    return (h, w)
 
 
 def check_crop(resize: str, crop: int, setting: str = "crop") -> None:
@@ -434,6 +451,25 @@ def validate_eval(cfg: EvalConfig) -> None:
         problem = matplotlib_missing() or png_target_problem(cfg.confusion)
         if problem:
             raise ConfigError(f"--confusion: {problem}")
+
+
+def validate_bench(cfg: BenchConfig) -> None:
+    if cfg.image_size < MIN_INPUT_SIZE:
+        raise ConfigError(f"--image-size: {cfg.image_size} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
+    for name in ("batch_size", "steps", "rounds"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be 1 or more")
+    if cfg.warmup < 0 or cfg.workers < 0:
+        raise ConfigError("--warmup and --workers: must be 0 or more")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision: {cfg.precision!r} is not one of auto, fp32, bf16, fp16")
+    _check_device(cfg.device)
+    for p in cfg.pipelines:
+        if p not in BENCH_PIPELINES:
+            raise ConfigError(f"--pipelines: {p!r} is not ours or reference")
+    for w in cfg.what:
+        if w not in BENCH_WHAT:
+            raise ConfigError(f"--what: {w!r} is not one of {', '.join(BENCH_WHAT)}")
 
 
 def validate_predict(cfg: PredictConfig) -> None:

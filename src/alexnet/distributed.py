@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import DistributedError
+
 _device = torch.device("cpu")  # where collective tensors live (CUDA for NCCL)
 
 
-class DistributedError(RuntimeError):
-    """A process group that could not be set up or a peer that could not be reached."""
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -239,6 +239,11 @@ def sum_all(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any process: a decision every rank takes alike at the same step."""
+    return sum_all([float(flag)])[0] > 0 if active() else flag
 
 
 def broadcast_object(obj, src: int = 0):

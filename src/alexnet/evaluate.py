@@ -14,10 +14,11 @@ from torch import nn
 
 from . import checkpoint, distributed
 from .config import EvalConfig, check_crop, eval_crop, images_per_eval_batch
-from .data import make_loader, eval_transform, ImageFolder, packed
-from .data.batch import BatchAugment, jpeg_on_gpu, main_process_augment, on_device, supports
+from .data import packed
+from .data.batch import on_device
+from .data.build import build_loaders
 from .data.synthetic import ensure_dataset
-from .models import create_model
+from .errors import CheckpointError
 from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
 
 
@@ -68,13 +69,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     return metrics
 
 
-def model_from_checkpoint(state: dict) -> nn.Module:
-    cfg = state["config"]
-    model = create_model(cfg["arch"], len(state["classes"]), cfg["dropout"], cfg["fc_width"])
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     tune_allocator()
     state = checkpoint.load_run(cfg.checkpoint)
@@ -89,17 +83,17 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     if data is None:
         data = ensure_dataset(tcfg["synthetic_seed"], cfg.cache_dir or tcfg["cache_dir"],
                               log=log if distributed.is_main() else (lambda *a: None))
-    transform = eval_transform(resize, crop, tcfg["mean"], tcfg["std"], cfg.tta)
-    if packed.is_packed(data):
-        val = packed.PackedSplit(data, "val", transform, batch=BatchAugment(transform) if supports(transform) else None)
-        if val.classes != list(state["classes"]):
-            raise checkpoint.CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
-    else:
-        val = ImageFolder(data, "val", transform, classes=state["classes"])
-        jpeg_on_gpu([val], device, cfg.jpeg_decode, lambda warning: print(warning, file=sys.stderr, flush=True))
-    loader = make_loader(val, images_per_eval_batch(cfg.batch_size, cfg.tta), cfg.workers, train=False, pin_memory=device.type == "cuda",
-                         rank=distributed.rank(), world=distributed.world_size(), device_type=device.type)
-    augment = main_process_augment(val, device)
+    # the run's model (train.state knows what a checkpoint holds; imported here, as training uses this module)
+    from .train.state import model_from_checkpoint
+    loaders = build_loaders(data, device, train=None, val=dict(resize=resize, crop=crop, mean=tcfg["mean"],
+                                                             std=tcfg["std"], tta=cfg.tta),
+                          batch_size=cfg.batch_size, eval_batch=images_per_eval_batch(cfg.batch_size, cfg.tta),
+                          workers=cfg.workers, rank=distributed.rank(), world=distributed.world_size(),
+                          jpeg_decode=cfg.jpeg_decode, classes=list(state["classes"]),
+                          say=lambda warning: print(warning, file=sys.stderr, flush=True))
+    if loaders.val_set.classes != list(state["classes"]):
+        raise CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
+    loader, augment = loaders.val, loaders.val_augment
     model = model_from_checkpoint(state).to(device)
     classes = list(state["classes"])
     # the run's own precision, as its validation used (checkpoints from before --precision were fp32)

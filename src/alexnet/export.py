@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import ConfigError, eval_crop
+from .config import eval_crop
+from .errors import ConfigError, ExportError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "safetensors": ".safetensors"}
 
 
-class ExportError(RuntimeError):
-    """The model could not be written in the format asked for, or the written file did not check out."""
 
 
 META_KEY = "alexnet"  # the key of the metadata in every format
@@ -60,7 +59,7 @@ def _batch_dim():
 def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     """Write the checkpoint's model in `fmt` to `out` and `<out stem>.json`; returns the metadata. ONNX is
     checked against PyTorch with onnxruntime on a batch of 3 (when onnxruntime is installed)."""
-    from .evaluate import model_from_checkpoint
+    from .train.state import model_from_checkpoint
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     out_path = Path(out)
@@ -167,7 +166,7 @@ def load_predictor(path: str, device: torch.device, device_asked: bool = False) 
     """A checkpoint (.pt, or any other name) or an exported file (.onnx, .ts, .pt2, .safetensors). An ONNX
     file runs on the GPU when onnxruntime has CUDA; otherwise on the CPU, or an error if the GPU was asked
     for by name (`device_asked`)."""
-    from .evaluate import model_from_checkpoint
+    from .train.state import model_from_checkpoint
     from .models import create_model
     if not Path(path).is_file():
         raise ConfigError(f"--checkpoint: {path!r} is not a file")

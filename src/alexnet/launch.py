@@ -15,7 +15,7 @@ import os
 import sys
 
 from . import distributed
-from .config import ConfigError
+from .errors import ConfigError
 
 C10D_PORT = 29400
 STATIC_PORT = 29500

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import atomic_path
-from .config import ConfigError
+from .errors import ConfigError
 from .logs import by_epoch
 
 PANELS = [("train loss", "train_loss"), ("val loss", "val_loss"), ("val top-1", "val_acc1"),

@@ -9,10 +9,11 @@ import sys
 
 import torch
 
-from .config import ConfigError, PredictConfig
-from .data import DataError, eval_transform, load_rgb
+from .config import PredictConfig
+from .data import eval_transform, load_rgb
 from .data.images import is_image_name
 from .export import load_predictor
+from .errors import ConfigError, DataError
 from .runtime import resolve_device
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import atomic_path
-from .config import ConfigError
+from .errors import ConfigError
 from .logs import by_epoch, summary_table, validated
 from .plots import confusion_figure, save
 

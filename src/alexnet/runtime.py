@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,7 +4,7 @@ from .folder import DataError, ImageFolder, open_splits
 from .images import load_rgb, to_rgb
 from . import packed
 from .loader import EpochSampler, make_loader
-from .transforms import eval_transform, train_crop_sizes, train_transform
+from .transforms import crop_schedule, eval_transform, parse_resize, train_transform
 
 __all__ = ["DataError", "ImageFolder", "open_splits", "load_rgb", "to_rgb", "EpochSampler", "make_loader", "packed",
-           "eval_transform", "train_crop_sizes", "train_transform"]
+           "crop_schedule", "eval_transform", "parse_resize", "train_transform"]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .held import HeldCrops
 from .jpeg import JpegBatch, device_decoding_available, device_decoding_works
 from .transforms import (CenterCrop, ColorJitter, Compose, Normalize, PCALighting, RandomCrop,
@@ -198,7 +199,6 @@ def jpeg_on_gpu(splits, device: torch.device, jpeg_decode: str, say) -> None:
     """Put ImageFolder splits on the batch path for a GPU: decoded and resized in the loader workers, the
     rest on the GPU, or (`jpeg_decode` auto or device) decoded on the GPU too (data.jpeg), when its
     decoder passes a test image. Errors for a `device` that cannot be honoured."""
-    from .folder import DataError
     if jpeg_decode == "device" and not (device.type == "cuda" and device_decoding_available()):
         raise DataError("--jpeg-decode device needs a CUDA device and torchvision 0.20 or later; "
                         "use --jpeg-decode workers")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .folder import DataError, find_classes, scan
+from ..errors import DataError
+from .folder import find_classes, scan
 from .images import is_image_name, load_rgb
 
 

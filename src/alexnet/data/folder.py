@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .images import is_image_name, load_rgb
+from ..errors import DataError
+from .images import is_image_name, load_rgb, unreadable
 from .jpeg import read_encoded
 from .transforms import Compose, sample_generator
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used; the message says what is wrong and where."""
 
 
 def find_classes(split_dir: Path) -> list[str]:
@@ -87,14 +85,6 @@ class ImageFolder(Dataset):
         if self.batch is not None:
             return self.batch.sample(self.batch.resize(img), g), label
         return self.transform(img, g), label
-
-
-def unreadable(path, error: Exception, strict: bool) -> None:
-    """An image that cannot be decoded: with `strict` (--on-bad-image error) a DataError that names it,
-    otherwise a warning, and the caller skips it (the loader counts it)."""
-    if strict:
-        raise DataError(f"unreadable image {path}: {error} (--on-bad-image skip skips such files)")
-    print(f"WARNING: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
 
 
 def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
 from PIL import Image
+
+from ..errors import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -88,3 +91,11 @@ def load_rgb(path) -> Image.Image:
         img = Image.open(f)
         img.load()
     return to_rgb(img)
+
+
+def unreadable(path, error: Exception, strict: bool) -> None:
+    """An image that cannot be decoded: with `strict` (--on-bad-image error) a DataError that names it,
+    otherwise a warning, and the caller skips it (the loader counts it)."""
+    if strict:
+        raise DataError(f"unreadable image {path}: {error} (--on-bad-image skip skips such files)")
+    print(f"WARNING: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_rgb
+from .images import load_rgb, unreadable
 
 
 def decodes_lists() -> bool:
@@ -191,7 +191,6 @@ class JpegBatch:
     def _on_cpu(self, path: str, device: torch.device) -> torch.Tensor | None:
         """The file decoded as the workers decode it (data.images.load_rgb), or None (with a warning, or
         under strict a DataError) when it cannot be."""
-        from .folder import unreadable
         try:
             pixels = torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8))
         except (OSError, SyntaxError, ValueError) as e:

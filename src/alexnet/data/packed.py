@@ -25,14 +25,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import parse_resize
+from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
-from .folder import DataError, find_classes, scan
+from .folder import find_classes, scan
 from .images import load_rgb
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
-from .transforms import Compose, Resize, sample_generator
+from .transforms import Compose, Resize, parse_resize, sample_generator
 
 FORMAT_VERSION = 1
 META = "packed.json"

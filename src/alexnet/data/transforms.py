@@ -7,12 +7,13 @@ number of loader workers or on which worker loads the sample.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..config import TrainConfig, parse_resize
+from ..errors import ConfigError
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -277,40 +278,46 @@ class TTAViews:
         return f"TTAViews({self.mode}, {self.size})"
 
 
-def train_crop_sizes(cfg: TrainConfig) -> list[int]:
-    """The training crop of each epoch (0-based): --crop throughout, or with --progressive-crop P, P up to
-    epoch --progressive-start (1-based), --crop from epoch --progressive-end (0: the last), and between
+def crop_schedule(crop: int, epochs: int, progressive_crop: int = 0, progressive_start: int = 1,
+                  progressive_end: int = 0) -> list[int]:
+    """The training crop of each epoch (0-based): `crop` throughout, or with a progressive crop P, P up to
+    epoch `progressive_start` (1-based), `crop` from epoch `progressive_end` (0: the last), and between
     them a linear growth rounded to a multiple of 32 (as FFCV's progressive resizing does), so that a run
-    meets only a few sizes. Early epochs on smaller crops cost less; the last ones train at --crop, the
+    meets only a few sizes. Early epochs on smaller crops cost less; the last ones train at `crop`, the
     size the model is evaluated and exported at."""
-    if not cfg.progressive_crop:
-        return [cfg.crop] * cfg.epochs
-    low, high = cfg.progressive_crop, cfg.crop
-    start, end = cfg.progressive_start, cfg.progressive_end or cfg.epochs
+    if not progressive_crop:
+        return [crop] * epochs
+    low, high = progressive_crop, crop
+    start, end = progressive_start, progressive_end or epochs
     sizes = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t = min(max((epoch - start) / (end - start), 0.0), 1.0)
         sizes.append(high if t == 1.0 else min(max(int(round((low + t * (high - low)) / 32)) * 32, low), high))
     return sizes
 
 
-def train_transform(cfg: TrainConfig) -> Compose:
+def train_transform(resize: str, crop: int, *, mean, std, random_resized_crop: bool = False,
+                    rrc_min_scale: float = 0.08, crop_sizes: list[int] | None = None, hflip: float = 0.5,
+                    brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
+                    rotation: float = 0.0, pca_lighting: float = 0.0, pca_eigval=(), pca_eigvec=()) -> Compose:
+    """The training augmentation: resize and random crop, or a random-resized crop (of the sizes
+    `crop_sizes` gives each epoch, for progressive resizing), then flip, colour jitter, rotation, the
+    paper's PCA lighting and normalisation, each only when asked for."""
     steps = []
-    if cfg.random_resized_crop:
-        steps.append(RandomResizedCrop(cfg.crop, cfg.rrc_min_scale,
-                                       sizes=train_crop_sizes(cfg) if cfg.progressive_crop else None))
+    if random_resized_crop:
+        steps.append(RandomResizedCrop(crop, rrc_min_scale, sizes=crop_sizes))
     else:
-        steps += [Resize(parse_resize(cfg.resize)), RandomCrop(cfg.crop)]
-    if cfg.hflip > 0:
-        steps.append(RandomHorizontalFlip(cfg.hflip))
-    if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
-        steps.append(ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue))
-    if cfg.rotation > 0:
-        steps.append(RandomRotation(cfg.rotation))
-    if cfg.pca_lighting > 0:  # on the [0, 1] pixels, before normalisation, as in the paper
-        steps += [ToTensor(), PCALighting(cfg.pca_lighting, cfg.pca_eigval, cfg.pca_eigvec), Normalize(cfg.mean, cfg.std)]
+        steps += [Resize(parse_resize(resize)), RandomCrop(crop)]
+    if hflip > 0:
+        steps.append(RandomHorizontalFlip(hflip))
+    if brightness or contrast or saturation or hue:
+        steps.append(ColorJitter(brightness, contrast, saturation, hue))
+    if rotation > 0:
+        steps.append(RandomRotation(rotation))
+    if pca_lighting > 0:  # on the [0, 1] pixels, before normalisation, as in the paper
+        steps += [ToTensor(), PCALighting(pca_lighting, pca_eigval, pca_eigvec), Normalize(mean, std)]
     else:
-        steps.append(ToTensorNormalize(cfg.mean, cfg.std))
+        steps.append(ToTensorNormalize(mean, std))
     return Compose(steps)
 
 
@@ -320,3 +327,14 @@ def eval_transform(resize: str, crop: int, mean, std, tta: str = "none") -> Comp
     if tta == "none":
         return Compose([Resize(parse_resize(resize)), CenterCrop(crop), ToTensorNormalize(mean, std)])
     return Compose([Resize(parse_resize(resize)), TTAViews(tta, crop, mean, std)])
+
+
+def parse_resize(text: str) -> tuple[int, int] | int:
+    """'256' -> 256 (shorter side), '256x320' -> (256, 320) as (height, width)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise ConfigError(f"--resize: {text!r} is not N or WxH (for example 256 or 256x256)")
+    if m.group(2) is None:
+        return int(m.group(1))
+    w, h = int(m.group(1)), int(m.group(2))
+    return (h, w)

@@ -1,0 +1,96 @@
+"""The one place where datasets become loaders, for `alexnet train`, `alexnet eval` and `alexnet bench`.
+
+It takes plain values (sizes, flags, statistics: the arguments of `train_transform` and `eval_transform`),
+never a command's settings object, and picks the path each split takes: a packed dataset or JPEG files;
+on the batch path or per image; decoded in the workers or on the GPU; held in the device's memory or read
+by the workers (see data.batch, data.jpeg and data.held)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from . import packed
+from .batch import jpeg_on_gpu, main_process_augment
+from .folder import ImageFolder, open_splits
+from .loader import make_loader
+from .transforms import eval_transform, train_transform
+
+
+class Loaders(NamedTuple):
+    train_set: object  # None when only validation was asked for
+    val_set: object  # None when only training was asked for
+    train: torch.utils.data.DataLoader | None
+    val: torch.utils.data.DataLoader | None
+    train_augment: object  # the batch augmentation the main process finishes batches with (or None)
+    val_augment: object
+
+    @property
+    def classes(self) -> list[str]:
+        return (self.train_set if self.train_set is not None else self.val_set).classes
+
+
+def build_loaders(root: str | Path, device: torch.device, *, train: dict | None, val: dict | None, batch_size: int,
+                  eval_batch: int, workers: int, seed: int = 0, rank: int = 0, world: int = 1,
+                  on_bad_image: str = "skip", jpeg_decode: str = "auto", data_on_device: str = "no",
+                  classes: list[str] | None = None, persistent: bool = True, say=print) -> Loaders:
+    """Loaders of the train split (`train`: train_transform's arguments) and the val split (`val`:
+    eval_transform's; with `classes`, those of the model it is for), either of which may be None."""
+    splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, say)
+    packed.hold_on_device([s for s in splits if s is not None], device, data_on_device, say)
+    loaders = [make_loader(s, size, workers, train=s is splits[0], seed=seed, pin_memory=device.type == "cuda",
+                           rank=rank, world=world, device_type=device.type, persistent=persistent)
+               if s is not None else None for s, size in zip(splits, (batch_size, eval_batch))]
+    augments = [main_process_augment(s, device) if s is not None else None for s in splits]
+    return Loaders(*splits, *loaders, *augments)
+
+
+def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, say) -> list:
+    transforms = (train_transform(**train) if train is not None else None,
+                  eval_transform(**val) if val is not None else None)
+    if packed.is_packed(root):
+        resize = (train or val)["resize"]
+        if train is not None and train.get("random_resized_crop"):
+            warn_smaller_than_source(root, resize, say)
+        tf_train, tf_val = transforms
+        splits = list(packed.open_splits(root, resize, tf_train or tf_val, tf_val or tf_train, seed))
+    elif train is not None:
+        splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed, on_bad_image=on_bad_image))
+    else:
+        splits = [None, ImageFolder(root, "val", transforms[1], seed, classes=classes, on_bad_image=on_bad_image)]
+    splits = [s if t is not None else None for s, t in zip(splits, transforms)]
+    if not packed.is_packed(root):
+        jpeg_on_gpu([s for s in splits if s is not None], device, jpeg_decode, say)
+    return splits
+
+
+def warn_smaller_than_source(root: str, resize: str, say) -> None:
+    """Random-resized crops of packed images are cut from the stored pixels: where those are fewer than the
+    source file's, small crops are enlarged from less detail than the JPEG path would give them."""
+    smaller, images = packed.smaller_than_source(root)
+    if smaller == 0:
+        return
+    what = (f"{smaller} of its {images} training images are stored with fewer pixels than their source "
+            f"files" if smaller is not None else "it may store images with fewer pixels than their source files "
+            f"(packed by an older version, which did not record it; pack again to know)")
+    say(f"WARNING: --random-resized-crop on packed data crops the images stored at --resize {resize}, and {what}: "
+        f"their small crops are enlarged from less detail than from the JPEG files (pack at a larger --resize "
+        f"or train from the JPEG files to avoid it)")
+
+
+def describe(dataset, device: torch.device) -> str:
+    """How a split's images reach the model, for the run's first lines ("" for the plain CPU JPEG path)."""
+    kind = "packed" if isinstance(dataset, packed.PackedSplit) else "JPEG"
+    if dataset.batch is None:
+        if kind == "JPEG" and device.type == "cpu":
+            return ""
+        return f" ({kind}; per-image augmentation: rotation has no batch path)"
+    decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
+    held = getattr(dataset, "held", False)
+    if held:
+        decoded += ("; crops read from the memory map by the main process" if device.type == "cpu"
+                    else f"; held in {device} memory")
+    where = "in the loader workers" if device.type == "cpu" and not held else "on " + str(device)
+    return f" ({kind}{decoded}; batch augmentation {where})"

@@ -1,0 +1,173 @@
+"""Training: `fit(cfg)` sets up, builds, resumes, then per epoch trains, validates, records and saves.
+
+Its parts: plan (values derived once from the settings and the world), step (one optimizer step and an
+epoch of them; the parallelism strategy), state (what a checkpoint holds), hooks (checkpoint cadence and
+agreed stops), record (metrics, log lines, report), schedule (the learning rate of each step)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import distributed, logs
+from ..config import TrainConfig
+from ..data import held
+from ..data.build import build_loaders, describe
+from ..data.synthetic import ensure_dataset
+from ..errors import CheckpointError, NonFiniteLoss
+from ..evaluate import evaluate
+from ..progress import Progress
+from ..runtime import configure, precision_warning, resolve_device, seed_everything, tune_allocator
+from . import state as states
+from .hooks import Hooks
+from .plan import Plan, augmentation, batch_sizes, default_out, evaluation, learning_rate, make_plan
+from .record import Record, check_writable
+from .schedule import Schedule
+from .step import Trainer, build_trainer, param_groups, train_one_epoch
+from .step import describe as describe_model
+
+__all__ = ["fit", "Plan", "Schedule", "Trainer", "batch_sizes", "learning_rate", "param_groups", "train_one_epoch"]
+
+
+def fit(cfg: TrainConfig, log=print) -> dict:
+    """Train as `cfg` says; returns the last epoch's metrics."""
+    early = logs.hold_early()  # what is said before the run folder exists goes into its train.log too
+    try:
+        return _fit(cfg, log, early)
+    finally:
+        logs.drop_early(early)
+        held.release()  # on every exit, an error before the first epoch too: no held split stays mapped
+
+
+def _fit(cfg: TrainConfig, log, early) -> dict:
+    plan, device, threads, say = set_up(cfg, log, early)
+    data_root = cfg.data or str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
+    data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
+                         batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
+                         seed=cfg.seed, rank=plan.rank, world=plan.world, on_bad_image=cfg.on_bad_image,
+                         jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, say=say)
+    plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
+    trainer = build_trainer(cfg, plan, device, len(data.classes), say)
+    state = resume(cfg, plan, trainer, data.classes, data_root, say)
+    record = Record(plan, say, log)
+    record.open(early)
+    if state.resumed:
+        say(state.resumed)
+    say(f"run folder {plan.out}; {len(data.train_set)} train and {len(data.val_set)} val images in "
+        f"{len(data.classes)} classes from {data_root}{describe(data.train_set, device)}; {describe_model(cfg, trainer, threads)}")
+    if warning := precision_warning(trainer.amp_dtype, device):
+        say(f"WARNING: {warning}")
+    say(plan.describe())
+    try:
+        return run_epochs(plan, trainer, data, state, record, say)
+    finally:
+        record.close()
+
+
+def set_up(cfg: TrainConfig, log, early) -> tuple[Plan, object, int, object]:
+    """Threads, seeds, the process group, the run folder's name (rank 0's) and the plan."""
+    tune_allocator()
+    threads = configure(cfg.deterministic, cfg.threads)
+    seed_everything(cfg.seed)
+    device = distributed.setup(resolve_device(cfg.device), cfg.backend, cfg.dist_timeout, log)
+    rank, world = distributed.rank(), distributed.world_size()
+    say = log if rank == 0 else _silent  # one voice: rank 0 reports; every rank reports errors and its weights
+    if rank != 0:
+        logs.drop_early(early)  # no run folder here to write them to
+    out = Path(distributed.broadcast_object(cfg.out or str(default_out(cfg))))  # one folder, rank 0's name
+    if rank == 0:
+        check_writable(out)  # before any work, without leaving an empty folder behind on a later error
+    return make_plan(cfg, rank, world, out), device, threads, say
+
+
+def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], data_root: str, say) -> states.TrainState:
+    """The state to start from: a fresh one, or a checkpoint's (--resume; restarted workers continue by
+    themselves from the newest checkpoint the ranks agree on)."""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    source, saved = states.find_resume(cfg.resume or ("auto" if restarted else None), plan.ckpt_dir, plan.rank, say)
+    if source is None:
+        return states.TrainState()
+    if list(saved["classes"]) != classes:
+        raise CheckpointError(f"{source} was trained on other classes than {data_root}")
+    return states.from_checkpoint(trainer, saved, source, train_bn=cfg.train_bn, rank=plan.rank, world=plan.world,
+                                  say=say)
+
+
+def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say) -> dict:
+    cfg, classes, first = plan.resolved, data.classes, state.epoch
+    last, v = {}, {}
+
+    def save(epoch: int, step_in_epoch: int, sums: dict | None, is_best: bool = False) -> None:
+        states.save(trainer, state, plan, classes, epoch=epoch, step_in_epoch=step_in_epoch, sums=sums,
+                    metrics=last, is_best=is_best)
+
+    hooks = Hooks(state, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                  steps_per_epoch=plan.steps_per_epoch, world=plan.world, save=save, scalars=record.scalars,
+                  lr=lambda: trainer.optimizer.param_groups[0]["lr"])
+    for epoch in range(first, cfg.epochs):
+        t = train_epoch(plan, trainer, data, state, hooks, epoch, epoch == first, say)
+        if t["stopped"] and hooks.in_epoch(t["global_step"]) < plan.steps_per_epoch:
+            return stopped(hooks, state, plan, last, say)
+        v = validate(plan, trainer, data, epoch)
+        last = record.epoch(epoch, t, v, lr=trainer.optimizer.param_groups[0]["lr"], crop=plan.crops[epoch])
+        is_best = bool(v) and v["acc1"] > state.best_acc1
+        state.best_acc1 = max(state.best_acc1, v.get("acc1", -1.0))
+        save(epoch + 1, 0, None, is_best)
+        hooks.saved()
+        record.say_epoch(last, v, t)
+        if t["stopped"]:
+            return stopped(hooks, state, plan, last, say)
+    hooks.close()
+    record.finish(v, classes, state.best_acc1, trainer.model)
+    return last
+
+
+def train_epoch(plan: Plan, trainer: Trainer, data, state, hooks: Hooks, epoch: int, first: bool, say) -> dict:
+    """One epoch's training, from the resumed step in the first; a NonFiniteLoss saves a checkpoint first."""
+    cfg, crops = plan.resolved, plan.crops
+    skip = state.step_in_epoch if first else 0
+    data.train.sampler.set_epoch(epoch, skip=skip * plan.batch_size * cfg.accum_steps)
+    hooks.start_epoch(epoch, skip)
+    if cfg.progressive_crop and (first or crops[epoch] != crops[epoch - 1]):
+        say(f"epoch {epoch + 1}: training crops of {crops[epoch]} px (progressive resizing to {cfg.crop})")
+    progress = Progress(plan.steps_per_epoch - skip, f"epoch {epoch + 1}/{cfg.epochs}", every=cfg.log_every,
+                        enabled=plan.main and not cfg.quiet)
+    try:
+        t = train_one_epoch(trainer, data.train, global_step=state.global_step, progress=progress,
+                            sums=state.partial if skip else None, after_step=hooks.after_step,
+                            input_size=crops[epoch], augment=data.train_augment)
+    except NonFiniteLoss as e:
+        hooks.save(epoch, hooks.in_epoch(state.global_step), None)
+        raise NonFiniteLoss(f"{e}. Checkpoint saved: {plan.ckpt_dir / 'last.pt'}. A lower --lr, a longer "
+                            f"--warmup-epochs or checking the data usually helps") from None
+    finally:
+        progress.close()  # also on an error: its message then starts on a clean line
+    state.global_step = t["global_step"]
+    return t
+
+
+def validate(plan: Plan, trainer: Trainer, data, epoch: int) -> dict:
+    """The validation metrics after `epoch` (empty when --val-every skips it); BatchNorm's statistics
+    (--train-bn) are averaged over the ranks first. The last epoch's also counts the confusion matrix."""
+    cfg = plan.resolved
+    distributed.average_buffers(trainer.model)
+    final = epoch + 1 == cfg.epochs
+    if not (final or (epoch + 1) % cfg.val_every == 0):
+        trainer.schedule.end_epoch(None)
+        return {}
+    v = evaluate(trainer.model, data.val, trainer.device, cfg.channels_last,
+                 confusion_classes=len(data.classes) if final else 0, amp_dtype=trainer.amp_dtype,
+                 augment=data.val_augment)
+    trainer.schedule.end_epoch(v["loss"])
+    return v
+
+
+def stopped(hooks: Hooks, state, plan: Plan, last: dict, say) -> dict:
+    hooks.close()
+    say(f"stopped on SIGTERM at global step {state.global_step}, checkpoint saved; continue with "
+        f"`alexnet train --resume auto --out {plan.out}`")
+    return last
+
+
+def _silent(*args, **kwargs) -> None:
+    pass

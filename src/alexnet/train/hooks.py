@@ -1,0 +1,78 @@
+"""What runs after every optimizer step: the checkpoint cadence inside epochs (every N steps or minutes),
+the stop on SIGTERM that all ranks agree on, and the step's scalars for TensorBoard.
+
+The stop vote is taken after the optimizer step (so that every rank stops at the same step and rank 0
+saves it); the non-finite vote, before it, is the step's own (train.step)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from .. import distributed
+from ..config import parse_every
+
+
+class StopSignal:
+    """Notes a SIGTERM (preemption by Slurm or Kubernetes) so that the loop stops at a step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second SIGTERM: the launcher is tearing the workers down; go now
+            raise SystemExit(128 + signum)
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Hooks:
+    """`after_step(step, sums)` for train_one_epoch: True when the ranks agreed to stop. `save(epoch,
+    step_in_epoch, sums)` writes a checkpoint; `state` (train.state.TrainState) follows the global step."""
+
+    def __init__(self, state, *, checkpoint_every: str, log_every: int, steps_per_epoch: int, world: int,
+                 save, scalars, lr) -> None:
+        self.state, self.save, self.scalars, self.lr = state, save, scalars, lr
+        self.every_steps, self.every_minutes = parse_every(checkpoint_every)
+        self.log_every, self.steps_per_epoch, self.world = log_every, steps_per_epoch, world
+        self.last_save = time.monotonic()
+        self.preempted = StopSignal()
+        self.epoch = self.epoch_start_step = self.skip = 0
+
+    def start_epoch(self, epoch: int, skip: int) -> None:
+        """An epoch begins at the state's global step, `skip` of its steps done already (a resume)."""
+        self.epoch, self.epoch_start_step, self.skip = epoch, self.state.global_step, skip
+
+    def in_epoch(self, step: int) -> int:
+        """Steps of the current epoch done at global step `step`."""
+        return (step - self.epoch_start_step) + self.skip
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def after_step(self, step: int, sums: dict) -> bool:
+        """Checkpoint inside the epoch when due; stop, agreed by all ranks, on SIGTERM."""
+        self.state.global_step = step
+        timed = self.every_minutes > 0 and time.monotonic() - self.last_save >= self.every_minutes * 60
+        if self.world > 1:  # the ranks must take the same decision at the same step
+            stop, timed = (v > 0 for v in distributed.sum_all([float(self.preempted.requested), float(timed)]))
+        else:
+            stop = self.preempted.requested
+        in_epoch = self.in_epoch(step)
+        if step % self.log_every == 0:
+            self.scalars.add(step, {"train/loss": sums["loss_sum"] / max(sums["images"], 1),
+                                    "train/top1": sums["correct"] / max(sums["images"], 1), "train/lr": self.lr()})
+        if in_epoch < self.steps_per_epoch and (stop or timed or self.every_steps and step % self.every_steps == 0):
+            self.save(self.epoch, in_epoch, sums)
+            self.saved()
+        return stop
+
+    def close(self) -> None:
+        self.preempted.restore()

@@ -1,0 +1,89 @@
+"""What a run records: the run folder (config.yaml, train.log, TensorBoard), one metrics.jsonl line and
+one log line per epoch, and at the end the table of epochs and report.md. Rank 0 writes; every rank says
+its errors and its final weights' hash."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .. import distributed, logs, report
+from ..config import save_yaml, to_dict
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, with the path in the message, if `folder` cannot be created or written."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(existing))
+
+
+class Record:
+    def __init__(self, plan, say, log) -> None:
+        self.plan, self.say, self.log = plan, say, log
+        self.file, self.scalars = None, logs.Scalars(None)
+
+    def open(self, early) -> None:
+        """Make the run folder: once data, model and checkpoint are known to work, so that errors before
+        leave none."""
+        if not self.plan.main:
+            return
+        out = self.plan.out
+        self.plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(self.plan.resolved, out / "config.yaml")
+        self.file = logs.to_file(out / "train.log", early)
+        if self.plan.resolved.tensorboard:
+            self.scalars = logs.Scalars(out / "tensorboard")
+
+    def epoch(self, epoch: int, t: dict, v: dict, *, lr: float, crop: int) -> dict:
+        """The epoch's metrics over all ranks (`t`: this rank's training sums; `v`: the validation's, or
+        empty when not validated), written to metrics.jsonl and TensorBoard and said in one line."""
+        loss_sum, correct, images, seconds, bad = distributed.sum_all(
+            [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
+        validated = bool(v)
+        epoch_seconds = seconds / self.plan.world
+        last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
+                **({"val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"]} if validated else {}),
+                "lr": lr, "images_per_sec": images / epoch_seconds, "epoch_seconds": epoch_seconds,
+                "global_step": t["global_step"], "skipped_steps": t["skipped"], "bad_images": int(bad),
+                **({"val_bad_images": v["bad_images"]} if validated else {}), "train_crop": crop}
+        if self.plan.main:
+            with open(self.plan.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            self.scalars.add(t["global_step"], {f"epoch/{k}": v for k, v in last.items()
+                                                if k not in ("epoch", "global_step")})
+            self.scalars.flush()
+        return last
+
+    def say_epoch(self, last: dict, v: dict, t: dict) -> None:
+        """The epoch's warnings (unreadable images, skipped steps) and its line."""
+        cfg, epoch = self.plan.resolved, last["epoch"]
+        if last["bad_images"] or v.get("bad_images"):
+            self.say(f"WARNING: epoch {epoch}: {last['bad_images']} training and {v.get('bad_images', 0)} validation "
+                     f"images were unreadable and skipped (`alexnet data check` lists them)")
+        if t["skipped"]:
+            self.say(f"WARNING: {t['skipped']} step(s) of epoch {epoch} skipped: the loss was not finite")
+        scores = (f"val loss {v['loss']:.4f}, top-1 {v['acc1']:.2%}, top-5 {v['acc5']:.2%}" if v
+                  else f"not validated (--val-every {cfg.val_every})")
+        self.say(f"epoch {epoch}/{cfg.epochs}: train loss {last['train_loss']:.4f}, {scores}, lr {last['lr']:.3g}, "
+                 f"{last['images_per_sec']:.0f} img/s, {last['epoch_seconds']:.1f} s")
+
+    def finish(self, v: dict, classes: list[str], best_acc1: float, model) -> None:
+        """The table of epochs and report.md (rank 0), the best top-1, and every rank's weights hash."""
+        if self.plan.main:
+            lines = (self.plan.out / "metrics.jsonl").read_text().splitlines()
+            history = [json.loads(line) for line in lines if line.strip()]
+            self.say("epochs (* best top-1):\n" + logs.summary_table(history))
+            if "confusion" in v:
+                self.say(f"report: {report.write(self.plan.out, history, v['confusion'], classes, to_dict(self.plan.resolved))}")
+        self.say(f"done: best val top-1 {best_acc1:.2%}; checkpoints in {self.plan.ckpt_dir}")
+        self.log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {self.plan.rank} of {self.plan.world})")
+
+    def close(self) -> None:
+        self.scalars.close()
+        logs.close_file(self.file)

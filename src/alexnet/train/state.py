@@ -1,0 +1,139 @@
+"""What a checkpoint holds, both ways: the one place that writes it (`to_checkpoint`), reads it back into
+a run (`from_checkpoint`), and reads the model out of it for evaluation and export (`model_from_checkpoint`).
+
+A checkpoint (format 1) holds the model with torchvision's keys ("model"; with --train-bn the BatchNorms
+folded away, and the unfolded weights as "model_with_bn"), the optimizer, schedule and fp16 scaler states,
+where the run is (epoch, step_in_epoch, global_step), the best top-1 so far, every rank's random state and
+its sums of the epoch so far ("ranks"), the world it was saved by, the classes, the resolved config and
+the last epoch's metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import checkpoint, distributed
+from ..config import to_dict
+from ..errors import CheckpointError
+from ..models import create_model, folded_state_dict
+from ..runtime import match_state_layouts, rng_state, set_rng_state
+
+
+@dataclass
+class TrainState:
+    """Where a run is; with `partial`, this rank's sums of the epoch it resumes inside."""
+    epoch: int = 0  # epochs done: the next one to train
+    step_in_epoch: int = 0  # steps of that epoch already done (a resume inside it)
+    global_step: int = 0
+    best_acc1: float = -1.0
+    partial: dict | None = None
+    resumed: str = ""  # what was resumed from, for the log
+
+
+def to_checkpoint(trainer, state: TrainState, *, epoch: int, step_in_epoch: int, ranks: list, metrics: dict,
+                  classes: list[str], config: dict, world: int, train_bn: bool) -> dict:
+    weights = trainer.model.state_dict()
+    return {"format_version": checkpoint.FORMAT_VERSION,
+            "model": folded_state_dict(weights) if train_bn else weights,
+            **({"model_with_bn": weights} if train_bn else {}),
+            "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state.global_step,
+            "best_acc1": state.best_acc1, "torch_rng": torch.get_rng_state(), "ranks": ranks, "world_size": world,
+            "device_type": trainer.device.type, "classes": classes, "config": config, "metrics": metrics,
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None}
+
+
+def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, step_in_epoch: int,
+         sums: dict | None, metrics: dict, is_best: bool = False) -> None:
+    """Every rank calls this at the same step (it gathers their random states and sums); rank 0 writes
+    step-N.pt, points last.pt at it, and with `is_best` writes best.pt."""
+    ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums})
+    if not plan.main:
+        return
+    cfg = plan.resolved
+    saved = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks, metrics=metrics,
+                          classes=classes, config=to_dict(cfg), world=plan.world, train_bn=cfg.train_bn)
+    checkpoint.save_step(saved, plan.ckpt_dir, cfg.keep_last)
+    if is_best:
+        checkpoint.save(saved, plan.ckpt_dir / "best.pt")
+
+
+def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, world: int, say) -> TrainState:
+    """Load a checkpoint into the trainer's model, optimizer, schedule and scaler and this process's random
+    state; the state of the run it continues. Saved by another world size or device: not bit-exact (said)."""
+    try:
+        trainer.model.load_state_dict(saved.get("model_with_bn", saved["model"]) if train_bn else saved["model"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        match_state_layouts(trainer.optimizer)
+        defaults = trainer.optimizer.defaults
+        for group in trainer.optimizer.param_groups:  # the implementation asked for now, not the saved one
+            group["fused"], group["foreach"] = defaults.get("fused"), defaults.get("foreach")
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"--resume {source}: the checkpoint does not fit this model (was --arch, --fc-width, "
+            f"--train-bn or --bias-decay changed?): {str(e).splitlines()[0]}") from None
+    trainer.schedule.load_state_dict(saved["schedule"])
+    if trainer.scaler is not None and saved.get("scaler"):
+        trainer.scaler.load_state_dict(saved["scaler"])
+    ranks, partial = saved.get("ranks"), None
+    saved_on = (saved.get("world_size", 1), saved.get("device_type", trainer.device.type))
+    if ranks is not None and saved_on == (world, trainer.device.type):
+        set_rng_state(ranks[rank]["rng"])
+        partial = ranks[rank]["sums"]
+    else:
+        torch.set_rng_state(saved["torch_rng"])
+        say(f"WARNING: {source} was saved by {saved_on[0]} process(es) on {saved_on[1]}; resuming with "
+            f"{world} on {trainer.device.type} works but is not bit-exact")
+    skip = saved.get("step_in_epoch", 0)
+    return TrainState(epoch=saved["epoch"], step_in_epoch=skip, global_step=saved["global_step"],
+                      best_acc1=saved["best_acc1"], partial=partial,
+                      resumed=f"resumed from {source} at epoch {saved['epoch'] + 1}, step {skip} of it "
+                              f"(global step {saved['global_step']})")
+
+
+def saved_config(resume: str, out: str | None) -> dict:
+    """The settings saved in the checkpoint that --resume names (auto: the newest in OUT/checkpoints; an
+    empty dict when there is none), which a resumed run starts from (config.resolve_train)."""
+    if resume != "auto":
+        return checkpoint.load_run(resume)["config"]
+    found = checkpoint.newest_valid(Path(out) / "checkpoints")
+    return found[1]["config"] if found else {}
+
+
+def find_resume(resume: str | None, ckpt_dir: Path, rank: int, say) -> tuple[Path | str | None, dict | None]:
+    """The checkpoint to continue from: --resume's file, or with auto (and in a restarted worker) the newest
+    that the ranks agree on; (None, None) for a fresh start."""
+    if resume == "auto":
+        return newest_agreed(ckpt_dir, rank, say)
+    if resume:
+        return Path(resume), checkpoint.load_run(resume)
+    return None, None
+
+
+def newest_agreed(ckpt_dir: Path, rank: int, say) -> tuple[Path | str | None, dict | None]:
+    """The newest usable checkpoint that any rank holds, on every rank. Without shared storage only some
+    machines hold it: the ranks agree on the newest global step any of them has, and one holder sends
+    it to the others, so that no rank silently starts afresh while others resume."""
+    found = checkpoint.newest_valid(ckpt_dir, log=say)
+    steps = distributed.all_gather_objects(found[1]["global_step"] if found else -1)
+    newest = max(steps)
+    if newest < 0:
+        say(f"no checkpoint in {ckpt_dir}: starting afresh")
+        return None, None
+    if all(s == newest for s in steps):
+        return found
+    holder = steps.index(newest)
+    say(f"the newest checkpoint (global step {newest}) is on rank {holder}'s machine only: sending it to the others")
+    saved = distributed.broadcast_object(found[1] if rank == holder else None, src=holder)
+    return f"{checkpoint.step_path(ckpt_dir, newest)} (from rank {holder})", saved
+
+
+def model_from_checkpoint(saved: dict) -> nn.Module:
+    """The trained model of a checkpoint (the plain architecture, with torchvision's keys), in eval mode."""
+    cfg = saved["config"]
+    model = create_model(cfg["arch"], len(saved["classes"]), cfg["dropout"], cfg["fc_width"])
+    model.load_state_dict(saved["model"])
+    return model.eval()
