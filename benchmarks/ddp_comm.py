@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from netns import result_of, torchrun_args, two_hosts
+
 HOOKS = ("none", "bf16", "powersgd")
 
 
@@ -75,46 +77,13 @@ def torchrun(extra: list[str], args, prefix: list[str] = (), env=None) -> subpro
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def result_of(proc: subprocess.Popen) -> dict | None:
-    out, _ = proc.communicate(timeout=1800)
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    if proc.returncode:
-        sys.exit(f"a worker failed:\n{out[-3000:]}")
-    return None
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
 def netns_run(args) -> dict:
-    """Two namespaces, a veth pair shaped to 1 Gbit/s on both ends, one node in each."""
-    ns, links, addrs = ("alxbA", "alxbB"), ("vxbA", "vxbB"), ("10.232.0.1", "10.232.0.2")
-    try:
-        sh("ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1])
-        for n, link, addr in zip(ns, links, addrs):
-            sh("ip", "netns", "add", n)
-            sh("ip", "link", "set", link, "netns", n)
-            sh("ip", "-n", n, "addr", "add", f"{addr}/24", "dev", link)
-            sh("ip", "-n", n, "link", "set", link, "up")
-            sh("ip", "-n", n, "link", "set", "lo", "up")
-            sh("ip", "netns", "exec", n, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", args.rate,
-               "burst", "1mb", "latency", "100ms")
-        procs = []
-        for i, (n, link, addr) in enumerate(zip(ns, links, addrs)):
-            rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                    f"{addrs[0]}:29400", "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}",
-                    "--local-addr", addr]
-            procs.append(torchrun(rdzv, args, prefix=["ip", "netns", "exec", n],
-                                  env={"GLOO_SOCKET_IFNAME": link}))
+    """Two namespaces, a veth pair shaped to --rate on both ends, one node in each."""
+    with two_hosts("b", "10.232.0", args.rate) as hosts:
+        procs = [torchrun(torchrun_args(hosts, i), args, prefix=["ip", "netns", "exec", n],
+                          env={"GLOO_SOCKET_IFNAME": link}) for i, (n, link, _) in enumerate(hosts)]
         results = [result_of(p) for p in procs]
         return next(r for r in results if r)
-    finally:
-        for n in ns:
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)
-        subprocess.run(["ip", "link", "del", links[0]], capture_output=True)
 
 
 def report(title: str, results: dict) -> None:

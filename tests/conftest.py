@@ -163,7 +163,7 @@ def one_process(exact):
 
 @pytest.fixture(scope="session")
 def two_processes(exact):
-    return train_run(exact, "two", "--batch-size", "4", "--nproc-per-node", "2")
+    return train_run(exact, "two", "--batch-size", "4", "--nproc-per-node", "2", "--parallel", "ddp")
 
 
 def tolerance(exact, w1) -> float:

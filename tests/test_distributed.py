@@ -136,7 +136,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(exact, one_proces
 @pytest.mark.slow
 def test_without_gradient_sync_the_processes_differ(exact, one_process):
     # The control: the same two-process run with each process keeping its own gradients.
-    w, p = train_run(exact, "unsynced", "--batch-size", "4", "--nproc-per-node", "2",
+    w, p = train_run(exact, "unsynced", "--batch-size", "4", "--nproc-per-node", "2", "--parallel", "ddp",
                      env={"ALEXNET_UNSYNCED_GRADIENTS": "1"})
     assert max_diff(w, one_process) > 100 * tolerance(exact, one_process)
     ranks = shas(p.stdout)
@@ -148,7 +148,8 @@ def test_accumulation_equals_the_larger_batch(exact, one_process):
     w, p = train_run(exact, "accum", "--batch-size", "4", "--accum-steps", "2")
     assert max_diff(w, one_process) <= tolerance(exact, one_process)
     # and with two processes, each accumulating two micro-batches of 2 under no_sync
-    w, p = train_run(exact, "accum2", "--global-batch-size", "8", "--accum-steps", "2", "--nproc-per-node", "2")
+    w, p = train_run(exact, "accum2", "--global-batch-size", "8", "--accum-steps", "2", "--nproc-per-node", "2",
+                     "--parallel", "ddp")
     assert "batch: 2 per process x 2 processes x 2 accumulation steps = 8 global" in p.stdout
     assert max_diff(w, one_process) <= tolerance(exact, one_process)
 
@@ -158,7 +159,8 @@ def test_clipping_sees_the_global_gradient_on_every_process(exact, one_process):
     """--clip-grad-norm clips the all-reduced gradient: two processes equal one with the global batch."""
     w1, _ = train_run(exact, "clip1", "--batch-size", "8", "--clip-grad-norm", "0.05")
     assert max_diff(w1, one_process) > 100 * tolerance(exact, one_process)  # the clipping was active
-    w2, p = train_run(exact, "clip2", "--batch-size", "4", "--nproc-per-node", "2", "--clip-grad-norm", "0.05")
+    w2, p = train_run(exact, "clip2", "--batch-size", "4", "--nproc-per-node", "2", "--clip-grad-norm", "0.05",
+                      "--parallel", "ddp")
     assert max_diff(w2, w1) <= tolerance(exact, w1)
     ranks = shas(p.stdout)
     assert ranks[0] == ranks[1]
@@ -184,7 +186,7 @@ def test_runs_unchanged_under_torchrun(exact, two_processes):
     out = exact["root"] / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "alexnet",
            "train", "--data", str(exact["data"]), "--weights", str(exact["root"] / "w0.pt"), "--out", str(out),
-           *EXACT, "--batch-size", "4"]
+           *EXACT, "--batch-size", "4", "--parallel", "ddp"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 processes, backend gloo" in p.stdout
@@ -200,6 +202,7 @@ def test_compression_hooks_train_on_gloo(exact, hook, one_process):
     # PowerSGD on gloo with several buckets aborts inside torch; --bucket-cap-mb 1 makes several buckets,
     # so this shows that the single-bucket fallback is applied.
     w, p = train_run(exact, f"hook-{hook}", "--batch-size", "4", "--nproc-per-node", "2", "--comm-hook", hook,
+                     "--parallel", "ddp",
                      "--powersgd-start-step", "2", "--bucket-cap-mb", "1")
     ranks = shas(p.stdout)
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1]

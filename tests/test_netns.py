@@ -144,3 +144,25 @@ def test_without_shared_storage_the_newest_checkpoint_is_sent_to_the_other_node(
     assert "(global step 3)" in both and "starting afresh" not in both
     ranks = {**shas(logs["a"]), **shas(logs["b"])}
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+
+
+def test_two_hosts_train_with_hybrid_parallelism(hosts, exact, one_process, tmp_path):
+    """--parallel hybrid across the two hosts: activations cross the link; the whole model, gathered, is
+    the same on both ranks and in the checkpoint, and within the equivalence tolerance of the same run on
+    one host with two processes."""
+    from alexnet import checkpoint
+    from alexnet.distributed import weights_sha256
+    from alexnet.models import create_model
+    from conftest import train_run
+    logs = run_pair(hosts, exact, f"{hosts['addrs']['a']}:29403", tmp_path, extra=["--parallel", "hybrid"])
+    both = logs["a"] + logs["b"]
+    assert "parallel: hybrid (--parallel hybrid;" in both
+    ranks = {**shas(logs["a"]), **shas(logs["b"])}
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    outs = [tmp_path / f"out-{h}" for h in ("a", "b") if (tmp_path / f"out-{h}" / "checkpoints" / "last.pt").exists()]
+    assert len(outs) == 1
+    model = create_model("alexnet", 3, dropout=0.0, fc_width=32)
+    model.load_state_dict(checkpoint.load_run(outs[0] / "checkpoints" / "last.pt")["model"])
+    assert weights_sha256(model) == ranks[0]
+    one_host, _ = train_run(exact, "hybrid-one-host", "--batch-size", "4", "--nproc-per-node", "2", "--parallel", "hybrid")
+    assert max_diff(final_weights(outs[0]), one_host) <= tolerance(exact, one_process)

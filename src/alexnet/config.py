@@ -129,7 +129,16 @@ class TrainConfig:
     backend: str = opt("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
                        ("auto", "nccl", "gloo"))
     dist_timeout: float = opt(300.0, "seconds to wait for the other processes when joining and in every collective")
-    comm_hook: str = opt("none", "gradient compression on the wire: none, bf16, fp16 or powersgd",
+    parallel: str = opt("auto", "how the model is spread over the processes: ddp (every process the whole model, "
+                                "gradients all-reduced), hybrid (convolutions data-parallel, fully connected "
+                                "layers cut over the processes: activations cross the network instead of their "
+                                "gradients) or auto (hybrid while it sends fewer bytes: see README)",
+                        ("auto", "ddp", "hybrid"))
+    local_sgd_period: int = opt(0, "local SGD: average the weights over the processes every H steps instead of "
+                                   "all-reducing every gradient (0: off; needs --parallel ddp)")
+    local_sgd_warmup: int = opt(0, "local SGD: synchronous steps (gradients all-reduced) before the local ones")
+    comm_hook: str = opt("none", "gradient compression on the wire: none, bf16, fp16 or powersgd (under hybrid, "
+                                 "bf16 and fp16 carry the activations too)",
                          ("none", "bf16", "fp16", "powersgd"))
     powersgd_rank: int = opt(2, "PowerSGD: rank of the low-rank gradient approximation")
     powersgd_start_step: int = opt(1000, "PowerSGD: plain all-reduce for this many steps first (at least 2)")
@@ -395,6 +404,15 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.powersgd_rank >= 1, "powersgd-rank", "must be at least 1")
     need(cfg.powersgd_start_step >= 2, "powersgd-start-step", "must be at least 2 (PowerSGD needs a plain step first)")
     need(cfg.bucket_cap_mb > 0, "bucket-cap-mb", "must be positive")
+    need(cfg.local_sgd_period == 0 or cfg.local_sgd_period >= 2, "local-sgd-period",
+         "must be 0 (off) or at least 2 steps between averagings")
+    need(cfg.local_sgd_warmup >= 0, "local-sgd-warmup", "must be 0 or more steps")
+    need(not (cfg.local_sgd_period and cfg.parallel == "hybrid"), "local-sgd-period",
+         "averages data-parallel weights: it needs --parallel ddp (or auto), not hybrid")
+    need(not (cfg.parallel == "hybrid" and cfg.compile), "parallel",
+         "hybrid cannot be compiled: drop --compile, or use --parallel ddp")
+    need(not (cfg.parallel == "hybrid" and cfg.comm_hook == "powersgd"), "parallel",
+         "hybrid sends activations, which PowerSGD cannot compress: use --comm-hook none or bf16")
     _check_device(cfg.device)
     parse_every(cfg.checkpoint_every)
     need(cfg.keep_last >= 1, "keep-last", "must be at least 1")

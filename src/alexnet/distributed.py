@@ -283,6 +283,63 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------ exchanges of activations (hybrid)
+
+def all_sizes(n: int) -> list[int]:
+    """Every process's `n` (its batch size, say), in rank order."""
+    if not active():
+        return [n]
+    mine = torch.tensor([n], dtype=torch.int64, device=_device)
+    out = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(out, mine)
+    return [int(t) for t in out]
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every process's rows of `x` (sizes[r] rows on rank r), concatenated in rank order, on every process.
+    An all-to-all: each process sends its rows once to each peer (uneven sizes allowed, which gloo's
+    all-gather refuses); sent as `dtype` when given (bf16 halves the bytes)."""
+    if not active():
+        return x
+    send = (x.to(dtype) if dtype is not None else x).contiguous()
+    world = world_size()
+    out = send.new_empty((sum(sizes), *x.shape[1:]))
+    dist.all_to_all_single(out, torch.cat([send] * world), output_split_sizes=list(sizes),
+                           input_split_sizes=[x.shape[0]] * world)
+    return out.to(x.dtype)
+
+
+def scatter_sum_rows(x: torch.Tensor, sizes: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sum over processes of `x` (sum(sizes) rows on every process), each process keeping its own
+    rows (sizes[rank] of them, from offset sum(sizes[:rank])): a reduce-scatter as an all-to-all, which
+    on gloo sends half the bytes of its reduce_scatter. Summed in fp32 or better."""
+    if not active():
+        return x
+    send = (x.to(dtype) if dtype is not None else x).contiguous()
+    world, mine = world_size(), sizes[rank()]
+    out = send.new_empty((world * mine, *x.shape[1:]))
+    dist.all_to_all_single(out, send, output_split_sizes=[mine] * world, input_split_sizes=list(sizes))
+    total = out.view(world, mine, *x.shape[1:])
+    return total.to(torch.promote_types(x.dtype, torch.float32)).sum(0).to(x.dtype)
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `t` on every process (in place)."""
+    if active():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def average_parameters(model: nn.Module) -> None:
+    """Replace each parameter of `model` by its mean over all processes."""
+    if not active():
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            dist.all_reduce(p.data, op=dist.ReduceOp.SUM)
+            p.data /= world_size()
+
+
 # ------------------------------------------------------------------------------------------- wrapping
 
 def _local_gradients_hook(state, bucket):

@@ -150,6 +150,7 @@ def validate(plan: Plan, trainer: Trainer, data, epoch: int) -> dict:
     """The validation metrics after `epoch` (empty when --val-every skips it); BatchNorm's statistics
     (--train-bn) are averaged over the ranks first. The last epoch's also counts the confusion matrix."""
     cfg = plan.resolved
+    trainer.parallel.refresh()  # the whole model: hybrid's slices gathered, local SGD's weights averaged
     distributed.average_buffers(trainer.model)
     final = epoch + 1 == cfg.epochs
     if not (final or (epoch + 1) % cfg.val_every == 0):

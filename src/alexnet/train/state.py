@@ -34,12 +34,16 @@ class TrainState:
 
 
 def to_checkpoint(trainer, state: TrainState, *, epoch: int, step_in_epoch: int, ranks: list, metrics: dict,
-                  classes: list[str], config: dict, world: int, train_bn: bool) -> dict:
-    weights = trainer.model.state_dict()
+                  classes: list[str], config: dict, world: int, train_bn: bool, weights: dict | None = None,
+                  optimizer: dict | None = None) -> dict:
+    """The checkpoint; `weights` and `optimizer`: the whole model's and optimizer's state where the
+    parallelism strategy holds slices (default: the trainer's own)."""
+    weights = trainer.model.state_dict() if weights is None else weights
     return {"format_version": checkpoint.FORMAT_VERSION,
             "model": folded_state_dict(weights) if train_bn else weights,
             **({"model_with_bn": weights} if train_bn else {}),
-            "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict(),
+            "optimizer": trainer.optimizer.state_dict() if optimizer is None else optimizer,
+            "schedule": trainer.schedule.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state.global_step,
             "best_acc1": state.best_acc1, "torch_rng": torch.get_rng_state(), "ranks": ranks, "world_size": world,
             "device_type": trainer.device.type, "classes": classes, "config": config, "metrics": metrics,
@@ -50,12 +54,15 @@ def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, st
          sums: dict | None, metrics: dict, is_best: bool = False) -> None:
     """Every rank calls this at the same step (it gathers their random states and sums); rank 0 writes
     step-N.pt, points last.pt at it, and with `is_best` writes best.pt."""
-    ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums})
+    own = trainer.parallel.own_state(trainer.optimizer)  # local SGD: each process's weights and momentum
+    ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums, **own})
+    weights, optimizer = trainer.parallel.state(trainer.optimizer)  # the whole model (hybrid gathers its slices)
     if not plan.main:
         return
     cfg = plan.resolved
     saved = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks, metrics=metrics,
-                          classes=classes, config=to_dict(cfg), world=plan.world, train_bn=cfg.train_bn)
+                          classes=classes, config=to_dict(cfg), world=plan.world, train_bn=cfg.train_bn,
+                          weights=weights, optimizer=optimizer)
     checkpoint.save_step(saved, plan.ckpt_dir, cfg.keep_last)
     if is_best:
         checkpoint.save(saved, plan.ckpt_dir / "best.pt")
@@ -64,9 +71,13 @@ def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, st
 def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, world: int, say) -> TrainState:
     """Load a checkpoint into the trainer's model, optimizer, schedule and scaler and this process's random
     state; the state of the run it continues. Saved by another world size or device: not bit-exact (said)."""
+    ranks = saved.get("ranks")
+    saved_on = (saved.get("world_size", 1), saved.get("device_type", trainer.device.type))
+    exact = ranks is not None and saved_on == (world, trainer.device.type)
+    own = ranks[rank] if exact else {}  # local SGD: this process's own weights and momentum
+    weights = saved.get("model_with_bn", saved["model"]) if train_bn else saved["model"]
     try:
-        trainer.model.load_state_dict(saved.get("model_with_bn", saved["model"]) if train_bn else saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.parallel.load(trainer.optimizer, own.get("model", weights), own.get("optimizer", saved["optimizer"]))
         match_state_layouts(trainer.optimizer)
         defaults = trainer.optimizer.defaults
         for group in trainer.optimizer.param_groups:  # the implementation asked for now, not the saved one
@@ -78,9 +89,9 @@ def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, 
     trainer.schedule.load_state_dict(saved["schedule"])
     if trainer.scaler is not None and saved.get("scaler"):
         trainer.scaler.load_state_dict(saved["scaler"])
-    ranks, partial = saved.get("ranks"), None
-    saved_on = (saved.get("world_size", 1), saved.get("device_type", trainer.device.type))
-    if ranks is not None and saved_on == (world, trainer.device.type):
+    partial = None
+    trainer.parallel.resume_at(saved["global_step"])
+    if exact:
         set_rng_state(ranks[rank]["rng"])
         partial = ranks[rank]["sums"]
     else:

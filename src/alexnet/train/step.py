@@ -23,7 +23,7 @@ from ..data.mix import BatchMix
 from ..errors import CheckpointError, NonFiniteLoss
 from ..evaluate import topk_correct
 from ..models import add_batchnorm, create_model, load_pretrained
-from ..parallel import DataParallel, local
+from ..parallel import DataParallel, choose, local, make
 from ..progress import Progress
 from ..runtime import autocast, make_sgd, resolve_precision
 from .schedule import Schedule
@@ -68,21 +68,42 @@ def build_trainer(cfg: TrainConfig, plan, device: torch.device, classes: int, sa
     if plan.world > 1:
         torch.manual_seed(cfg.seed + 7919 * plan.rank)  # each rank its own dropout draws
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    # progressive resizing meets a few input sizes: one static graph each, not a slower dynamic one
-    parallel = DataParallel(model, device, comm_hook=cfg.comm_hook, bucket_cap_mb=cfg.bucket_cap_mb,
-                            gradient_as_bucket_view=cfg.gradient_as_bucket_view, static_graph=cfg.static_graph,
-                            powersgd_rank=cfg.powersgd_rank, powersgd_start_step=cfg.powersgd_start_step,
-                            compile=cfg.compile, dynamic=False if cfg.progressive_crop else None, log=say)
-    optimizer = make_sgd(param_groups(model, cfg.bias_decay), cfg.sgd, device, lr=plan.peak_lr,
+    parallel = wrap(cfg, plan, model, device, say)
+    optimizer = make_sgd(param_groups(parallel.parameters(), cfg.bias_decay), cfg.sgd, device, lr=plan.peak_lr,
                          momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     amp_dtype = resolve_precision(cfg.precision, device, cfg.deterministic)
     # fp16 needs its gradients scaled up so that small ones do not flush to zero; bf16 has fp32's range.
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # Where the processes hold different gradients (hybrid), they agree on skipping an overflowed step.
+    scaler = None
+    if amp_dtype == torch.float16:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        scaler = ShardedGradScaler(device.type) if parallel.agree_on_overflow else torch.amp.GradScaler(device.type)
     mix = BatchMix(cfg.mixup, cfg.cutmix, cfg.seed, plan.rank) if cfg.mixup or cfg.cutmix else None
     return Trainer(model, optimizer, Schedule(cfg, plan.steps_per_epoch, plan.peak_lr),
                    nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device, parallel=parallel,
                    accum_steps=cfg.accum_steps, channels_last=cfg.channels_last, amp_dtype=amp_dtype, scaler=scaler,
                    mix=mix, clip_grad_norm=cfg.clip_grad_norm, max_nonfinite=cfg.max_nonfinite_steps)
+
+
+def wrap(cfg: TrainConfig, plan, model: nn.Module, device: torch.device, say):
+    """The parallelism strategy (alexnet.parallel) around `model`: --parallel, or for auto the one that sends
+    fewer bytes a step among those the other settings allow; local SGD with --local-sgd-period."""
+    name, why = choose(cfg.parallel, plan.world, plan.batch_size, model, cfg.accum_steps)
+    if cfg.parallel == "auto" and name == "hybrid" and (cfg.compile or cfg.comm_hook == "powersgd"
+                                                         or cfg.local_sgd_period):
+        name, why = "ddp", f"{why}; ddp, as --compile, PowerSGD and local SGD need it"
+    if cfg.local_sgd_period and plan.world > 1:
+        name, why = "local-sgd", (f"{why}; local SGD: weights averaged every {cfg.local_sgd_period} steps after "
+                                  f"{cfg.local_sgd_warmup} synchronous ones")
+    if plan.world > 1:
+        say(f"parallel: {name} ({why})")
+    options = dict(comm_hook=cfg.comm_hook, bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+                   static_graph=cfg.static_graph, powersgd_rank=cfg.powersgd_rank,
+                   powersgd_start_step=cfg.powersgd_start_step, log=say)
+    if name != "hybrid":  # progressive resizing meets a few input sizes: one static graph each, not a dynamic one
+        options.update(compile=cfg.compile, dynamic=False if cfg.progressive_crop else None)
+    return make(name, model, device, local_sgd_period=cfg.local_sgd_period, local_sgd_warmup=cfg.local_sgd_warmup,
+                **options)
 
 
 def describe(cfg: TrainConfig, t: Trainer, threads: int) -> str:
@@ -106,6 +127,7 @@ def train_one_epoch(t: Trainer, loader, *, global_step: int, progress: Progress,
     batches = iter(loader)
     for _ in range(len(loader) // t.accum_steps):
         lr, outcome, step = one_step(t, batches, global_step, buffers, input_size, augment)
+        t.parallel.after_step(global_step)  # local SGD averages the weights here, on its schedule
         sums["bad"] += step["bad"]
         if outcome == "done":
             in_a_row = 0
@@ -152,9 +174,10 @@ def one_step(t: Trainer, batches, global_step: int, buffers: list, input_size: i
         restore(buffers, at_step_start)  # and so do the statistics, which a non-finite batch would poison
         return lr, "nonfinite", step
     if t.scaler is not None:
+        if t.clip_grad_norm or t.parallel.agree_on_overflow:
+            t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones; agree on an overflow
         if t.clip_grad_norm:
-            t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
-            clip_gradients(t.optimizer, t.clip_grad_norm)
+            t.parallel.clip_grad_norm(t.optimizer, t.clip_grad_norm)
         scale = t.scaler.get_scale()
         t.scaler.step(t.optimizer)  # skips the update when the scaled gradients overflowed, and lowers the scale
         t.scaler.update()
@@ -163,7 +186,7 @@ def one_step(t: Trainer, batches, global_step: int, buffers: list, input_size: i
             return lr, "overflow", step
         return lr, "done", step
     if t.clip_grad_norm:
-        clip_gradients(t.optimizer, t.clip_grad_norm)
+        t.parallel.clip_grad_norm(t.optimizer, t.clip_grad_norm)
     t.optimizer.step()
     return lr, "done", step
 
@@ -203,16 +226,11 @@ def restore(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
             buffer.copy_(value)
 
 
-def clip_gradients(optimizer, max_norm: float) -> None:
-    """Scale all gradients by one factor so that their global L2 norm is at most `max_norm`."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def param_groups(model: nn.Module, bias_decay: bool) -> list[dict]:
+def param_groups(params, bias_decay: bool) -> list[dict]:
     """One group, or without bias decay two: the weights of convolutions and linear layers (more than one
-    dimension) with the optimizer's weight decay, the biases and BatchNorm scales and shifts (one dimension) without."""
-    params = list(model.parameters())
+    dimension) with the optimizer's weight decay, the biases and BatchNorm scales and shifts (one dimension)
+    without. `params`: a model, or the parameters a parallelism strategy steps."""
+    params = list(params.parameters() if isinstance(params, nn.Module) else params)
     if bias_decay:
         return [{"params": params}]
     return [{"params": [p for p in params if p.ndim > 1]},
