@@ -85,7 +85,8 @@ def worker(args) -> None:
         results[name] = {"step_s": statistics.mean(times) if kind == "local-sgd" else statistics.median(times),
                          "times": times, "bytes": statistics.mean(sent) if kind == "local-sgd" else statistics.median(sent),
                          "predicted_bytes": bytes_per_step(kind, world, args.batch, model, value_bytes=2 if hook else 4,
-                                                           local_sgd_period=args.period)}
+                                                           local_sgd_period=args.period,
+                                                           activation_bytes=2 if hook or amp is not None else 4)}
         del trainer, optimizer, parallel, model
     if distributed.is_main():
         print("RESULT " + json.dumps(results), flush=True)
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps before measuring (default 2)")
     parser.add_argument("--period", type=int, default=8, help="local SGD: steps between averagings (default 8)")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16) or fp32")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of alone, then pairs, alternating; medians "
+                                                                "(default 1)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--predict", nargs=2, type=float, metavar=("STEP_S", "BATCH"),
                         help="only print the prediction for 2-8 nodes of 8 GPUs from one GPU's step time at BATCH")
@@ -164,23 +167,39 @@ def main() -> None:
     from alexnet.runtime import resolve_precision
     amp = resolve_precision(args.precision, torch.device("cpu"), False)
     print(f"torch {torch.__version__}; {os.cpu_count()} CPUs; precision {'fp32' if amp is None else 'bf16'}; "
-          f"one process per host on its own core, 1 thread, gloo; medians after {args.warmup} warm-up steps")
+          f"one process per host on its own core, 1 thread, gloo; medians after {args.warmup} warm-up steps, "
+          f"{args.rounds} round(s)")
     rows = []
     for batch in map(int, args.batches.split(",")):
-        single = result_of(launch(args, batch, prefix=["taskset", "-c", "0"], single=True))["single"]["step_s"]
-        for rate in args.rates.split(","):
-            results = pair(args, batch, rate)
-            for name, r in results.items():
-                rows.append({"rate": rate, "batch": batch, "strategy": name, "single_step_s": single, **r,
-                             "efficiency": single / r["step_s"]})
-                print(f"{rate:>8s} batch {batch:4d} {name:12s} step {r['step_s']:7.2f} s (alone {single:.2f} s), "
-                      f"efficiency {single / r['step_s']:.2f}, sent {r['bytes'] / 1e6:8.1f} MB a step "
-                      f"(predicted {r['predicted_bytes'] / 1e6:.1f})", flush=True)
-    print("\n| link | batch/process | strategy | step (s) | alone (s) | efficiency | MB sent/step (measured) | predicted |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        alone, crowded, pairs = [], [], {}
+        for r in range(args.rounds):  # alone, two alone at once, then the pairs: alternating, medians at the end
+            alone.append(result_of(launch(args, batch, prefix=["taskset", "-c", "0"], single=True))["single"]["step_s"])
+            # a second single process on the other core at the same time: what two processes on this
+            # machine's shared cache and memory cost each other, without any communication
+            both = [launch(args, batch, prefix=["taskset", "-c", str(i % os.cpu_count())], single=True) for i in (0, 1)]
+            crowded.append(statistics.mean(result_of(p)["single"]["step_s"] for p in both))
+            print(f"batch {batch}, round {r + 1}: one process alone {alone[-1]:.2f} s a step; two at once, one a "
+                  f"core, {crowded[-1]:.2f} s", flush=True)
+            for rate in args.rates.split(","):
+                for name, res in pair(args, batch, rate).items():
+                    pairs.setdefault((rate, name), []).append(res)
+                    print(f"{rate:>8s} batch {batch:4d} {name:12s} step {res['step_s']:7.2f} s, sent "
+                          f"{res['bytes'] / 1e6:8.1f} MB a step (predicted {res['predicted_bytes'] / 1e6:.1f})", flush=True)
+        single, busy = statistics.median(alone), statistics.median(crowded)
+        for (rate, name), results in pairs.items():
+            step = statistics.median(res["step_s"] for res in results)
+            rows.append({"rate": rate, "batch": batch, "strategy": name, "step_s": step, "single_step_s": single,
+                         "efficiency": single / step, "crowded_step_s": busy, "efficiency_crowded": busy / step,
+                         "bytes": statistics.median(res["bytes"] for res in results),
+                         "predicted_bytes": results[0]["predicted_bytes"], "rounds": results,
+                         "alone_rounds": alone, "crowded_rounds": crowded})
+    print("\n| link | batch/process | strategy | step (s) | alone (s) | efficiency | two alone at once (s) | "
+          "efficiency against them | MB sent/step (measured) | predicted |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['rate']} | {r['batch']} | {r['strategy']} | {r['step_s']:.2f} | {r['single_step_s']:.2f} | "
-              f"{r['efficiency']:.2f} | {r['bytes'] / 1e6:.1f} | {r['predicted_bytes'] / 1e6:.1f} |")
+              f"{r['efficiency']:.2f} | {r['crowded_step_s']:.2f} | {r['efficiency_crowded']:.2f} | "
+              f"{r['bytes'] / 1e6:.1f} | {r['predicted_bytes'] / 1e6:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"precision": "fp32" if amp is None else "bf16", "rows": rows}, f, indent=1)

@@ -37,11 +37,14 @@ def fc_parameters(model: nn.Module) -> int:
 
 
 def bytes_per_step(name: str, world: int, batch: int, model: nn.Module, accum_steps: int = 1,
-                   value_bytes: int = 4, local_sgd_period: int = 1) -> float:
+                   value_bytes: int = 4, local_sgd_period: int = 1, activation_bytes: int | None = None) -> float:
     """What one process sends per optimizer step (the README's formulas): ddp all-reduces every
     gradient (a ring: 2 (W-1)/W of them); local SGD all-reduces every weight once in H steps; hybrid
     all-reduces the convolutions' gradients and sends activations, 2 (W-1) B (9216 + fc width + classes)
-    values for each micro-batch of B images."""
+    values for each micro-batch of B images. `value_bytes`: of a gradient on the wire (2 with a bf16 or
+    fp16 hook); `activation_bytes`: of an activation (2 under bf16 autocast or with such a hook; default
+    `value_bytes`)."""
+    activation_bytes = value_bytes if activation_bytes is None else activation_bytes
     if world < 2:
         return 0.0
     total = sum(p.numel() for p in model.parameters())
@@ -50,7 +53,8 @@ def bytes_per_step(name: str, world: int, batch: int, model: nn.Module, accum_st
     c = model.classifier
     per_image = FC6_INPUTS + c[4].out_features + c[6].out_features
     conv = total - fc_parameters(model)
-    return (2 * (world - 1) / world * conv + accum_steps * 2 * (world - 1) * batch * per_image) * value_bytes
+    return (2 * (world - 1) / world * conv * value_bytes
+            + accum_steps * 2 * (world - 1) * batch * per_image * activation_bytes)
 
 
 def choose(requested: str, world: int, batch: int, model: nn.Module, accum_steps: int = 1) -> tuple[str, str]:
