@@ -147,3 +147,17 @@ def test_refused_with_what_it_cannot_do(capsys, exact):
                          (["--local-sgd-period", "8"], "needs --parallel ddp")):
         code, _, err = cli(capsys, "train", "--data", exact["data"], "--parallel", "hybrid", *flags)
         assert code == 2 and err.count("\n") == 1 and words in err and "hybrid" in err, err
+
+
+def test_fp16_with_its_scaler_trains_alike_on_every_rank(exact):
+    """fp16 and its gradient scaler run under hybrid and end with the same whole model on both ranks. (The
+    scaler is torch's ShardedGradScaler, which agrees on skipping a step that overflowed on any rank, as
+    each holds other gradients; no overflow is provoked here.)"""
+    flags = [f for f in EXACT if f != "--deterministic"]
+    p = run_cli("train", "--data", exact["data"], "--weights", exact["root"] / "w0.pt", "--out",
+                exact["root"] / "hfp16", *flags, "--batch-size", "4", "--nproc-per-node", "2", "--parallel", "hybrid",
+                "--precision", "fp16")
+    assert "fp16 with a gradient scaler" in p.stdout
+    ranks = shas(p.stdout)
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    assert max_diff(final_weights(exact["root"] / "hfp16"), exact["w0"]) > 0  # it trained
