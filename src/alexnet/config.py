@@ -329,15 +329,21 @@ def eval_crop(cfg: dict) -> int:
     return int(cfg.get("val_crop") or cfg["crop"])
 
 
+def check_choices(cfg) -> None:
+    """Every setting of `cfg` that has a list of choices holds one of them."""
+    for f in fields(type(cfg)):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')}: {getattr(cfg, f.name)!r} is not one of "
+                              f"{', '.join(choices)}")
+
+
 def validate_train(cfg: TrainConfig) -> None:
     def need(ok: bool, setting: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"--{setting}: {msg}")
 
-    for f in fields(TrainConfig):
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            need(False, f.name.replace("_", "-"), f"{getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
+    check_choices(cfg)
     # Evaluation always resizes then centre-crops, so the crop must fit the resize even with
     # --random-resized-crop.
     check_crop(cfg.resize, cfg.crop)
@@ -479,8 +485,7 @@ def validate_bench(cfg: BenchConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be 1 or more")
     if cfg.warmup < 0 or cfg.workers < 0:
         raise ConfigError("--warmup and --workers: must be 0 or more")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision: {cfg.precision!r} is not one of auto, fp32, bf16, fp16")
+    check_choices(cfg)
     _check_device(cfg.device)
     for p in cfg.pipelines:
         if p not in BENCH_PIPELINES:

@@ -7,6 +7,7 @@ world of 1 and every helper here answers accordingly, so the training loop has o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import ipaddress
@@ -23,8 +24,6 @@ from torch import nn
 from .errors import DistributedError
 
 _device = torch.device("cpu")  # where collective tensors live (CUDA for NCCL)
-
-
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -385,3 +384,9 @@ def wrap(model: nn.Module, device: torch.device, *, comm_hook: str = "none", buc
                                             start_powerSGD_iter=powersgd_start_step)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     return ddp
+
+
+def no_sync(module: nn.Module, sync: bool):
+    """The context of one micro-batch's backward pass: DDP's no_sync around `module` unless `sync` (the
+    last micro-batch of a step, whose gradients are exchanged); nothing for a module DDP does not wrap."""
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()

@@ -20,7 +20,6 @@ connected layers model-parallel."""
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -93,8 +92,7 @@ class DataParallel:
         self.module.train()
 
     def no_sync(self, sync: bool):
-        """The context of one micro-batch's backward pass: DDP's no_sync unless `sync` (the last one)."""
-        return nullcontext() if sync or not hasattr(self.module, "no_sync") else self.module.no_sync()
+        return distributed.no_sync(self.module, sync)
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -155,14 +153,15 @@ class LocalSGD(DataParallel):
         if self.averager is not None:
             self.averager.step = step  # from the global step, so that a resumed run averages where it would have
             params = list(self.model.parameters())
-            layouts = [_layout(p) for p in params]
+            before = [(p.untyped_storage().data_ptr(), _layout(p)) for p in params]
             self.averager.average_parameters(params)
-            # torch's averager gives each parameter a view of one flat NCHW buffer: channels_last weights
-            # would then no longer match their (fused) optimizer's momentum buffers, which it reads in
-            # memory order, and a checkpoint would save the whole buffer once for each view. Each gets its
-            # own storage and layout back.
-            for p, layout in zip(params, layouts):
-                p.data = p.data.clone(memory_format=layout)
+            # torch's averager, on the steps it averages, gives each parameter a view of one flat NCHW
+            # buffer: channels_last weights would then no longer match their (fused) optimizer's momentum
+            # buffers, which it reads in memory order, and a checkpoint would save the whole buffer once
+            # for each view. Those get their own storage and layout back.
+            for p, (storage, layout) in zip(params, before):
+                if p.untyped_storage().data_ptr() != storage:
+                    p.data = p.data.clone(memory_format=layout)
 
     def refresh(self) -> None:
         """The weights averaged over the processes (a collective)."""

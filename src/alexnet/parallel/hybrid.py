@@ -25,7 +25,6 @@ checkpoints and export; `refresh()` gathers the slices into it."""
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +141,7 @@ class HybridParallel:
         self.layout = [(h.w6, fc6.weight, 0, w6), (h.b6, fc6.bias, 0, w6), (h.w7, fc7.weight, 1, w6),
                        (h.b7, fc7.bias, 0, w7), (h.w8, fc8.weight, 1, w7), (h.b8, fc8.bias, None, None)]
         self.fc = {id(whole): (part, dim, widths) for part, whole, dim, widths in self.layout}
+        self.stale = False  # whether a step changed the slices since the plain model was made whole
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = self.trunk(images)
@@ -152,7 +152,7 @@ class HybridParallel:
         self.head.train()
 
     def no_sync(self, sync: bool):
-        return nullcontext() if sync or not hasattr(self.trunk, "no_sync") else self.trunk.no_sync()
+        return distributed.no_sync(self.trunk, sync)
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer steps, in the plain model's parameter order: slices for the fc layers."""
@@ -174,10 +174,15 @@ class HybridParallel:
         return whole.narrow(dim, start, widths[self.rank])
 
     def refresh(self) -> None:
-        """The plain model's fc layers made whole from the slices (a collective: every rank calls it)."""
+        """The plain model's fc layers made whole from the slices (a collective: every rank calls it), unless
+        no step has changed the slices since it last was (at an epoch's end, validation then the
+        checkpoint both ask for it: the ranks take the same steps, so they skip it alike)."""
+        if not self.stale:
+            return
         with torch.no_grad():
             for part, whole, dim, widths in self.layout:
                 whole.copy_(self._whole(part, dim, widths))
+        self.stale = False
 
     def state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         """The whole model's and the optimizer's state, as one process training the plain model would have
@@ -199,6 +204,7 @@ class HybridParallel:
         with torch.no_grad():
             for part, whole, dim, widths in self.layout:
                 part.copy_(self._slice(whole, dim, widths))
+        self.stale = False
         cut = self._cuts(optimizer)
         state = {}
         for index, value in optimizer_state["state"].items():
@@ -229,7 +235,7 @@ class HybridParallel:
             g.mul_(coef)
 
     def after_step(self, step: int) -> None:
-        pass
+        self.stale = True
 
     def own_state(self, optimizer: torch.optim.Optimizer) -> dict:
         return {}
