@@ -8,10 +8,11 @@ Two network namespaces joined by a veth pair, the link limited on both ends with
 process in each, pinned to its own core (taskset) with one thread, started by torchrun over the link. The
 model is torchvision's AlexNet with 1000 classes at 224x224 on random images, stepped by the trainer's own
 step (alexnet.train.step) with each strategy of alexnet.parallel: ddp, ddp with the bf16 hook, hybrid,
-hybrid with bf16 on the wire, and local SGD (ddp's gradients never exchanged, the weights averaged every
---period steps). The single-process step time, same per-process batch, one core, one thread, is measured
-in the same run, before each pair. Step times are medians after a warm-up; local SGD's is the mean over
-whole periods (its averaging step is one in H). Bytes are read from the veth's tx counter in each
+hybrid with bf16 on the wire, local SGD (ddp's gradients never exchanged, the weights averaged every
+--period steps), and hybrid with local SGD for the convolutions (their weights averaged every --period
+steps, the fully connected slices exchanging activations every step), with and without bf16. The single-process step time, same per-process batch, one core, one thread, is measured
+in the same run, before each pair. Step times are medians after a warm-up; local SGD's (both kinds) the
+mean over whole periods (its averaging step is one in H). Bytes are read from the veth's tx counter in each
 namespace. Efficiency = single step time / two-host step time.
 """
 
@@ -28,7 +29,7 @@ import time
 
 from netns import result_of, torchrun_args, two_hosts
 
-STRATEGIES = ("ddp", "ddp+bf16", "hybrid", "hybrid+bf16", "local-sgd")
+STRATEGIES = ("ddp", "ddp+bf16", "hybrid", "hybrid+bf16", "local-sgd", "hybrid+local", "hybrid+bf16+local")
 
 
 def tx_bytes(link: str | None) -> int:
@@ -65,14 +66,17 @@ def worker(args) -> None:
     for name in names:
         torch.manual_seed(0)
         model = create_model("alexnet", 1000).to(memory_format=torch.channels_last)
-        kind, _, hook = name.partition("+")
+        kind, *rest = name.split("+")
         kind = "ddp" if kind == "single" else kind
-        parallel = make(kind, model, cpu, comm_hook=hook or "none", local_sgd_period=args.period)
+        hook = "bf16" if "bf16" in rest else ""
+        local = kind == "local-sgd" or "local" in rest  # averaging once a period: timed over whole periods
+        period = args.period if local else 0
+        parallel = make(kind, model, cpu, comm_hook=hook or "none", local_sgd_period=period)
         optimizer = make_sgd(parallel.parameters(), "auto", cpu, lr=1e-4, momentum=0.9, weight_decay=5e-4)
         schedule = Schedule(TrainConfig(epochs=1, warmup_epochs=0, schedule="constant"), 1, 1e-4)
         trainer = Trainer(model, optimizer, schedule, torch.nn.CrossEntropyLoss(), cpu, parallel=parallel,
                           channels_last=True, amp_dtype=amp)
-        steps = args.period * max(1, args.steps // args.period) if kind == "local-sgd" else args.steps
+        steps = args.period * max(1, args.steps // args.period) if local else args.steps
         times, sent = [], []
         for i in range(args.warmup + steps):
             before, start = tx_bytes(link), time.perf_counter()
@@ -82,10 +86,10 @@ def worker(args) -> None:
                 times.append(time.perf_counter() - start)
                 sent.append(tx_bytes(link) - before)
         world = distributed.world_size()
-        results[name] = {"step_s": statistics.mean(times) if kind == "local-sgd" else statistics.median(times),
-                         "times": times, "bytes": statistics.mean(sent) if kind == "local-sgd" else statistics.median(sent),
+        results[name] = {"step_s": statistics.mean(times) if local else statistics.median(times),
+                         "times": times, "bytes": statistics.mean(sent) if local else statistics.median(sent),
                          "predicted_bytes": bytes_per_step(kind, world, args.batch, model, value_bytes=2 if hook else 4,
-                                                           local_sgd_period=args.period,
+                                                           local_sgd_period=period or 1,
                                                            activation_bytes=2 if hook or amp is not None else 4)}
         del trainer, optimizer, parallel, model
     if distributed.is_main():

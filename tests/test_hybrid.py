@@ -30,6 +30,15 @@ def test_auto_chooses_by_the_bytes_each_sends():
     # the crossover: fc parameters / (9216 + 4096 + 1000) images in the global batch, about 4,100
     assert choose("auto", 8, 480, model)[0] == "hybrid" and choose("auto", 8, 560, model)[0] == "ddp"
     assert choose("ddp", 2, 32, model)[0] == "ddp"
+    # local SGD every 8 steps: ddp averages all 61.1M fp32 weights once in 8 steps (30.6 MB a step); hybrid
+    # the convolutions' 2.5M (1.2 MB a step) and sends the activations every step
+    local = bytes_per_step("local-sgd", 2, 32, model, local_sgd_period=8)
+    assert local == pytest.approx(sum(p.numel() for p in model.parameters()) * 4 / 8)
+    conv = sum(p.numel() for p in model.features.parameters())
+    activations = bytes_per_step("hybrid", 2, 32, model) - conv * 4
+    assert bytes_per_step("hybrid", 2, 32, model, local_sgd_period=8) == pytest.approx(conv * 4 / 8 + activations)
+    assert choose("auto", 2, 32, model, local_sgd_period=8)[0] == "hybrid"
+    assert choose("auto", 8, 1024, model, local_sgd_period=8)[0] == "ddp"
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +152,7 @@ def test_a_hybrid_checkpoint_evaluates_exports_predicts_and_resumes_elsewhere(ex
 
 def test_refused_with_what_it_cannot_do(capsys, exact):
     from conftest import cli
-    for flags, words in ((["--compile"], "cannot be compiled"), (["--comm-hook", "powersgd"], "PowerSGD cannot"),
-                         (["--local-sgd-period", "8"], "needs --parallel ddp")):
+    for flags, words in ((["--compile"], "cannot be compiled"), (["--comm-hook", "powersgd"], "PowerSGD cannot")):
         code, _, err = cli(capsys, "train", "--data", exact["data"], "--parallel", "hybrid", *flags)
         assert code == 2 and err.count("\n") == 1 and words in err and "hybrid" in err, err
 

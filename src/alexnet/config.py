@@ -135,7 +135,8 @@ class TrainConfig:
                                 "gradients) or auto (hybrid while it sends fewer bytes: see README)",
                         ("auto", "ddp", "hybrid"))
     local_sgd_period: int = opt(0, "local SGD: average the weights over the processes every H steps instead of "
-                                   "all-reducing every gradient (0: off; needs --parallel ddp)")
+                                   "all-reducing every gradient (0: off; under hybrid, the convolutions' weights; on "
+                                   "several nodes of several processes, within each node every step)")
     local_sgd_warmup: int = opt(0, "local SGD: synchronous steps (gradients all-reduced) before the local ones")
     comm_hook: str = opt("none", "gradient compression on the wire: none, bf16, fp16 or powersgd (under hybrid, "
                                  "bf16 and fp16 carry the activations too)",
@@ -413,8 +414,6 @@ def validate_train(cfg: TrainConfig) -> None:
     need(cfg.local_sgd_period == 0 or cfg.local_sgd_period >= 2, "local-sgd-period",
          "must be 0 (off) or at least 2 steps between averagings")
     need(cfg.local_sgd_warmup >= 0, "local-sgd-warmup", "must be 0 or more steps")
-    need(not (cfg.local_sgd_period and cfg.parallel == "hybrid"), "local-sgd-period",
-         "averages data-parallel weights: it needs --parallel ddp (or auto), not hybrid")
     need(not (cfg.parallel == "hybrid" and cfg.compile), "parallel",
          "hybrid cannot be compiled: drop --compile, or use --parallel ddp")
     need(not (cfg.parallel == "hybrid" and cfg.comm_hook == "powersgd"), "parallel",

@@ -53,6 +53,13 @@ def active() -> bool:
     return world_size() > 1
 
 
+def nodes() -> tuple[int, int]:
+    """(nodes, processes per node) of the launched group: torchrun's LOCAL_WORLD_SIZE processes on each node."""
+    world = world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if active() else 1
+    return (world // per_node, per_node) if per_node and world % per_node == 0 else (1, world)
+
+
 # -------------------------------------------------------------------------------------------- network
 
 def interface_addresses() -> dict[str, str]:
@@ -384,6 +391,17 @@ def wrap(model: nn.Module, device: torch.device, *, comm_hook: str = "none", buc
                                             start_powerSGD_iter=powersgd_start_step)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     return ddp
+
+
+def average_gradients_within_nodes(ddp: nn.Module, start_step: int):
+    """torch's post-local-SGD hook on `ddp`: the gradients all-reduced over all processes for the first
+    `start_step` steps, then within each node only (one subgroup of LOCAL_WORLD_SIZE consecutive ranks a
+    node, as torchrun numbers them). Returns the hook's state, whose `iter` counts the steps taken."""
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+    subgroup, _ = dist.new_subgroups(group_size=nodes()[1])
+    state = PostLocalSGDState(process_group=None, subgroup=subgroup, start_localSGD_iter=start_step)
+    ddp.register_comm_hook(state, post_localSGD_hook)
+    return state
 
 
 def no_sync(module: nn.Module, sync: bool):

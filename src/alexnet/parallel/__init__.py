@@ -9,13 +9,17 @@ One interface for every strategy:
 - `state(optimizer)` / `load(optimizer, model_state, optimizer_state)`: the whole model's and optimizer's
   state, as one process training the plain model would hold them, and back;
 - `clip_grad_norm(optimizer, max_norm)`: clipping by the global norm of the whole model's gradient;
-- `after_step(step)`: run after every optimizer step (local SGD averages there).
+- `after_step(step)`: run after every optimizer step (local SGD averages there);
+- `own_state(optimizer)`: what of this process's state differs from the other processes' (local SGD: its
+  weights and momentum), which a checkpoint keeps for each process and a resume lays over the whole state.
 
 `DataParallel` (ddp): every process holds the whole model and DistributedDataParallel all-reduces the
 gradients (on CPUs too), with an optional compression hook; in a world of one it is the model itself.
 `LocalSGD`: the same, with the gradients exchanged only in the first steps, then the weights averaged
-every H steps. `HybridParallel` (hybrid, parallel.hybrid): the convolutions data-parallel, the fully
-connected layers model-parallel."""
+every H steps (on several nodes of several processes, hierarchically: the gradients all-reduced within
+each node every step, the weights averaged across the nodes every H steps). `HybridParallel` (hybrid,
+parallel.hybrid): the convolutions data-parallel, the fully connected layers model-parallel; with local SGD,
+the convolutions' weights averaged every H steps instead of their gradients every step."""
 
 from __future__ import annotations
 
@@ -39,30 +43,38 @@ def bytes_per_step(name: str, world: int, batch: int, model: nn.Module, accum_st
                    value_bytes: int = 4, local_sgd_period: int = 1, activation_bytes: int | None = None) -> float:
     """What one process sends per optimizer step (the README's formulas): ddp all-reduces every
     gradient (a ring: 2 (W-1)/W of them); local SGD all-reduces every weight once in H steps; hybrid
-    all-reduces the convolutions' gradients and sends activations, 2 (W-1) B (9216 + fc width + classes)
-    values for each micro-batch of B images. `value_bytes`: of a gradient on the wire (2 with a bf16 or
-    fp16 hook); `activation_bytes`: of an activation (2 under bf16 autocast or with such a hook; default
-    `value_bytes`)."""
+    all-reduces the convolutions' gradients (with local SGD, their weights once in H steps) and sends
+    activations, 2 (W-1) B (9216 + fc width + classes) values for each micro-batch of B images.
+    `value_bytes`: of a gradient on the wire (2 with a bf16 or fp16 hook); `activation_bytes`: of an
+    activation (2 under bf16 autocast or with such a hook; default `value_bytes`). Local SGD averages fp32
+    weights: 4 bytes each, once in H steps."""
     activation_bytes = value_bytes if activation_bytes is None else activation_bytes
     if world < 2:
         return 0.0
     total = sum(p.numel() for p in model.parameters())
-    if name in ("ddp", "local-sgd"):
-        return 2 * (world - 1) / world * total * value_bytes / (local_sgd_period if name == "local-sgd" else 1)
+    ring = 2 * (world - 1) / world
+    if name == "ddp":
+        return ring * total * value_bytes
+    if name == "local-sgd":
+        return ring * total * 4 / local_sgd_period
     c = model.classifier
     per_image = FC6_INPUTS + c[4].out_features + c[6].out_features
     conv = total - fc_parameters(model)
-    return (2 * (world - 1) / world * conv * value_bytes
-            + accum_steps * 2 * (world - 1) * batch * per_image * activation_bytes)
+    convolutions = ring * conv * (4 / local_sgd_period if local_sgd_period > 1 else value_bytes)
+    return convolutions + accum_steps * 2 * (world - 1) * batch * per_image * activation_bytes
 
 
-def choose(requested: str, world: int, batch: int, model: nn.Module, accum_steps: int = 1) -> tuple[str, str]:
-    """(strategy, why): `requested`, or for auto the one that sends fewer bytes per step: hybrid while the
-    global batch is below the crossover, fc parameters / (9216 + fc width + classes) (about 4,100 for
-    AlexNet with 1,000 classes)."""
+def choose(requested: str, world: int, batch: int, model: nn.Module, accum_steps: int = 1,
+           local_sgd_period: int = 0) -> tuple[str, str]:
+    """(ddp or hybrid, why): `requested`, or for auto the one that sends fewer bytes per step: hybrid while
+    the global batch is below the crossover, fc parameters / (9216 + fc width + classes) (about 4,100 for
+    AlexNet with 1,000 classes). With local SGD (period H), ddp's bytes are the whole model's weights once
+    in H steps, hybrid's the convolutions' weights once in H steps and the activations every step."""
     if world < 2:
         return "ddp", "one process"
-    ddp, hybrid = (bytes_per_step(n, world, batch, model, accum_steps) for n in ("ddp", "hybrid"))
+    ddp = bytes_per_step("local-sgd" if local_sgd_period else "ddp", world, batch, model, accum_steps,
+                         local_sgd_period=local_sgd_period or 1)
+    hybrid = bytes_per_step("hybrid", world, batch, model, accum_steps, local_sgd_period=local_sgd_period or 1)
     words = f"per process and step: ddp sends {ddp / 1e6:.1f} MB, hybrid {hybrid / 1e6:.1f} MB"
     if requested != "auto":
         return requested, f"--parallel {requested}; {words}"
@@ -78,9 +90,9 @@ class DataParallel:
                  powersgd_rank: int = 2, powersgd_start_step: int = 1000, compile: bool = False,
                  dynamic: bool | None = None, log=None) -> None:
         self.model = model
-        self.module = distributed.wrap(model, device, comm_hook=comm_hook, bucket_cap_mb=bucket_cap_mb,
-                                       gradient_as_bucket_view=gradient_as_bucket_view, static_graph=static_graph,
-                                       powersgd_rank=powersgd_rank, powersgd_start_step=powersgd_start_step, log=log)
+        self.module = self.ddp = distributed.wrap(
+            model, device, comm_hook=comm_hook, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view,
+            static_graph=static_graph, powersgd_rank=powersgd_rank, powersgd_start_step=powersgd_start_step, log=log)
         if compile:  # the DDP wrapper is compiled (its buckets then split the graph); `model` stays the plain one
             self.module = torch.compile(self.module, backend=os.environ.get("ALEXNET_COMPILE_BACKEND", "inductor"),
                                         dynamic=dynamic)
@@ -128,40 +140,77 @@ def local(model: nn.Module) -> DataParallel:
     return DataParallel(model, torch.device("cpu"))
 
 
+class Averaging:
+    """torch's PeriodicModelAverager: parameters averaged over all processes after each `period` local steps
+    that follow `warmup` synchronous ones, i.e. after global steps warmup + period - 1, + 2 period - 1, ...
+    counted from the global step, so that a resumed run averages where it would have."""
+
+    def __init__(self, period: int, warmup: int) -> None:
+        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+        self.period, self.warmup = period, warmup
+        self.averager = PeriodicModelAverager(period=period, warmup_steps=warmup + period - 1)
+
+    def local(self, step: int) -> bool:
+        """Whether global step `step` (0-based) keeps its gradients to each process."""
+        return step >= self.warmup
+
+    def after(self, step: int, params: list[nn.Parameter]) -> bool:
+        """After global step `step`: average `params` if it is an averaging step (whether it was)."""
+        self.averager.step = step
+        before = [(p.untyped_storage().data_ptr(), _layout(p)) for p in params]
+        self.averager.average_parameters(params)
+        # torch's averager, on the steps it averages, gives each parameter a view of one flat NCHW buffer:
+        # channels_last weights would then no longer match their (fused) optimizer's momentum buffers,
+        # which it reads in memory order, and a checkpoint would save the whole buffer once for each view.
+        # Those get their own storage and layout back.
+        averaged = False
+        for p, (storage, layout) in zip(params, before):
+            if p.untyped_storage().data_ptr() != storage:
+                p.data, averaged = p.data.clone(memory_format=layout), True
+        return averaged
+
+
 class LocalSGD(DataParallel):
     """Local SGD (Lin et al. 2020, "Don't use large mini-batches, use local SGD"): DDP's gradient all-reduce
     for the first `warmup` steps, then none, each process stepping on its own gradients, and the weights
     averaged over all processes every `period` steps by torch's PeriodicModelAverager (and at the end of
     every epoch, so that validation and checkpoints see one model). The processes' momentum buffers stay
-    their own: checkpoints hold each process's weights and optimizer state (`own_state`)."""
+    their own: checkpoints hold each process's weights and optimizer state (`own_state`).
+
+    On several nodes of several processes each (torchrun's LOCAL_WORLD_SIZE below the world size),
+    hierarchical: after the warm-up the gradients are still all-reduced every step, but within each node
+    only (torch's post-local-SGD hook over one subgroup a node), so a node's processes stay equal and only
+    the weight averaging every H steps crosses between nodes. With --comm-hook bf16/fp16 the flat form is
+    used (one DDP hook at a time)."""
 
     name = "local-sgd"
 
-    def __init__(self, model: nn.Module, device: torch.device, *, period: int, warmup: int = 0, **ddp) -> None:
-        super().__init__(model, device, **ddp)
-        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    def __init__(self, model: nn.Module, device: torch.device, *, period: int, warmup: int = 0, log=None, **ddp) -> None:
+        super().__init__(model, device, log=log, **ddp)
         self.period, self.warmup, self.step = period, warmup, 0
-        # averaging after each `period` local steps: at steps warmup + period - 1, + 2 period - 1, ...
-        self.averager = PeriodicModelAverager(period=period, warmup_steps=warmup + period - 1) if distributed.active() else None
+        self.averaging = Averaging(period, warmup) if distributed.active() else None
+        nodes, per_node = distributed.nodes()
+        self.hierarchical = None
+        if self.averaging is not None and nodes > 1 and per_node > 1:
+            if ddp.get("comm_hook", "none") == "none":
+                self.hierarchical = distributed.average_gradients_within_nodes(self.ddp, warmup)
+                if log:
+                    log(f"local SGD, hierarchical: {nodes} nodes of {per_node} processes; after {warmup} synchronous "
+                        f"steps the gradients are all-reduced within each node, the weights averaged across "
+                        f"nodes every {period} steps")
+            elif log:
+                log(f"local SGD over {nodes} nodes: flat (every process on its own between averagings), as "
+                    f"--comm-hook {ddp['comm_hook']} takes DDP's one hook")
 
     def no_sync(self, sync: bool):
-        return super().no_sync(sync and self.step < self.warmup)
+        # hierarchical: torch's hook decides (all processes, then the node's); flat: no exchange after the warm-up
+        return super().no_sync(sync and (self.hierarchical is not None or self.step < self.warmup))
 
     def after_step(self, step: int) -> None:
         """After global step `step` (0-based) was taken (or skipped by all)."""
-        self.step = step + 1
-        if self.averager is not None:
-            self.averager.step = step  # from the global step, so that a resumed run averages where it would have
-            params = list(self.model.parameters())
-            before = [(p.untyped_storage().data_ptr(), _layout(p)) for p in params]
-            self.averager.average_parameters(params)
-            # torch's averager, on the steps it averages, gives each parameter a view of one flat NCHW
-            # buffer: channels_last weights would then no longer match their (fused) optimizer's momentum
-            # buffers, which it reads in memory order, and a checkpoint would save the whole buffer once
-            # for each view. Those get their own storage and layout back.
-            for p, (storage, layout) in zip(params, before):
-                if p.untyped_storage().data_ptr() != storage:
-                    p.data = p.data.clone(memory_format=layout)
+        self.resume_at(step + 1)
+        if self.averaging is not None:
+            self.averaging.after(step, list(self.model.parameters()))
 
     def refresh(self) -> None:
         """The weights averaged over the processes (a collective)."""
@@ -173,6 +222,8 @@ class LocalSGD(DataParallel):
 
     def resume_at(self, global_step: int) -> None:
         self.step = global_step
+        if self.hierarchical is not None:  # the hook's count of steps, which it compares with the warm-up
+            self.hierarchical.iter = global_step
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -186,7 +237,8 @@ def make(name: str, model: nn.Module, device: torch.device, *, local_sgd_period:
     """The strategy `name` (ddp, hybrid, local-sgd) around `model`."""
     if name == "hybrid":
         from .hybrid import HybridParallel
-        return HybridParallel(model, device, **options)
+        return HybridParallel(model, device, local_sgd_period=local_sgd_period, local_sgd_warmup=local_sgd_warmup,
+                              **options)
     if name == "local-sgd":
         return LocalSGD(model, device, period=local_sgd_period, warmup=local_sgd_warmup, **options)
     return DataParallel(model, device, **options)

@@ -19,8 +19,13 @@ connected gradients that DDP all-reduces. Every exchange is an all-to-all (uneve
 on gloo sends only what each peer needs. The same update as DDP is computed: each process's loss is its
 batch's mean, and the gradients are those of the mean of the processes' losses.
 
+With local SGD (--local-sgd-period H), after the warm-up the convolutions' gradients stay each process's
+own and their weights are averaged every H steps instead (torch's PeriodicModelAverager, as for ddp); the
+fully connected slices stay exact, as each is computed from every process's images. What crosses the
+network is then the activations every step and the convolutions' 2.5M weights once in H steps.
+
 The whole model stays on every process as the plain `model` (torchvision's keys) for evaluation,
-checkpoints and export; `refresh()` gathers the slices into it."""
+checkpoints and export; `refresh()` gathers the slices into it (and averages local SGD's convolutions)."""
 
 from __future__ import annotations
 
@@ -129,8 +134,13 @@ class HybridParallel:
     name = "hybrid"
     agree_on_overflow = True  # the fp16 scaler's skip decided by all, as each holds other gradients
 
-    def __init__(self, model: nn.Module, device: torch.device, *, comm_hook: str = "none", log=None, **ddp) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, comm_hook: str = "none", log=None,
+                 local_sgd_period: int = 0, local_sgd_warmup: int = 0, **ddp) -> None:
+        from . import Averaging
         self.model, self.rank, self.world = model, distributed.rank(), distributed.world_size()
+        self.averaging = Averaging(local_sgd_period, local_sgd_warmup) if local_sgd_period and self.world > 1 else None
+        self.step = 0  # global steps taken (local SGD's warm-up counts them)
+        self.apart = False  # whether local steps left the processes' convolutions unequal since the last average
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(comm_hook)  # activations on the wire
         self.trunk = distributed.wrap(_Trunk(model), device, comm_hook=comm_hook, log=log, **ddp)
         self.head = _Head(model, self.rank, self.world, dtype).to(device)
@@ -152,7 +162,8 @@ class HybridParallel:
         self.head.train()
 
     def no_sync(self, sync: bool):
-        return distributed.no_sync(self.trunk, sync)
+        local = self.averaging is not None and self.averaging.local(self.step)
+        return distributed.no_sync(self.trunk, sync and not local)
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer steps, in the plain model's parameter order: slices for the fc layers."""
@@ -174,9 +185,17 @@ class HybridParallel:
         return whole.narrow(dim, start, widths[self.rank])
 
     def refresh(self) -> None:
-        """The plain model's fc layers made whole from the slices (a collective: every rank calls it), unless
-        no step has changed the slices since it last was (at an epoch's end, validation then the
-        checkpoint both ask for it: the ranks take the same steps, so they skip it alike)."""
+        """The whole model on every process (a collective: every rank calls it): local SGD's convolutions
+        averaged, the fc layers gathered from the slices."""
+        if self.apart:
+            distributed.average_parameters(self.trunk)
+            self.apart = False
+        self._gather()
+
+    def _gather(self) -> None:
+        """The plain model's fc layers made whole from the slices (a collective), unless no step has changed
+        the slices since they last were (at an epoch's end, validation then the checkpoint both ask for it:
+        the ranks take the same steps, so they skip it alike)."""
         if not self.stale:
             return
         with torch.no_grad():
@@ -186,8 +205,9 @@ class HybridParallel:
 
     def state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         """The whole model's and the optimizer's state, as one process training the plain model would have
-        them (a collective; rank 0's is complete: fc8's bias is its alone)."""
-        self.refresh()
+        them (a collective; rank 0's is complete: fc8's bias is its alone). Local SGD's convolutions are this
+        process's own (`own_state`), not averaged: a checkpoint between averagings does not average."""
+        self._gather()
         saved = optimizer.state_dict()
         cut = self._cuts(optimizer)
         state = {}
@@ -235,10 +255,31 @@ class HybridParallel:
             g.mul_(coef)
 
     def after_step(self, step: int) -> None:
+        """After global step `step` (0-based): the slices changed; local SGD averages the convolutions on
+        its schedule."""
         self.stale = True
+        if self.averaging is not None:
+            self.apart = self.averaging.local(step)
+            if self.averaging.after(step, self._convolutions()):
+                self.apart = False
+        self.step = step + 1
+
+    def _convolutions(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if id(p) not in self.fc]
 
     def own_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        return {}
+        """Local SGD: this process's convolutions and their optimizer state (they differ between averagings,
+        and the momentum even right after one); laid over the whole state when resumed."""
+        if self.averaging is None:
+            return {}
+        order = [p for group in optimizer.param_groups for p in group["params"]]
+        convolutions = {id(p) for p in self._convolutions()}
+        indices = {i for i, p in enumerate(order) if id(p) in convolutions}
+        saved = optimizer.state_dict()["state"]
+        fc_keys = {name for name, p in self.model.named_parameters() if id(p) in self.fc}
+        return {"model": {k: v for k, v in self.model.state_dict().items() if k not in fc_keys},
+                "optimizer": {"state": {i: v for i, v in saved.items() if i in indices}}}
 
     def resume_at(self, global_step: int) -> None:
-        pass
+        self.step = global_step
+        self.apart = self.averaging is not None  # unknown: averaged once more at the epoch's end, alike by all

@@ -76,8 +76,11 @@ def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, 
     exact = ranks is not None and saved_on == (world, trainer.device.type)
     own = ranks[rank] if exact else {}  # local SGD: this process's own weights and momentum
     weights = saved.get("model_with_bn", saved["model"]) if train_bn else saved["model"]
+    weights, optimizer = {**weights, **own.get("model", {})}, saved["optimizer"]
+    if "optimizer" in own:  # laid over the whole state: all of it (ddp) or the convolutions' (hybrid)
+        optimizer = {**optimizer, "state": {**optimizer["state"], **own["optimizer"]["state"]}}
     try:
-        trainer.parallel.load(trainer.optimizer, own.get("model", weights), own.get("optimizer", saved["optimizer"]))
+        trainer.parallel.load(trainer.optimizer, weights, optimizer)
         match_state_layouts(trainer.optimizer)
         defaults = trainer.optimizer.defaults
         for group in trainer.optimizer.param_groups:  # the implementation asked for now, not the saved one

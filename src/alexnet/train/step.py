@@ -88,13 +88,14 @@ def build_trainer(cfg: TrainConfig, plan, device: torch.device, classes: int, sa
 def wrap(cfg: TrainConfig, plan, model: nn.Module, device: torch.device, say):
     """The parallelism strategy (alexnet.parallel) around `model`: --parallel, or for auto the one that sends
     fewer bytes a step among those the other settings allow; local SGD with --local-sgd-period."""
-    name, why = choose(cfg.parallel, plan.world, plan.batch_size, model, cfg.accum_steps)
-    if cfg.parallel == "auto" and name == "hybrid" and (cfg.compile or cfg.comm_hook == "powersgd"
-                                                         or cfg.local_sgd_period):
-        name, why = "ddp", f"{why}; ddp, as --compile, PowerSGD and local SGD need it"
+    name, why = choose(cfg.parallel, plan.world, plan.batch_size, model, cfg.accum_steps, cfg.local_sgd_period)
+    if cfg.parallel == "auto" and name == "hybrid" and (cfg.compile or cfg.comm_hook == "powersgd"):
+        name, why = "ddp", f"{why}; ddp, as --compile and PowerSGD need it"
     if cfg.local_sgd_period and plan.world > 1:
-        name, why = "local-sgd", (f"{why}; local SGD: weights averaged every {cfg.local_sgd_period} steps after "
-                                  f"{cfg.local_sgd_warmup} synchronous ones")
+        averaged = "the convolutions' weights" if name == "hybrid" else "weights"
+        name = "hybrid" if name == "hybrid" else "local-sgd"
+        why = (f"{why}; local SGD: {averaged} averaged every {cfg.local_sgd_period} steps after "
+               f"{cfg.local_sgd_warmup} synchronous ones")
     if plan.world > 1:
         say(f"parallel: {name} ({why})")
     options = dict(comm_hook=cfg.comm_hook, bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
