@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import signal
 import sys
 
 from . import distributed
@@ -165,6 +166,7 @@ def _advertise(address: str) -> None:
 def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, log=print) -> int:
     """Launch the workers for this node and wait for them. Returns the exit status for the command line."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
 
@@ -183,6 +185,13 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
         print(f"alexnet {command}: error: {'; '.join(parts)}; the workers' messages are above", file=sys.stderr)
         codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
         return max(codes) if codes else 1
+    except SignalException as e:  # the launcher was signalled: torch's agent has passed it on to the workers
+        name = signal.Signals(e.sigval).name
+        saved = (" (a training run stops at its next step and saves a checkpoint: its message is above; continue "
+                 "with --resume auto)" if command == "train" else "")
+        print(f"alexnet {command}: stopped by {name}; the workers were sent it too{saved}", file=sys.stderr)
+        # a SIGTERM'd training run is a clean, saved stop, as with one process; otherwise the shell's code
+        return 0 if command == "train" and e.sigval == signal.SIGTERM else 128 + int(e.sigval)
     except (RendezvousError, RuntimeError, TimeoutError) as e:  # the static rendezvous's store raises plain errors
         from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
         if isinstance(e, RendezvousTimeoutError) or "waiting for clients" in str(e).lower():
