@@ -113,3 +113,44 @@ def test_on_two_nodes_of_two_processes_the_gradients_are_all_reduced_within_each
         assert same(models[0], models[1]) and same(models[2], models[3]), step  # within each node
         pattern.append(same(models[0], models[2]))  # across the nodes
     assert pattern == [True, False, True, False, True, True]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "hybrid"])
+def test_with_batchnorm_a_resume_between_averagings_is_exact(exact, parallel):
+    """--train-bn: each process's BatchNorm statistics are its own between averagings too (DDP broadcasts rank
+    0's only before a forward that follows a synchronised one), and a resumed run keeps them so."""
+    flags = [*EXACT, *FLAGS, "--parallel", parallel, "--train-bn"]
+    out = exact["root"] / f"local-sgd-bn-{parallel}"
+    run_cli("train", "--data", exact["data"], "--weights", exact["root"] / "w0.pt", "--out", out, *flags,
+            "--checkpoint-every", "1", "--keep-last", "20")
+    src = out / "checkpoints" / "step-000000004.pt"  # after a local step: the next forward broadcasts nothing
+    resumed = exact["root"] / f"local-sgd-bn-resumed-{parallel}"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / src.name).write_bytes(src.read_bytes())
+    run_cli("train", "--data", exact["data"], "--out", resumed, *flags, "--resume", "auto")
+    assert max_diff(final_weights(resumed), final_weights(out)) == 0.0
+
+
+def test_averaging_takes_every_parameter_keeps_layouts_and_follows_the_schedule():
+    """Also parameters without a gradient (a step skipped for a non-finite loss leaves none: torch's
+    PeriodicModelAverager would then average nothing and fail); channels_last weights stay channels_last,
+    each in its own storage."""
+    import torch.distributed as dist
+    from torch import nn
+    from alexnet.parallel import Averaging
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        params = list(conv.parameters())
+        assert all(p.grad is None for p in params)
+        averaging = Averaging(period=3, warmup=2)
+        assert [averaging.averages_after(s) for s in range(9)] == [False] * 4 + [True, False, False, True, False]
+        assert not averaging.after(3, params)
+        before = [p.detach().clone() for p in params]
+        assert averaging.after(4, params)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))  # one process: its own mean
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert conv.weight.untyped_storage().data_ptr() != conv.bias.untyped_storage().data_ptr()
+    finally:
+        dist.destroy_process_group()

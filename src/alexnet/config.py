@@ -135,8 +135,9 @@ class TrainConfig:
                                 "gradients) or auto (hybrid while it sends fewer bytes: see README)",
                         ("auto", "ddp", "hybrid"))
     local_sgd_period: int = opt(0, "local SGD: average the weights over the processes every H steps instead of "
-                                   "all-reducing every gradient (0: off; under hybrid, the convolutions' weights; on "
-                                   "several nodes of several processes, within each node every step)")
+                                   "all-reducing every gradient (0: off; under hybrid, the convolutions' weights; under "
+                                   "ddp on several nodes of several processes and without --comm-hook, the gradients "
+                                   "still all-reduced within each node every step)")
     local_sgd_warmup: int = opt(0, "local SGD: synchronous steps (gradients all-reduced) before the local ones")
     comm_hook: str = opt("none", "gradient compression on the wire: none, bf16, fp16 or powersgd (under hybrid, "
                                  "bf16 and fp16 carry the activations too)",

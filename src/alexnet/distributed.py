@@ -404,6 +404,14 @@ def average_gradients_within_nodes(ddp: nn.Module, start_step: int):
     return state
 
 
+def forward_sync_as_after(ddp: nn.Module, synced: bool) -> None:
+    """A DDP wrapper made at a resume, set as after a step whose gradients were (`synced`) or were not
+    exchanged: DDP broadcasts rank 0's buffers (BatchNorm's statistics) before a forward only when the
+    previous one was synchronised, and a new wrapper would broadcast at once."""
+    if hasattr(ddp, "require_forward_param_sync"):
+        ddp.require_forward_param_sync = synced
+
+
 def no_sync(module: nn.Module, sync: bool):
     """The context of one micro-batch's backward pass: DDP's no_sync around `module` unless `sync` (the
     last micro-batch of a step, whose gradients are exchanged); nothing for a module DDP does not wrap."""

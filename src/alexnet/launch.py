@@ -187,11 +187,12 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
         return max(codes) if codes else 1
     except SignalException as e:  # the launcher was signalled: torch's agent has passed it on to the workers
         name = signal.Signals(e.sigval).name
-        saved = (" (a training run stops at its next step and saves a checkpoint: its message is above; continue "
+        saved = (" (a training run stops at its next step and saves a checkpoint, and says so above; continue "
                  "with --resume auto)" if command == "train" else "")
         print(f"alexnet {command}: stopped by {name}; the workers were sent it too{saved}", file=sys.stderr)
-        # a SIGTERM'd training run is a clean, saved stop, as with one process; otherwise the shell's code
-        return 0 if command == "train" and e.sigval == signal.SIGTERM else 128 + int(e.sigval)
+        # the shell's code for a signalled process: torch's agent stops workers that do not end within its
+        # grace period, so the launcher cannot promise that every one of them saved
+        return 128 + int(e.sigval)
     except (RendezvousError, RuntimeError, TimeoutError) as e:  # the static rendezvous's store raises plain errors
         from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
         if isinstance(e, RendezvousTimeoutError) or "waiting for clients" in str(e).lower():

@@ -141,33 +141,38 @@ def local(model: nn.Module) -> DataParallel:
 
 
 class Averaging:
-    """torch's PeriodicModelAverager: parameters averaged over all processes after each `period` local steps
-    that follow `warmup` synchronous ones, i.e. after global steps warmup + period - 1, + 2 period - 1, ...
-    counted from the global step, so that a resumed run averages where it would have."""
+    """Periodic model averaging (torch.distributed.algorithms.model_averaging, as its PeriodicModelAverager
+    schedules it): parameters averaged over all processes after each `period` local steps that follow
+    `warmup` synchronous ones, i.e. after global steps warmup + period - 1, + 2 period - 1, ... counted from
+    the global step, so that a resumed run averages where it would have. Every parameter given is averaged,
+    also after a step skipped for a non-finite loss (torch's averager would leave out those without a
+    gradient, and fail when none has one)."""
 
     def __init__(self, period: int, warmup: int) -> None:
-        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
         self.period, self.warmup = period, warmup
-        self.averager = PeriodicModelAverager(period=period, warmup_steps=warmup + period - 1)
 
     def local(self, step: int) -> bool:
         """Whether global step `step` (0-based) keeps its gradients to each process."""
         return step >= self.warmup
 
+    def averages_after(self, step: int) -> bool:
+        first = self.warmup + self.period - 1
+        return step >= first and (step - first) % self.period == 0
+
     def after(self, step: int, params: list[nn.Parameter]) -> bool:
         """After global step `step`: average `params` if it is an averaging step (whether it was)."""
-        self.averager.step = step
-        before = [(p.untyped_storage().data_ptr(), _layout(p)) for p in params]
-        self.averager.average_parameters(params)
-        # torch's averager, on the steps it averages, gives each parameter a view of one flat NCHW buffer:
-        # channels_last weights would then no longer match their (fused) optimizer's momentum buffers,
-        # which it reads in memory order, and a checkpoint would save the whole buffer once for each view.
-        # Those get their own storage and layout back.
-        averaged = False
-        for p, (storage, layout) in zip(params, before):
-            if p.untyped_storage().data_ptr() != storage:
-                p.data, averaged = p.data.clone(memory_format=layout), True
-        return averaged
+        if not self.averages_after(step):
+            return False
+        from torch.distributed.algorithms.model_averaging.utils import average_parameters
+        layouts = [_layout(p) for p in params]
+        average_parameters(iter(params), None)
+        # torch's averaging gives each parameter a view of one flat NCHW buffer: channels_last weights would
+        # then no longer match their (fused) optimizer's momentum buffers, which it reads in memory order,
+        # and a checkpoint would save the whole buffer once for each view. Each gets its own storage and
+        # layout back.
+        for p, layout in zip(params, layouts):
+            p.data = p.data.clone(memory_format=layout)
+        return True
 
 
 class LocalSGD(DataParallel):
@@ -181,9 +186,13 @@ class LocalSGD(DataParallel):
     hierarchical: after the warm-up the gradients are still all-reduced every step, but within each node
     only (torch's post-local-SGD hook over one subgroup a node), so a node's processes stay equal and only
     the weight averaging every H steps crosses between nodes. With --comm-hook bf16/fp16 the flat form is
-    used (one DDP hook at a time)."""
+    used (one DDP hook at a time).
+
+    After the warm-up the processes hold different gradients: the fp16 scaler's skip is agreed by all
+    (torch's ShardedGradScaler), so that every process skips the same steps and keeps the same scale."""
 
     name = "local-sgd"
+    agree_on_overflow = True
 
     def __init__(self, model: nn.Module, device: torch.device, *, period: int, warmup: int = 0, log=None, **ddp) -> None:
         super().__init__(model, device, log=log, **ddp)
@@ -224,6 +233,8 @@ class LocalSGD(DataParallel):
         self.step = global_step
         if self.hierarchical is not None:  # the hook's count of steps, which it compares with the warm-up
             self.hierarchical.iter = global_step
+        if self.averaging is not None and self.hierarchical is None:
+            distributed.forward_sync_as_after(self.ddp, synced=not self.averaging.local(global_step - 1))
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:

@@ -243,13 +243,19 @@ class HybridParallel:
     def clip_grad_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
         """Scale all gradients so that the global L2 norm of the whole model's gradient is at most
         `max_norm`: the slices' squares summed over processes, the replicated convolutions' counted once
-        (fc8's bias is rank 0's alone)."""
+        (fc8's bias is rank 0's alone); under local SGD, the mean over processes of the convolutions'."""
         parts = {id(part) for part, *_ in self.layout}
         pairs = [(p, p.grad) for p in self.parameters() if p.grad is not None]
         squares = [float(g.double().pow(2).sum()) for _, g in pairs]
         sliced = sum(s for (p, _), s in zip(pairs, squares) if id(p) in parts)
         shared = sum(s for (p, _), s in zip(pairs, squares) if id(p) not in parts)
-        total = (distributed.sum_all([sliced])[0] + shared) ** 0.5
+        if self.averaging is not None and self.averaging.local(self.step):
+            # local SGD: the convolutions' gradients differ between processes; their mean square is
+            # counted, so that every process scales by the same factor
+            sliced, shared = distributed.sum_all([sliced, shared])
+            total = (sliced + shared / self.world) ** 0.5
+        else:
+            total = (distributed.sum_all([sliced])[0] + shared) ** 0.5
         coef = min(max_norm / (total + 1e-6), 1.0)
         for _, g in pairs:
             g.mul_(coef)
@@ -283,3 +289,5 @@ class HybridParallel:
     def resume_at(self, global_step: int) -> None:
         self.step = global_step
         self.apart = self.averaging is not None  # unknown: averaged once more at the epoch's end, alike by all
+        if self.averaging is not None:
+            distributed.forward_sync_as_after(self.trunk, synced=not self.averaging.local(global_step - 1))
