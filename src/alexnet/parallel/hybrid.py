@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
+from .averaging import Averaging
 
 
 def split(total: int, world: int) -> list[int]:
@@ -136,7 +137,6 @@ class HybridParallel:
 
     def __init__(self, model: nn.Module, device: torch.device, *, comm_hook: str = "none", log=None,
                  local_sgd_period: int = 0, local_sgd_warmup: int = 0, **ddp) -> None:
-        from . import Averaging
         self.model, self.rank, self.world = model, distributed.rank(), distributed.world_size()
         self.averaging = Averaging(local_sgd_period, local_sgd_warmup) if local_sgd_period and self.world > 1 else None
         self.step = 0  # global steps taken (local SGD's warm-up counts them)
