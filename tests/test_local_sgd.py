@@ -1,5 +1,5 @@
 """--local-sgd-period H: after --local-sgd-warmup synchronous steps, each process steps on its own
-gradients and the weights are averaged every H steps (torch's PeriodicModelAverager); checkpoints hold each
+gradients and the weights are averaged every H steps (torch's model averaging); checkpoints hold each
 process's weights and optimizer state, so a resume between averagings is exact. Under --parallel hybrid the
 same holds for the convolutions (the fully connected slices stay synchronous); on several nodes of several
 processes, the gradients are all-reduced within each node every step (hierarchical)."""

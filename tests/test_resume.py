@@ -140,21 +140,28 @@ def test_resume_inside_an_epoch_mixes_the_same(exact):
     assert max_diff(w, final_weights(out)) == 0.0
 
 
-@pytest.mark.slow
-def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path):
-    flags = [*RESUME, "--epochs", "12", "--data", exact["data"]]
-    reference = tmp_path / "reference"
-    run_here("train", *flags, "--out", reference)
-    out = tmp_path / "preempted"
+def sigterm_after_epoch_2(flags: list, out: Path, stderr=subprocess.PIPE) -> tuple[int, str, str | None]:
+    """`alexnet train FLAGS --out OUT` (12 epochs) sent SIGTERM once its second epoch has ended, as a
+    scheduler preempts a job: (exit code, stdout, stderr; with stderr=STDOUT, both in stdout)."""
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # wait for the second epoch to end, then preempt
         if "epoch 2/12:" in line:
             break
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path):
+    flags = [*RESUME, "--epochs", "12", "--data", exact["data"]]
+    reference = tmp_path / "reference"
+    run_here("train", *flags, "--out", reference)
+    out = tmp_path / "preempted"
+    returncode, stdout, stderr = sigterm_after_epoch_2(flags, out)
+    assert returncode == 0, stderr
     assert "stopped on SIGTERM" in stdout and "--resume auto" in stdout
     stopped_at = checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"]
     assert 12 <= stopped_at < 72
@@ -171,15 +178,8 @@ def test_sigterm_to_the_launcher_of_two_processes_stops_them_saved_without_a_tra
     reference = tmp_path / "reference2"
     run_cli("train", *flags, "--out", reference)
     out = tmp_path / "preempted2"
-    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if "epoch 2/12:" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    returncode, output, _ = sigterm_after_epoch_2(flags, out, stderr=subprocess.STDOUT)
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert "alexnet train: stopped by SIGTERM; the workers were sent it too" in output
     stopped_at = int(output.split("stopped on SIGTERM at global step ")[1].split(",")[0])

@@ -144,7 +144,7 @@ def local(model: nn.Module) -> DataParallel:
 class LocalSGD(DataParallel):
     """Local SGD (Lin et al. 2020, "Don't use large mini-batches, use local SGD"): DDP's gradient all-reduce
     for the first `warmup` steps, then none, each process stepping on its own gradients, and the weights
-    averaged over all processes every `period` steps by torch's PeriodicModelAverager (and at the end of
+    averaged over all processes every `period` steps (parallel.averaging, on torch's model averaging; and at the end of
     every epoch, so that validation and checkpoints see one model). The processes' momentum buffers stay
     their own: checkpoints hold each process's weights and optimizer state (`own_state`).
 
@@ -183,7 +183,7 @@ class LocalSGD(DataParallel):
 
     def after_step(self, step: int) -> None:
         """After global step `step` (0-based) was taken (or skipped by all)."""
-        self.resume_at(step + 1)
+        self._count(step + 1)
         if self.averaging is not None:
             self.averaging.after(step, list(self.model.parameters()))
 
@@ -195,10 +195,14 @@ class LocalSGD(DataParallel):
     def own_state(self, optimizer: torch.optim.Optimizer) -> dict:
         return {"model": self.model.state_dict(), "optimizer": optimizer.state_dict()}
 
-    def resume_at(self, global_step: int) -> None:
-        self.step = global_step
+    def _count(self, steps: int) -> None:
+        """`steps` global steps taken."""
+        self.step = steps
         if self.hierarchical is not None:  # the hook's count of steps, which it compares with the warm-up
-            self.hierarchical.iter = global_step
+            self.hierarchical.iter = steps
+
+    def resume_at(self, global_step: int) -> None:
+        self._count(global_step)
         if self.averaging is not None and self.hierarchical is None:
             distributed.forward_sync_as_after(self.ddp, synced=not self.averaging.local(global_step - 1))
 

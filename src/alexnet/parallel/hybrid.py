@@ -20,7 +20,7 @@ on gloo sends only what each peer needs. The same update as DDP is computed: eac
 batch's mean, and the gradients are those of the mean of the processes' losses.
 
 With local SGD (--local-sgd-period H), after the warm-up the convolutions' gradients stay each process's
-own and their weights are averaged every H steps instead (torch's PeriodicModelAverager, as for ddp); the
+own and their weights are averaged every H steps instead (parallel.averaging, as for ddp); the
 fully connected slices stay exact, as each is computed from every process's images. What crosses the
 network is then the activations every step and the convolutions' 2.5M weights once in H steps.
 
