@@ -1,5 +1,8 @@
 import os
+import random
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +194,76 @@ def shipped(tmp_path_factory, tiny_data):
     p = run_here("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2", "--weights", root / "w0.pt",
                  "--lr", "1e-7", "--momentum", "0", "--dropout", "0", "--tensorboard", "--log-every", "1")
     return out, p
+
+
+# --------------------------------------------------------------- two hosts in network namespaces
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    assert shutil.which("ip"), "iproute2 (the `ip` command) is needed for the two-host test: apt-get install iproute2"
+    tag = f"{os.getpid() % 100000}"
+    net = random.randint(1, 250)
+    names = {"a": f"alxa{tag}", "b": f"alxb{tag}"}
+    links = {"a": f"vxa{tag}", "b": f"vxb{tag}"}
+    addrs = {"a": f"10.231.{net}.1", "b": f"10.231.{net}.2"}
+    hostname = socket.gethostname()
+    try:
+        sh("ip", "link", "add", links["a"], "type", "veth", "peer", "name", links["b"])
+        for h in ("a", "b"):
+            sh("ip", "netns", "add", names[h])
+            sh("ip", "link", "set", links[h], "netns", names[h])
+            sh("ip", "-n", names[h], "addr", "add", f"{addrs[h]}/24", "dev", links[h])
+            sh("ip", "-n", names[h], "link", "set", links[h], "up")
+            sh("ip", "-n", names[h], "link", "set", "lo", "up")
+            sh("ip", "-n", names[h], "route", "add", "default", "dev", links[h])  # as a real host has
+            # `ip netns exec` mounts /etc/netns/<name>/hosts over /etc/hosts: the host name is loopback there.
+            etc = Path("/etc/netns") / names[h]
+            etc.mkdir(parents=True, exist_ok=True)
+            # Host a also answers to the name "nodea", which is loopback on a and a's address on b.
+            a_line = f"127.0.1.1 {hostname} nodea" if h == "a" else f"127.0.1.1 {hostname}\n{addrs['a']} nodea"
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{a_line}\n")
+            # No name server is reachable from the namespaces: ask loopback, which refuses at once, instead
+            # of the machine's, whose queries time out (seconds for each reverse lookup torch makes).
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        yield {"ns": names, "links": links, "addrs": addrs, "hostname": hostname}
+    finally:
+        for h in ("a", "b"):
+            subprocess.run(["ip", "netns", "del", names[h]], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / names[h], ignore_errors=True)
+        subprocess.run(["ip", "link", "del", links["a"]], capture_output=True)
+
+
+def start(hosts, h: str, args: list, env: dict, private: Path | None = None) -> subprocess.Popen:
+    """`alexnet train` on host h; `private`: a folder this host sees empty (its own disk, not shared)."""
+    prefix = []
+    if private is not None:
+        prefix = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{private}" && exec "$0" "$@"']
+    cmd = ["ip", "netns", "exec", hosts["ns"][h], *prefix, sys.executable, "-m", "alexnet", "train",
+           *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def kill_host(hosts, h: str) -> None:
+    """SIGKILL every process of host h, as a machine that dies (torchelastic starts its workers in sessions
+    of their own, so killing the launcher's process group would leave them running)."""
+    pids = subprocess.run(["ip", "netns", "pids", hosts["ns"][h]], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
+
+
+def set_link(hosts, h: str, up: bool) -> None:
+    """Host h's veth link down or up; up also restores its default route (taking a link down deletes it)."""
+    ns, dev = hosts["ns"][h], hosts["links"][h]
+    sh("ip", "-n", ns, "link", "set", dev, "up" if up else "down")
+    if up:
+        subprocess.run(["ip", "-n", ns, "route", "replace", "default", "dev", dev], capture_output=True)

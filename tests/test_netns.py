@@ -3,68 +3,13 @@ in each the machine's host name resolving to loopback (the trap of pytorch/examp
 `alexnet train` node runs in each, with the same plain command. Needs root; as root, a failure to set up
 the namespaces is a failure, not a skip."""
 
-import os
-import random
-import shutil
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import EXACT, final_weights, max_diff, run_cli, shas, tolerance
+from conftest import EXACT, final_weights, max_diff, run_cli, shas, start, tolerance
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    assert shutil.which("ip"), "iproute2 (the `ip` command) is needed for the two-host test: apt-get install iproute2"
-    tag = f"{os.getpid() % 100000}"
-    net = random.randint(1, 250)
-    names = {"a": f"alxa{tag}", "b": f"alxb{tag}"}
-    links = {"a": f"vxa{tag}", "b": f"vxb{tag}"}
-    addrs = {"a": f"10.231.{net}.1", "b": f"10.231.{net}.2"}
-    hostname = socket.gethostname()
-    try:
-        sh("ip", "link", "add", links["a"], "type", "veth", "peer", "name", links["b"])
-        for h in ("a", "b"):
-            sh("ip", "netns", "add", names[h])
-            sh("ip", "link", "set", links[h], "netns", names[h])
-            sh("ip", "-n", names[h], "addr", "add", f"{addrs[h]}/24", "dev", links[h])
-            sh("ip", "-n", names[h], "link", "set", links[h], "up")
-            sh("ip", "-n", names[h], "link", "set", "lo", "up")
-            sh("ip", "-n", names[h], "route", "add", "default", "dev", links[h])  # as a real host has
-            # `ip netns exec` mounts /etc/netns/<name>/hosts over /etc/hosts: the host name is loopback there.
-            etc = Path("/etc/netns") / names[h]
-            etc.mkdir(parents=True, exist_ok=True)
-            # Host a also answers to the name "nodea", which is loopback on a and a's address on b.
-            a_line = f"127.0.1.1 {hostname} nodea" if h == "a" else f"127.0.1.1 {hostname}\n{addrs['a']} nodea"
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{a_line}\n")
-        yield {"ns": names, "links": links, "addrs": addrs, "hostname": hostname}
-    finally:
-        for h in ("a", "b"):
-            subprocess.run(["ip", "netns", "del", names[h]], capture_output=True)
-            shutil.rmtree(Path("/etc/netns") / names[h], ignore_errors=True)
-        subprocess.run(["ip", "link", "del", links["a"]], capture_output=True)
-
-
-def start(hosts, h: str, args: list, env: dict, private: Path | None = None) -> subprocess.Popen:
-    """`alexnet train` on host h; `private`: a folder this host sees empty (its own disk, not shared)."""
-    prefix = []
-    if private is not None:
-        prefix = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{private}" && exec "$0" "$@"']
-    cmd = ["ip", "netns", "exec", hosts["ns"][h], *prefix, sys.executable, "-m", "alexnet", "train",
-           *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
 
 def test_the_host_name_is_loopback_inside_the_namespaces(hosts):

@@ -2,6 +2,7 @@
 unusable checkpoints, retention, SIGTERM, elastic restarts after a killed worker, and refusing a
 checkpoint that would run code."""
 
+import json
 import os
 import pickle
 import signal
@@ -59,6 +60,21 @@ def test_resume_inside_an_epoch_gives_the_same_weights(exact, straight):
     # The control: the same checkpoint, claiming to be one step earlier in the epoch, repeats a batch.
     w, _ = resume_from(exact, src, "control", "--epochs", "2", edit=lambda s: s.update(step_in_epoch=1))
     assert max_diff(w, final_weights(straight)) > 1e-6
+
+
+def test_an_epoch_recorded_but_not_checkpointed_is_recorded_once_after_the_resume(exact, tmp_path):
+    # What a run killed between epoch 2's metrics line and its checkpoint leaves: the line, and no step-12.pt.
+    out = tmp_path / "run"
+    run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2")
+    ckpts = out / "checkpoints"
+    (ckpts / "last.pt").unlink()
+    checkpoint.step_path(ckpts, 12).unlink()
+    os.link(checkpoint.step_path(ckpts, 6), ckpts / "last.pt")
+    epochs = lambda: [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs() == [1, 2]
+    p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "3", "--resume", "auto")
+    assert "1 line(s) of epochs after the checkpoint's (epoch 1) removed" in p.stdout
+    assert epochs() == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -209,17 +209,19 @@ def _bind_defaults_before_the_group() -> None:
 
 
 def _attempt_store(timeout_s: float):
-    """Under an elastic launch, the rendezvous store with a prefix of its own for each restart.
+    """Under an elastic launch whose workers share the agent's store (torchrun's default), that store with
+    a prefix of its own for each restart; None (torch's own set-up from MASTER_ADDR) otherwise.
 
     The elastic agent keeps one store across worker restarts; without a prefix, a restarted worker can
     read the address a dead worker of the previous attempt published there and wait on it until the
-    timeout (seen with gloo after a SIGKILLed worker)."""
+    timeout (seen with gloo after a SIGKILLed worker). The prefix counts the agent's restarts, which only
+    works while one agent counts them all: `alexnet ... --nnodes` therefore gives the workers a store of
+    their own for each round (launch.py), new every time, which needs no prefix."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or "MASTER_ADDR" not in os.environ:
-        return None
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=not agent_hosts and int(os.environ["RANK"]) == 0,
+    if attempt is None or "MASTER_ADDR" not in os.environ or not agent_hosts:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     return dist.PrefixStore(f"alexnet/attempt-{attempt}/", store)
 

@@ -20,6 +20,10 @@ from .errors import ConfigError
 
 C10D_PORT = 29400
 STATIC_PORT = 29500
+# torch's c10d rendezvous: a node is taken for lost after KEEP_ALIVE_MISSES heartbeats of KEEP_ALIVE_S
+# seconds are missed (torch's defaults, 5 s x 3, keep a node that died from rejoining for 15 s), and a
+# rendezvous that has its minimum of nodes waits LAST_CALL_S more for others (torch's default: 30 s).
+KEEP_ALIVE_S, KEEP_ALIVE_MISSES, LAST_CALL_S = 2, 3, 3
 
 # name -> (metavar, type, help)
 FLAGS = {
@@ -123,7 +127,12 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
         hosting = net["is_host"]
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{host}:{port}",
                  "--rdzv-conf", f"is_host={str(hosting).lower()},join_timeout={seconds},read_timeout={seconds},"
-                                f"close_timeout={seconds}"]
+                                f"close_timeout={seconds},keep_alive_interval={KEEP_ALIVE_S},"
+                                f"keep_alive_max_attempt={KEEP_ALIVE_MISSES},last_call_timeout={LAST_CALL_S}"]
+        # Each round's workers get a store of their own (rank 0's worker hosts it) instead of sharing the
+        # agent's: with the shared one, an agent that holds rank 0 across a round does not publish the
+        # workers' address again, and a node that comes back waits for it until the read timeout.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if log:
         log(f"launch: {nnodes} node(s) x {nproc} process(es); rendezvous "
             f"{'static' if static else 'c10d'} at {host}:{port or 'a free port'}, "

@@ -50,7 +50,7 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
     state = resume(cfg, plan, trainer, data.classes, data_root, say)
     record = Record(plan, say, log)
-    record.open(early)
+    record.open(early, state.epoch)
     if state.resumed:
         say(state.resumed)
     say(f"run folder {plan.out}; {len(data.train_set)} train and {len(data.val_set)} val images in "

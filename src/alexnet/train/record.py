@@ -28,17 +28,31 @@ class Record:
         self.plan, self.say, self.log = plan, say, log
         self.file, self.scalars = None, logs.Scalars(None)
 
-    def open(self, early) -> None:
+    def open(self, early, epochs_done: int = 0) -> None:
         """Make the run folder: once data, model and checkpoint are known to work, so that errors before
-        leave none."""
+        leave none. metrics.jsonl keeps the lines of the `epochs_done` epochs the run starts after: a run
+        stopped between an epoch's line and its checkpoint repeats that epoch, and records it once."""
         if not self.plan.main:
             return
         out = self.plan.out
         self.plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._keep_epochs(out / "metrics.jsonl", epochs_done)
         save_yaml(self.plan.resolved, out / "config.yaml")
         self.file = logs.to_file(out / "train.log", early)
         if self.plan.resolved.tensorboard:
             self.scalars = logs.Scalars(out / "tensorboard")
+
+    def _keep_epochs(self, path: Path, epochs_done: int) -> None:
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if _epoch_of(line) <= epochs_done]
+        if len(kept) < len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+            self.say(f"metrics.jsonl: {len(lines) - len(kept)} line(s) of epochs after the checkpoint's "
+                     f"(epoch {epochs_done}) removed; those epochs are trained again")
 
     def epoch(self, epoch: int, t: dict, v: dict, *, lr: float, crop: int) -> dict:
         """The epoch's metrics over all ranks (`t`: this rank's training sums; `v`: the validation's, or
@@ -87,3 +101,11 @@ class Record:
     def close(self) -> None:
         self.scalars.close()
         logs.close_file(self.file)
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch a metrics.jsonl line records (a line that cannot be read counts as after every epoch)."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -1,0 +1,76 @@
+"""Losing a machine or a link in a two-host job (two network namespaces, as tests/test_netns.py makes them):
+a node that dies and comes back rejoins, a node that does not come back is named, an elastic job goes on
+without it, a link that stays down is reported. "Killed" means every process of the host, SIGKILL."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXACT, kill_host, shas, start
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+EPOCHS = 40  # 3 steps an epoch: long enough to kill a host in the middle
+
+
+def command(exact, out: Path, endpoint: str, *extra) -> list:
+    return ["--data", exact["data"], "--weights", exact["root"] / "w0.pt", *EXACT, "--batch-size", "4",
+            "--epochs", str(EPOCHS), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
+            "--dist-timeout", "20", "--out", out, "--resume", "auto", *extra]
+
+
+def newest_step(out: Path) -> int:
+    steps = [int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.pt")]
+    return max(steps, default=0)
+
+
+def wait_for_step(out: Path, step: int, procs: dict, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (found := newest_step(out)) >= step:
+            return found
+        assert all(p.poll() is None for p in procs.values()), {h: p.communicate() for h, p in procs.items()}
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+def finish(procs: dict, timeout: float = 150) -> dict:
+    """{host: (exit code, output, seconds from now to its exit)}."""
+    t0, out = time.monotonic(), {}
+    for h, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise
+        out[h] = (p.returncode, stdout + stderr, time.monotonic() - t0)
+    return out
+
+
+def epochs_recorded(out: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_a_killed_host_started_again_rejoins_and_the_job_finishes(hosts, exact, tmp_path):
+    out = tmp_path / "run"  # one folder both hosts see (a shared file system): rank 0 writes it, wherever it is
+    args = command(exact, out, f"{hosts['addrs']['a']}:29510", "--max-restarts", "3")
+    procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
+    before = wait_for_step(out, 6, procs)
+    kill_host(hosts, "b")
+    procs["b"].communicate()
+    newest = newest_step(out)
+    time.sleep(5)
+    procs["b"] = start(hosts, "b", args, {})
+    logs = finish(procs)
+    for h, (code, text, _) in logs.items():
+        assert code == 0, f"host {h} exited {code}:\n{text[-4000:]}"
+    ranks = {**shas(logs["a"][1]), **shas(logs["b"][1])}
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    both = logs["a"][1] + logs["b"][1]
+    resumed = [int(s) for s in __import__("re").findall(r"global step (\d+)\)", both)]
+    assert resumed and min(resumed) >= newest >= before, both[-3000:]
+    assert epochs_recorded(out) == list(range(1, EPOCHS + 1))
