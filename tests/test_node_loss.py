@@ -74,3 +74,45 @@ def test_a_killed_host_started_again_rejoins_and_the_job_finishes(hosts, exact, 
     resumed = [int(s) for s in __import__("re").findall(r"global step (\d+)\)", both)]
     assert resumed and min(resumed) >= newest >= before, both[-3000:]
     assert epochs_recorded(out) == list(range(1, EPOCHS + 1))
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_a_host_that_does_not_come_back_is_named_with_the_command_that_continues(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    args = command(exact, out, f"{hosts['addrs']['a']}:29520", "--max-restarts", "3")
+    procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
+    wait_for_step(out, 6, procs)
+    kill_host(hosts, "b")
+    procs["b"].communicate()
+    code, text, seconds = finish({"a": procs["a"]})["a"]
+    assert code != 0 and seconds < 20 + 30, (code, seconds, text[-3000:])
+    line = last_line(text)
+    assert f"lost node 1 (host {hosts['hostname']}, {hosts['addrs']['b']})" in line, text[-3000:]
+    assert "Traceback" not in text
+    again = line.split("once it is back): ")[1]
+    assert again.startswith("alexnet train ") and again.endswith(f"--out {out} --resume auto")
+    # That command, run on both hosts, finishes the job.
+    import shlex
+    procs = {h: start(hosts, h, shlex.split(again)[2:], {}) for h in ("a", "b")}
+    logs = finish(procs)
+    for h, (code, text, _) in logs.items():
+        assert code == 0, f"host {h} exited {code}:\n{text[-4000:]}"
+    assert epochs_recorded(out) == list(range(1, EPOCHS + 1))
+
+
+def test_losing_the_endpoints_host_is_said(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    args = command(exact, out, f"{hosts['addrs']['a']}:29530", "--max-restarts", "3")
+    procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
+    wait_for_step(out, 6, procs)
+    kill_host(hosts, "a")
+    procs["a"].communicate()
+    code, text, seconds = finish({"b": procs["b"]})["b"]
+    assert code != 0 and seconds < 20 + 30, (code, seconds, text[-3000:])
+    line = last_line(text)
+    assert f"lost node 0 (host {hosts['hostname']}, {hosts['addrs']['a']})" in line, text[-3000:]
+    assert f"it held the rendezvous endpoint {hosts['addrs']['a']}:29530" in line
+    assert "Traceback" not in text

@@ -184,20 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alexnet {args.command}{who}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        if not _is_collective_failure(e):
+        if not distributed.is_collective_failure(e):
             raise
         print(f"alexnet {args.command}{who}: error: lost contact with the other processes: "
-              f"{str(e).splitlines()[0]} (a peer stopped or the network failed; see the other ranks' "
+              f"{distributed.failure_text(e)} (a peer stopped or the network failed; see the other ranks' "
               f"messages; --dist-timeout sets how long to wait)", file=sys.stderr)
         return 1
     distributed.shutdown()  # after success only: with a lost peer, tearing down the group can block
     return 0
 
-
-def _is_collective_failure(e: RuntimeError) -> bool:
-    """gloo and NCCL report a dead peer or a timeout as a RuntimeError (DistBackendError)."""
-    import torch.distributed as dist
-    backend_error = getattr(dist, "DistBackendError", ())
-    text = str(e).lower()
-    return isinstance(e, backend_error) or any(s in text for s in ("connection closed by peer", "timed out",
-                                                                   "connection reset", "connection refused"))

@@ -11,7 +11,9 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
+import json
 import os
+import re
 import socket
 import struct
 import time
@@ -188,6 +190,7 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, l
         raise DistributedError(f"could not join the process group at {where} within {timeout_s:g} s "
                                f"({backend}): {str(e).splitlines()[0]}") from None
     _device = device if backend == "nccl" else torch.device("cpu")
+    _meet_peers()
     if log and is_main():
         log(f"process group: {world_size()} processes, backend {backend}, rank 0 on "
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, timeout {timeout_s:g} s")
@@ -226,6 +229,68 @@ def _attempt_store(timeout_s: float):
     return dist.PrefixStore(f"alexnet/attempt-{attempt}/", store)
 
 
+# ------------------------------------------------------------------------------------------ lost peers
+
+_peers: list[dict] = []  # by rank: {"node", "host", "addr"}
+_last_seen: list[float] = []  # when the last collective of all ranks completed (time.time())
+
+
+def _meet_peers() -> None:
+    """Every rank's node, host name and address, to name a node when a collective with it fails."""
+    iface = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
+    addr = interface_addresses().get(iface) if iface else None
+    if addr is None and os.environ.get("MASTER_ADDR"):
+        try:
+            addr = route(os.environ["MASTER_ADDR"])["address"]
+        except DistributedError:
+            pass
+    me = {"node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname(), "addr": addr}
+    _peers[:] = all_gather_objects(me)
+    _last_seen[:] = [time.time()]
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """gloo and NCCL report a dead peer or a timeout as a RuntimeError (DistBackendError)."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and (isinstance(e, backend_error) or any(
+        s in text for s in ("connection closed by peer", "timed out", "connection reset", "connection refused")))
+
+
+def failure_text(e: BaseException) -> str:
+    """The first line of a failed collective's error, without the advice torch appends to it."""
+    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return line.split(" This is typically caused")[0].rstrip(". ")
+
+
+def lost_node(e: BaseException) -> dict | None:
+    """The other node a failed collective `e` lost: the one whose address the error names, or the only
+    other node of the job. {"node", "host", "addr", "ranks", "last_seen"}; None when it cannot be told
+    (or `e` is not a failed collective)."""
+    if not _peers or not is_collective_failure(e):
+        return None
+    mine = _peers[rank()]["node"]
+    others = {p["node"]: p for p in _peers if p["node"] != mine}
+    named = set(re.findall(r"\b(\d{1,3}(?:\.\d{1,3}){3})\b", str(e)))
+    found = [n for n, p in others.items() if p["addr"] in named]
+    if len(found) != 1:
+        found = list(others) if len(others) == 1 else []
+    if not found:
+        return None
+    node = found[0]
+    return {**others[node], "ranks": [r for r, p in enumerate(_peers) if p["node"] == node],
+            "last_seen": _last_seen[0] if _last_seen else None}
+
+
+def note_for_launcher(note: dict) -> None:
+    """Leave `note` where the launcher of this node reads it after its workers end (launch.py)."""
+    folder = os.environ.get("ALEXNET_LAUNCH_NOTES")
+    if folder:
+        with contextlib.suppress(OSError):
+            with open(os.path.join(folder, f"rank-{rank()}.json"), "w") as f:
+                json.dump(note, f)
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         if torch.__version__ < "2.8":
@@ -246,7 +311,9 @@ def sum_all(values: list[float]) -> list[float]:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=_device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    out = t.tolist()  # on a CPU device, after the wait: every rank has been heard from
+    _last_seen[:] = [time.time()]
+    return out
 
 
 def any_rank(flag: bool) -> bool:

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
+import shlex
+import shutil
 import signal
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from . import distributed
 from .errors import ConfigError
@@ -174,15 +180,34 @@ def _advertise(address: str) -> None:
 
 def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, log=print) -> int:
     """Launch the workers for this node and wait for them. Returns the exit status for the command line."""
+    args = torchrun_args(a, command, strip(argv), timeout, log)
+    host, port, _ = _endpoint(a)
+    if (a.launch_nproc_per_node or 1) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
+    notes = tempfile.mkdtemp(prefix="alexnet-launch-")  # where a worker that lost a node says which
+    os.environ["ALEXNET_LAUNCH_NOTES"] = notes
+    try:
+        return _run(a, command, args, timeout, host, port)
+    except _Failed as failed:
+        lost = _lost_node_message(notes, command, argv, host, port)
+        print(f"alexnet {command}: error: {lost or failed.message}", file=sys.stderr)
+        return failed.code
+    finally:
+        shutil.rmtree(notes, ignore_errors=True)
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        self.message, self.code = message, code
+
+
+def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, host: str, port: int) -> int:
+    """torchrun's run of the workers: 0, or _Failed with the message and exit code of the failure."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
 
-    args = torchrun_args(a, command, strip(argv), timeout, log)
-    host, port, _ = _endpoint(a)
-    if (a.launch_nproc_per_node or 1) > 1:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
     try:
         torchrun.run(torchrun.get_args_parser().parse_args(args))
     except ChildFailedError as e:
@@ -191,9 +216,8 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
             code = f.exitcode
             parts.append(f"rank {r} failed (exit code {code})" if code > 0 else
                          f"rank {r} was stopped (signal {-code})" if code < 0 else f"rank {r} ended")
-        print(f"alexnet {command}: error: {'; '.join(parts)}; the workers' messages are above", file=sys.stderr)
         codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
-        return max(codes) if codes else 1
+        raise _Failed(f"{'; '.join(parts)}; the workers' messages are above", max(codes) if codes else 1) from None
     except SignalException as e:  # the launcher was signalled: torch's agent has passed it on to the workers
         name = signal.Signals(e.sigval).name
         saved = (" (a training run stops at its next step and saves a checkpoint, and says so above; continue "
@@ -212,6 +236,48 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
             why = (f"could not reach the rendezvous at {host}:{port} within {timeout:g} s "
                    f"({type(e).__name__}). Is the node that owns {host} started, is the address right, and is "
                    f"port {port} open in its firewall?")
-        print(f"alexnet {command}: error: {why}", file=sys.stderr)
-        return 1
+        raise _Failed(why, 1) from None
     return 0
+
+
+def _lost_node_message(notes: str, command: str, argv: list[str], host: str, port: int) -> str | None:
+    """What a worker of this node said of a node it lost (distributed.note_for_launcher), as the last
+    line: which node, when it was last heard from, the newest checkpoint here and the command that
+    continues the job; None when no worker lost one."""
+    said = []
+    for path in sorted(Path(notes).glob("rank-*.json")):
+        try:
+            said.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not said:
+        return None
+    note, lost = said[0], said[0]["lost"]
+    seen = time.strftime("%H:%M:%S", time.localtime(lost["last_seen"])) if lost.get("last_seen") else "never"
+    who = f"lost node {lost['node']} (host {lost['host']}, {lost['addr']}), last heard from at {seen}"
+    again = continue_command(command, argv, note["out"])
+    where = (f"the newest checkpoint on this node is {note['checkpoint']}" if note["checkpoint"] else
+             f"this node holds no checkpoint in {note['out']} (a node that holds one sends it at the resume)")
+    try:
+        endpoint_lost = distributed.resolve(host) == lost["addr"]
+    except distributed.DistributedError:
+        endpoint_lost = False
+    if endpoint_lost:
+        return (f"{who}; it held the rendezvous endpoint {host}:{port}, without which the job cannot go on. "
+                f"{where[0].upper()}{where[1:]}. Once that machine is back, run this on every node; or name a "
+                f"surviving node's address with --rdzv-endpoint instead: {again}")
+    return (f"{who}: it stopped or the link to it failed; {where}. Continue the job by running this on every "
+            f"node (on the lost one once it is back): {again}")
+
+
+def continue_command(command: str, argv: list[str], out: str) -> str:
+    """`argv` (the command line after `alexnet COMMAND`) as the command that resumes the run in `out`."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--resume", "--out"):
+            skip = True
+        elif not arg.startswith(("--resume=", "--out=")):
+            args.append(arg)
+    return shlex.join(["alexnet", command, *args, "--out", out, "--resume", "auto"])

@@ -7,14 +7,15 @@ agreed stops), record (metrics, log lines, report), schedule (the learning rate 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from .. import distributed, logs
+from .. import checkpoint, distributed, logs
 from ..config import TrainConfig
 from ..data import held
 from ..data.build import build_loaders, describe
 from ..data.synthetic import ensure_dataset
-from ..errors import CheckpointError, NonFiniteLoss
+from ..errors import CheckpointError, DistributedError, NonFiniteLoss
 from ..evaluate import evaluate
 from ..progress import Progress
 from ..runtime import configure, precision_warning, resolve_device, seed_everything, tune_allocator
@@ -41,6 +42,15 @@ def fit(cfg: TrainConfig, log=print) -> dict:
 
 def _fit(cfg: TrainConfig, log, early) -> dict:
     plan, device, threads, say = set_up(cfg, log, early)
+    try:
+        return _train(cfg, plan, device, threads, say, log, early)
+    except RuntimeError as e:
+        if (lost := distributed.lost_node(e)) is None:
+            raise
+        raise node_lost(lost, plan, e) from None
+
+
+def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) -> dict:
     data_root = cfg.data or str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
     data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
                          batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
@@ -168,6 +178,22 @@ def stopped(hooks: Hooks, state, plan: Plan, last: dict, say) -> dict:
     say(f"stopped on SIGTERM at global step {state.global_step}, checkpoint saved; continue with "
         f"`alexnet train --resume auto --out {plan.out}`")
     return last
+
+
+def node_lost(lost: dict, plan: Plan, e: RuntimeError) -> DistributedError:
+    """The error of a rank whose collective with another node failed: which node, when it was last heard
+    from, the newest checkpoint here; the same facts left for this node's launcher, which adds how to
+    continue. Nothing is saved now: the failed collective left the step half done on the ranks still
+    here, and a checkpoint needs every rank's part."""
+    newest = sorted(plan.ckpt_dir.glob(checkpoint.STEP_GLOB))
+    seen = time.strftime("%H:%M:%S", time.localtime(lost["last_seen"])) if lost["last_seen"] else "never"
+    distributed.note_for_launcher({"lost": lost, "out": str(plan.out),
+                                   "checkpoint": str(newest[-1]) if newest else None})
+    ranks = ", ".join(map(str, lost["ranks"]))
+    where = f"the newest checkpoint here is {newest[-1]}" if newest else f"no checkpoint in {plan.ckpt_dir} here"
+    return DistributedError(f"lost node {lost['node']} (host {lost['host']}, {lost['addr']}; rank(s) {ranks}), last "
+                            f"heard from at {seen}: it stopped or the link to it failed ({distributed.failure_text(e)}); "
+                            f"{where}")
 
 
 def _silent(*args, **kwargs) -> None:
