@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXACT, kill_host, shas, start
+from conftest import EXACT, kill_host, set_link, shas, start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -80,14 +80,20 @@ def last_line(text: str) -> str:
     return [line for line in text.splitlines() if line.strip()][-1]
 
 
-def test_a_host_that_does_not_come_back_is_named_with_the_command_that_continues(hosts, exact, tmp_path):
-    out = tmp_path / "run"
-    args = command(exact, out, f"{hosts['addrs']['a']}:29520", "--max-restarts", "3")
+def survivor_of_a_kill(hosts, exact, out: Path, port: int, victim: str) -> tuple[int, str, float]:
+    """Both hosts train (--max-restarts 3); `victim` is killed after the second epoch's checkpoint and not
+    started again: the other's (exit code, output, seconds from the kill to its exit)."""
+    args = command(exact, out, f"{hosts['addrs']['a']}:{port}", "--max-restarts", "3")
     procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
     wait_for_step(out, 6, procs)
-    kill_host(hosts, "b")
-    procs["b"].communicate()
-    code, text, seconds = finish({"a": procs["a"]})["a"]
+    kill_host(hosts, victim)
+    procs.pop(victim).communicate()
+    return next(iter(finish(procs).values()))
+
+
+def test_a_host_that_does_not_come_back_is_named_with_the_command_that_continues(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    code, text, seconds = survivor_of_a_kill(hosts, exact, out, 29520, "b")
     assert code != 0 and seconds < 20 + 30, (code, seconds, text[-3000:])
     line = last_line(text)
     assert f"lost node 1 (host {hosts['hostname']}, {hosts['addrs']['b']})" in line, text[-3000:]
@@ -104,15 +110,48 @@ def test_a_host_that_does_not_come_back_is_named_with_the_command_that_continues
 
 
 def test_losing_the_endpoints_host_is_said(hosts, exact, tmp_path):
-    out = tmp_path / "run"
-    args = command(exact, out, f"{hosts['addrs']['a']}:29530", "--max-restarts", "3")
-    procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
-    wait_for_step(out, 6, procs)
-    kill_host(hosts, "a")
-    procs["a"].communicate()
-    code, text, seconds = finish({"b": procs["b"]})["b"]
+    code, text, seconds = survivor_of_a_kill(hosts, exact, tmp_path / "run", 29530, "a")
     assert code != 0 and seconds < 20 + 30, (code, seconds, text[-3000:])
     line = last_line(text)
     assert f"lost node 0 (host {hosts['hostname']}, {hosts['addrs']['a']})" in line, text[-3000:]
     assert f"it held the rendezvous endpoint {hosts['addrs']['a']}:29530" in line
     assert "Traceback" not in text
+
+
+def link_outage(hosts, exact, out: Path, port: int, seconds: float, *extra) -> dict:
+    """Both hosts train; host b's link goes down after the second epoch's checkpoint for `seconds`, then
+    comes back (with its default route). {host: (exit code, output, seconds)}."""
+    args = command(exact, out, f"{hosts['addrs']['a']}:{port}", *extra)
+    procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
+    wait_for_step(out, 6, procs)
+    set_link(hosts, "b", up=False)
+    time.sleep(seconds)
+    set_link(hosts, "b", up=True)
+    return finish(procs)
+
+
+def test_a_link_down_for_5_seconds_is_survived(hosts, exact, tmp_path):
+    logs = link_outage(hosts, exact, tmp_path / "run", 29540, 5)
+    for h, (code, text, _) in logs.items():
+        assert code == 0, f"host {h} exited {code}:\n{text[-4000:]}"
+    assert epochs_recorded(tmp_path / "run") == list(range(1, EPOCHS + 1))
+
+
+def test_a_link_down_longer_than_the_timeout_names_the_peer(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    logs = link_outage(hosts, exact, out, 29550, 30)
+    for h, other in (("a", "b"), ("b", "a")):
+        code, text, _ = logs[h]
+        line = last_line(text)
+        assert code != 0 and f"lost node {'01'[other == 'b']} (host {hosts['hostname']}, {hosts['addrs'][other]})" in line, text[-3000:]
+        assert "Traceback" not in text
+    assert "Continue the job by running this on every node" in last_line(logs["a"][1])
+
+
+def test_after_a_long_link_outage_max_restarts_finishes_the_job(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    logs = link_outage(hosts, exact, out, 29560, 30, "--max-restarts", "3")
+    for h, (code, text, _) in logs.items():
+        assert code == 0, f"host {h} exited {code}:\n{text[-4000:]}"
+    assert "lost node 1" in logs["a"][1] + logs["b"][1]
+    assert epochs_recorded(out) == list(range(1, EPOCHS + 1))

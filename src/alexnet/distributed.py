@@ -247,6 +247,7 @@ def _meet_peers() -> None:
     me = {"node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname(), "addr": addr}
     _peers[:] = all_gather_objects(me)
     _last_seen[:] = [time.time()]
+    note_for_launcher({"joined": _last_seen[0]}, "joined")
 
 
 def is_collective_failure(e: BaseException) -> bool:
@@ -282,12 +283,13 @@ def lost_node(e: BaseException) -> dict | None:
             "last_seen": _last_seen[0] if _last_seen else None}
 
 
-def note_for_launcher(note: dict) -> None:
-    """Leave `note` where the launcher of this node reads it after its workers end (launch.py)."""
+def note_for_launcher(note: dict, kind: str = "lost") -> None:
+    """Leave `note` where the launcher of this node reads it after its workers end (launch.py): "joined"
+    (this rank's process group formed) or "lost" (distributed.lost_node)."""
     folder = os.environ.get("ALEXNET_LAUNCH_NOTES")
     if folder:
         with contextlib.suppress(OSError):
-            with open(os.path.join(folder, f"rank-{rank()}.json"), "w") as f:
+            with open(os.path.join(folder, f"{kind}-rank-{rank()}.json"), "w") as f:
                 json.dump(note, f)
 
 

@@ -123,7 +123,7 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     _advertise(net["address"])
     seconds = max(1, int(round(timeout)))
     args = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
-            "--max-restarts", str(a.launch_max_restarts or 0), "--rdzv-id", a.launch_rdzv_id or "alexnet",
+            "--max-restarts", "0", "--rdzv-id", a.launch_rdzv_id or "alexnet",
             "--monitor-interval", "1", "--local-addr", net["address"]]
     if static:
         args += ["--rdzv-backend", "static", "--master-addr", host, "--master-port", str(port),
@@ -187,7 +187,7 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     notes = tempfile.mkdtemp(prefix="alexnet-launch-")  # where a worker that lost a node says which
     os.environ["ALEXNET_LAUNCH_NOTES"] = notes
     try:
-        return _run(a, command, args, timeout, host, port)
+        return _run(a, command, args, timeout, host, port, log, notes)
     except _Failed as failed:
         lost = _lost_node_message(notes, command, argv, host, port)
         print(f"alexnet {command}: error: {lost or failed.message}", file=sys.stderr)
@@ -197,19 +197,66 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
 
 
 class _Failed(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        self.message, self.code = message, code
+    def __init__(self, message: str, code: int, restartable: bool = False) -> None:
+        self.message, self.code, self.restartable = message, code, restartable
 
 
-def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, host: str, port: int) -> int:
-    """torchrun's run of the workers: 0, or _Failed with the message and exit code of the failure."""
+def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, host: str, port: int, log,
+         notes: str) -> int:
+    """torchrun's run of the workers, started again on a failure while --max-restarts allows: 0, or _Failed
+    with the message and exit code of the failure.
+
+    A restart starts torch's elastic agent anew, not only its workers (the agent itself is told to make
+    none): a new agent opens new connections to the rendezvous. The agent of a node whose link was down
+    for longer than --dist-timeout otherwise keeps waiting on its old connection, which TCP retries ever
+    more rarely, while its peers' join timeout runs out. Its workers continue from the newest checkpoint
+    (ALEXNET_RESTARTED). After such a restart, an agent that cannot reach the rendezvous (its host is
+    restarting, or the link is still down) tries again every few seconds until `timeout` seconds have
+    passed since the failure (an agent whose workers had joined the process group, as the notes in
+    `notes` show, may find the rendezvous gone before its workers fail: that counts as a failure too)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError
+
+    restarts, restarted_at = a.launch_max_restarts or 0, None
+    while True:
+        try:
+            return _run_once(a, command, torchrun.get_args_parser().parse_args(args), timeout, host, port)
+        except _Failed as failed:
+            if not failed.restartable or restarts == 0:
+                raise
+            restarts -= 1
+            restarted_at = time.monotonic()
+            if log:
+                log(f"launch: {failed.message.split(';')[0]}; starting this node's workers again, from the newest "
+                    f"checkpoint ({restarts} restart(s) left)")
+        except (RendezvousConnectionError, RendezvousClosedError):  # closed: a failed agent closes it on its way out
+            if restarted_at is None and restarts > 0 and any(Path(notes).iterdir()):  # the job had been running
+                restarts, restarted_at = restarts - 1, time.monotonic()
+            left = timeout - (time.monotonic() - restarted_at) if restarted_at is not None else 0
+            if left <= 0:
+                raise _Failed(_unreachable(host, port, timeout, "RendezvousConnectionError"), 1) from None
+            if log:
+                log(f"launch: the rendezvous at {host}:{port} cannot be reached; trying again for up to "
+                    f"{left:.0f} s more")
+            time.sleep(2)
+        os.environ["ALEXNET_RESTARTED"] = "1"
+
+
+def _unreachable(host: str, port: int, timeout: float, what: str) -> str:
+    return (f"could not reach the rendezvous at {host}:{port} within {timeout:g} s ({what}). Is the node that "
+            f"owns {host} started, is the address right, and is port {port} open in its firewall?")
+
+
+def _run_once(a: argparse.Namespace, command: str, parsed, timeout: float, host: str, port: int) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError, RendezvousError
 
     try:
-        torchrun.run(torchrun.get_args_parser().parse_args(args))
+        torchrun.run(parsed)
+    except (RendezvousConnectionError, RendezvousClosedError):
+        raise
     except ChildFailedError as e:
         parts = []
         for r, f in sorted(e.failures.items()):
@@ -217,7 +264,8 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
             parts.append(f"rank {r} failed (exit code {code})" if code > 0 else
                          f"rank {r} was stopped (signal {-code})" if code < 0 else f"rank {r} ended")
         codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
-        raise _Failed(f"{'; '.join(parts)}; the workers' messages are above", max(codes) if codes else 1) from None
+        raise _Failed(f"{'; '.join(parts)}; the workers' messages are above", max(codes) if codes else 1,
+                      restartable=True) from None
     except SignalException as e:  # the launcher was signalled: torch's agent has passed it on to the workers
         name = signal.Signals(e.sigval).name
         saved = (" (a training run stops at its next step and saves a checkpoint, and says so above; continue "
@@ -233,9 +281,7 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
                    f"{timeout:g} s. Start the same command on every node (same --nnodes, --rdzv-endpoint "
                    f"and --rdzv-id), or allow longer with --dist-timeout")
         else:
-            why = (f"could not reach the rendezvous at {host}:{port} within {timeout:g} s "
-                   f"({type(e).__name__}). Is the node that owns {host} started, is the address right, and is "
-                   f"port {port} open in its firewall?")
+            why = _unreachable(host, port, timeout, type(e).__name__)
         raise _Failed(why, 1) from None
     return 0
 
@@ -245,7 +291,7 @@ def _lost_node_message(notes: str, command: str, argv: list[str], host: str, por
     line: which node, when it was last heard from, the newest checkpoint here and the command that
     continues the job; None when no worker lost one."""
     said = []
-    for path in sorted(Path(notes).glob("rank-*.json")):
+    for path in sorted(Path(notes).glob("lost-rank-*.json")):
         try:
             said.append(json.loads(path.read_text()))
         except (OSError, ValueError):

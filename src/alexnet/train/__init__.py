@@ -93,7 +93,7 @@ def set_up(cfg: TrainConfig, log, early) -> tuple[Plan, object, int, object]:
 def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], data_root: str, say) -> states.TrainState:
     """The state to start from: a fresh one, or a checkpoint's (--resume; restarted workers continue by
     themselves from the newest checkpoint the ranks agree on)."""
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get("ALEXNET_RESTARTED") == "1"
     source, saved = states.find_resume(cfg.resume or ("auto" if restarted else None), plan.ckpt_dir, plan.rank, say)
     if source is None:
         return states.TrainState()
