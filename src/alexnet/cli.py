@@ -11,7 +11,7 @@ from . import __version__, distributed, launch, logs
 from .config import (BenchConfig, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
                      validate_eval, validate_predict)
 from .errors import (BenchError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
-                     NonFiniteLoss)
+                     NonFiniteLoss, WriteError)
 from .export import FORMATS
 
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
-    except (DistributedError, NonFiniteLoss, ExportError, BenchError) as e:
+    except (DistributedError, NonFiniteLoss, ExportError, BenchError, WriteError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file

@@ -21,6 +21,11 @@ class DistributedError(RuntimeError):
     """A process group that could not be set up or a peer that could not be reached."""
 
 
+class WriteError(RuntimeError):
+    """A file of the run folder (checkpoint, metrics, report) could not be written: which, why, and the
+    newest complete checkpoint to continue from."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss was not finite for too many steps in a row."""
 

@@ -37,10 +37,16 @@ def drop_early(handler: MemoryHandler) -> None:
     handler.close()
 
 
+class _FileHandler(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A line that cannot be written (a full disk) is dropped without logging's traceback: the log also
+        goes to the terminal, and the run's own writes (train.hooks.written) stop it with one message."""
+
+
 def to_file(path: Path, early: MemoryHandler | None = None) -> logging.Handler:
     """Also write the log to `path` (appending: a resumed run continues its log), with full dates; first
     the lines kept by `early` (hold_early), which stops keeping them."""
-    handler = logging.FileHandler(path)
+    handler = _FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT.format(tag=""), datefmt="%Y-%m-%d %H:%M:%S"))
     if early is not None:
         early.setTarget(handler)

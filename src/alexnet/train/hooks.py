@@ -1,5 +1,6 @@
 """What runs after every optimizer step: the checkpoint cadence inside epochs (every N steps or minutes),
-the stop on SIGTERM that all ranks agree on, and the step's scalars for TensorBoard.
+the stop on SIGTERM that all ranks agree on, and the step's scalars for TensorBoard; and the agreed stop
+when rank 0 cannot write to the run folder (`written`).
 
 The stop vote is taken after the optimizer step (so that every rank stops at the same step and rank 0
 saves it); the non-finite vote, before it, is the step's own (train.step)."""
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
-from .. import distributed
+from .. import checkpoint, distributed
 from ..config import parse_every
+from ..errors import WriteError
 
 
 class StopSignal:
@@ -76,3 +79,33 @@ class Hooks:
 
     def close(self) -> None:
         self.preempted.restore()
+
+
+def written(what: str, path: Path, write, ckpt_dir: Path, out: Path, main: bool) -> None:
+    """Rank 0 runs `write` (which writes `what` to `path`); then every rank learns whether it worked, and
+    on a failure (no space, a quota, permissions, a vanished mount) every rank raises the same WriteError
+    at the same point: no rank is left waiting for rank 0 in a collective until the timeout. Timed and
+    step checkpoints stop the run too: a run that cannot save would lose its work at the next fault."""
+    cause = None
+    if main:
+        try:
+            write()
+        except (OSError, RuntimeError) as e:  # torch.save's RuntimeError carries the OSError as its context
+            cause = _cause(e)
+    cause = distributed.broadcast_object(cause)
+    if cause is None:
+        return
+    steps = sorted(Path(ckpt_dir).glob(checkpoint.STEP_GLOB))
+    newest = (f"the newest complete checkpoint is {steps[-1]}" if steps else f"there is no complete checkpoint in "
+              f"{ckpt_dir} yet")
+    raise WriteError(f"could not write {what} {path}: {cause}; {newest}. Make room (or move the run folder to a "
+                     f"disk with room) and continue with `alexnet train --resume auto --out {out}`")
+
+
+def _cause(e: BaseException) -> str:
+    seen = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(seen, OSError) and seen.strerror:
+        return f"{seen.strerror} (errno {seen.errno})"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

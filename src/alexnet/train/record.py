@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import distributed, logs, report
 from ..config import save_yaml, to_dict
+from .hooks import written
 
 
 def check_writable(folder: Path) -> None:
@@ -66,9 +67,11 @@ class Record:
                 "lr": lr, "images_per_sec": images / epoch_seconds, "epoch_seconds": epoch_seconds,
                 "global_step": t["global_step"], "skipped_steps": t["skipped"], "bad_images": int(bad),
                 **({"val_bad_images": v["bad_images"]} if validated else {}), "train_crop": crop}
-        if self.plan.main:
+        def line() -> None:
             with open(self.plan.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
+        written("a line of", self.plan.out / "metrics.jsonl", line, self.plan.ckpt_dir, self.plan.out, self.plan.main)
+        if self.plan.main:
             self.scalars.add(t["global_step"], {f"epoch/{k}": v for k, v in last.items()
                                                 if k not in ("epoch", "global_step")})
             self.scalars.flush()

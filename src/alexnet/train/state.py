@@ -20,6 +20,7 @@ from ..config import to_dict
 from ..errors import CheckpointError
 from ..models import create_model, folded_state_dict
 from ..runtime import match_state_layouts, rng_state, set_rng_state
+from .hooks import written
 
 
 @dataclass
@@ -57,15 +58,19 @@ def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, st
     own = trainer.parallel.own_state(trainer.optimizer)  # local SGD: each process's weights and momentum
     ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums, **own})
     weights, optimizer = trainer.parallel.state(trainer.optimizer)  # the whole model (hybrid gathers its slices)
-    if not plan.main:
-        return
-    cfg = plan.resolved
-    saved = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks, metrics=metrics,
-                          classes=classes, config=to_dict(cfg), world=plan.world, train_bn=cfg.train_bn,
-                          weights=weights, optimizer=optimizer)
-    checkpoint.save_step(saved, plan.ckpt_dir, cfg.keep_last)
+    cfg, box = plan.resolved, {}
+
+    def step_file() -> None:
+        box["saved"] = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks,
+                                     metrics=metrics, classes=classes, config=to_dict(cfg), world=plan.world,
+                                     train_bn=cfg.train_bn, weights=weights, optimizer=optimizer)
+        checkpoint.save_step(box["saved"], plan.ckpt_dir, cfg.keep_last)
+
+    written("the checkpoint", checkpoint.step_path(plan.ckpt_dir, state.global_step), step_file, plan.ckpt_dir,
+            plan.out, plan.main)
     if is_best:
-        checkpoint.save(saved, plan.ckpt_dir / "best.pt")
+        written("the checkpoint", plan.ckpt_dir / "best.pt", lambda: checkpoint.save(box["saved"], plan.ckpt_dir / "best.pt"),
+                plan.ckpt_dir, plan.out, plan.main)
 
 
 def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, world: int, say) -> TrainState:
