@@ -155,3 +155,47 @@ def test_after_a_long_link_outage_max_restarts_finishes_the_job(hosts, exact, tm
         assert code == 0, f"host {h} exited {code}:\n{text[-4000:]}"
     assert "lost node 1" in logs["a"][1] + logs["b"][1]
     assert epochs_recorded(out) == list(range(1, EPOCHS + 1))
+
+
+def elastic_job_that_loses_b(hosts, exact, out: Path, port: int) -> tuple[list, dict]:
+    """Both hosts train with --nnodes 1:2; host b is killed after the second epoch's checkpoint. (The
+    command, {"a": host a's process}.)"""
+    args = command(exact, out, f"{hosts['addrs']['a']}:{port}")
+    args[args.index("--nnodes") + 1] = "1:2"
+    procs = {h: start(hosts, h, args, {}) for h in ("a", "b")}
+    wait_for_step(out, 6, procs)
+    kill_host(hosts, "b")
+    procs.pop("b").communicate()
+    return args, procs
+
+
+def test_an_elastic_job_goes_on_without_a_lost_host_and_takes_it_back(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    args, procs = elastic_job_that_loses_b(hosts, exact, out, 29580)
+    # Host a goes on alone: its workers restart in a world of 1 from the newest checkpoint.
+    deadline = time.monotonic() + 90
+    while "process group: 1 processes" not in (out / "train.log").read_text():
+        assert time.monotonic() < deadline and procs["a"].poll() is None, "host a did not go on alone"
+        time.sleep(0.2)
+    step_alone = newest_step(out)
+    procs["b"] = start(hosts, "b", args, {})  # host b comes back: the world grows to 2 again
+    logs = finish(procs)
+    for h, (code, text, _) in logs.items():
+        assert code == 0, f"host {h} exited {code}:\n{text[-4000:]}"
+    log = (out / "train.log").read_text()
+    alone, again = log.index("process group: 1 processes"), log.rindex("process group: 2 processes")
+    assert alone < again, log[-3000:]
+    assert "the world size changed from 2 to 1 processes" in log and "changed from 1 to 2 processes" in log
+    assert epochs_recorded(out) == list(range(1, EPOCHS + 1))
+    ranks = {**shas(logs["a"][1]), **shas(logs["b"][1])}
+    assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
+    assert step_alone >= 6
+
+
+def test_an_elastic_job_finishes_alone_when_the_host_does_not_come_back(hosts, exact, tmp_path):
+    out = tmp_path / "run"
+    _, procs = elastic_job_that_loses_b(hosts, exact, out, 29590)
+    code, text, _ = finish(procs)["a"]
+    assert code == 0, text[-4000:]
+    assert "final weights sha256" in text and "(rank 0 of 1)" in text
+    assert epochs_recorded(out) == list(range(1, EPOCHS + 1))

@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, _ = resolve_train(_settings(args), saved_config)
             if launch.requested(args):  # settings are checked once, here, before any worker starts
                 batch_sizes(cfg, launch.world_size(args))
-                if args.launch_max_restarts and not cfg.out:
-                    raise ConfigError("--max-restarts needs --out: restarted workers continue from the "
-                                      "checkpoints in that run folder")
+                if (args.launch_max_restarts or launch.elastic(args)) and not cfg.out:
+                    raise ConfigError(f"{'--max-restarts' if args.launch_max_restarts else '--nnodes MIN:MAX'} "
+                                      "needs --out: restarted workers continue from the checkpoints in that run folder")
                 return launch.run(args, "train", argv[argv.index("train") + 1:], cfg.dist_timeout, log)
             fit(cfg, log=log)
         elif args.command == "eval":

@@ -30,11 +30,15 @@ STATIC_PORT = 29500
 # seconds are missed (torch's defaults, 5 s x 3, keep a node that died from rejoining for 15 s), and a
 # rendezvous that has its minimum of nodes waits LAST_CALL_S more for others (torch's default: 30 s).
 KEEP_ALIVE_S, KEEP_ALIVE_MISSES, LAST_CALL_S = 2, 3, 3
+ELASTIC_RESTARTS = 3  # --max-restarts of an elastic job (--nnodes MIN:MAX) unless given
 
 # name -> (metavar, type, help)
 FLAGS = {
     "nproc_per_node": ("N", int, "start N worker processes on this node (one per GPU on CUDA machines)"),
-    "nnodes": ("M", int, "number of nodes (machines) in the job (default 1)"),
+    "nnodes": ("M|MIN:MAX", lambda text: node_range(text), "number of nodes (machines) in the job (default 1); "
+               "MIN:MAX: elastic, the job goes on with as few as MIN nodes when one is lost and takes it back "
+               "when it returns (implies --max-restarts 3 unless given, and continues from the newest "
+               "checkpoint in --out at every change)"),
     "rdzv_endpoint": ("HOST[:PORT]", str, f"rendezvous address: one node's address, the same on every node "
                                           f"(port default {C10D_PORT}); needed with --nnodes above 1"),
     "master_addr": ("HOST", str, "the same as --rdzv-endpoint HOST:--master-port, for torch.distributed.launch habits"),
@@ -53,8 +57,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            dest="launch_" + name, help=help_text)
 
 
+def node_range(text: str) -> tuple[int, int]:
+    """--nnodes as torchrun takes it: "M" or "MIN:MAX"."""
+    try:
+        low, _, high = text.partition(":")
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of nodes (M) or a range (MIN:MAX)") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: nodes must be at least 1, and MIN at most MAX")
+    return low, high
+
+
+def nodes(args: argparse.Namespace) -> tuple[int, int]:
+    """(min, max) nodes of the job."""
+    return args.launch_nnodes or (1, 1)
+
+
+def elastic(args: argparse.Namespace) -> bool:
+    low, high = nodes(args)
+    return low < high
+
+
 def world_size(args: argparse.Namespace) -> int:
-    return (args.launch_nproc_per_node or 1) * (args.launch_nnodes or 1)
+    """Processes of the whole job (at its largest, for an elastic one)."""
+    return (args.launch_nproc_per_node or 1) * nodes(args)[1]
 
 
 def requested(args: argparse.Namespace) -> bool:
@@ -104,15 +131,18 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
         raise ConfigError("this process is already a worker of a distributed launch (torchrun sets RANK); "
                           "drop --nproc-per-node, --nnodes and the rendezvous flags")
     nproc = a.launch_nproc_per_node or 1
-    nnodes = a.launch_nnodes or 1
-    if nproc < 1 or nnodes < 1:
-        raise ConfigError("--nproc-per-node and --nnodes must be at least 1")
+    low, nnodes = nodes(a)
+    if nproc < 1:
+        raise ConfigError("--nproc-per-node must be at least 1")
     if a.launch_max_restarts is not None and a.launch_max_restarts < 0:
         raise ConfigError("--max-restarts must be 0 or more")
     if nnodes > 1 and not (a.launch_rdzv_endpoint or a.launch_master_addr):
         raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (or --master-addr HOST "
                           "--master-port PORT): the address of one of the nodes, the same on every node")
     host, port, static = _endpoint(a)
+    if static and low < nnodes:
+        raise ConfigError("--nnodes MIN:MAX (elastic) needs the c10d rendezvous: --rdzv-endpoint HOST:PORT, not "
+                          "--master-addr with --node-rank")
     if static and not 0 <= a.launch_node_rank < nnodes:
         raise ConfigError(f"--node-rank {a.launch_node_rank} must be in [0, {nnodes - 1}] for --nnodes {nnodes}")
     try:
@@ -122,7 +152,7 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     os.environ["ALEXNET_NETWORK_SET"] = "1"  # the workers inherit the choice
     _advertise(net["address"])
     seconds = max(1, int(round(timeout)))
-    args = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+    args = ["--nnodes", f"{low}:{nnodes}" if low < nnodes else str(nnodes), "--nproc-per-node", str(nproc),
             "--max-restarts", "0", "--rdzv-id", a.launch_rdzv_id or "alexnet",
             "--monitor-interval", "1", "--local-addr", net["address"]]
     if static:
@@ -140,7 +170,7 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
         # workers' address again, and a node that comes back waits for it until the read timeout.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if log:
-        log(f"launch: {nnodes} node(s) x {nproc} process(es); rendezvous "
+        log(f"launch: {f'{low} to {nnodes}' if low < nnodes else nnodes} node(s) x {nproc} process(es); rendezvous "
             f"{'static' if static else 'c10d'} at {host}:{port or 'a free port'}, "
             f"{'hosted by this node' if hosting else 'hosted by another node'}; this node advertises "
             f"{net['address']}; join timeout {seconds} s")
@@ -218,6 +248,9 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
     from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError
 
     restarts, restarted_at = a.launch_max_restarts or 0, None
+    if elastic(a):  # every change of size restarts the workers, which continue from the newest checkpoint
+        restarts = ELASTIC_RESTARTS if a.launch_max_restarts is None else restarts
+        os.environ["ALEXNET_RESTARTED"] = "1"
     while True:
         try:
             return _run_once(a, command, torchrun.get_args_parser().parse_args(args), timeout, host, port)
@@ -277,7 +310,7 @@ def _run_once(a: argparse.Namespace, command: str, parsed, timeout: float, host:
     except (RendezvousError, RuntimeError, TimeoutError) as e:  # the static rendezvous's store raises plain errors
         from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
         if isinstance(e, RendezvousTimeoutError) or "waiting for clients" in str(e).lower():
-            why = (f"not all {a.launch_nnodes or 1} nodes joined the rendezvous at {host}:{port} within "
+            why = (f"not all {nodes(a)[0]} nodes joined the rendezvous at {host}:{port} within "
                    f"{timeout:g} s. Start the same command on every node (same --nnodes, --rdzv-endpoint "
                    f"and --rdzv-id), or allow longer with --dist-timeout")
         else:
