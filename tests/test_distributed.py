@@ -67,19 +67,22 @@ def test_launch_flags_are_stripped_for_the_workers():
 
 
 def test_launcher_builds_a_c10d_rendezvous_hosted_here(monkeypatch):
-    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ALEXNET_NETWORK_SET", "RANK", "WORLD_SIZE"):
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ALEXNET_NETWORK_SET", "RANK", "WORLD_SIZE",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         monkeypatch.setenv(var, "")  # recorded, so that what the launcher sets is undone after the test
         monkeypatch.delenv(var)
     from torch.distributed.elastic.rendezvous import api
     monkeypatch.setattr(api.RendezvousStoreInfo, "build", api.RendezvousStoreInfo.build)  # _advertise, torch 2.4
-    args = launch.torchrun_args(_launch_args(nproc_per_node=2, nnodes=2, rdzv_endpoint="127.0.0.1:29999"),
+    args = launch.torchrun_args(_launch_args(nproc_per_node=2, nnodes=(2, 2), rdzv_endpoint="127.0.0.1:29999"),
                                 "train", ["--epochs", "1"], 30, None)
     joined = " ".join(args)
     assert "--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29999" in joined
     assert "is_host=true" in joined and "join_timeout=30" in joined and "read_timeout=30" in joined
+    assert "--nnodes 2 " in joined and "--max-restarts 0" in joined  # restarts: the launcher starts the agent anew
+    assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # each round's workers: a store of their own
     assert "--local-addr 127.0.0.1" in joined and args[-4:] == ["alexnet", "train", "--epochs", "1"]
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" and os.environ["NCCL_SOCKET_IFNAME"] == "lo"
-    static = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=2, master_addr="127.0.0.1",
+    static = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=(2, 2), master_addr="127.0.0.1",
                                                master_port=29998, node_rank=1), "train", [], 30, None)
     assert "--rdzv-backend static --master-addr 127.0.0.1 --master-port 29998 --node-rank 1" in " ".join(static)
 
@@ -107,17 +110,37 @@ def test_rank_0_is_published_at_the_chosen_address_not_its_host_name(monkeypatch
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"nnodes": 2, "nproc_per_node": 1}, "needs --rdzv-endpoint"),
+    ({"nnodes": (2, 2), "nproc_per_node": 1}, "needs --rdzv-endpoint"),
     ({"rdzv_endpoint": "a:1", "master_addr": "a"}, "give one"),
-    ({"node_rank": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:1"}, "--node-rank goes with --master-addr"),
-    ({"master_addr": "127.0.0.1", "node_rank": 2, "nnodes": 2}, "must be in \\[0, 1\\]"),
-    ({"rdzv_endpoint": "host:port", "nnodes": 2}, "is not HOST or HOST:PORT"),
+    ({"node_rank": 1, "nnodes": (2, 2), "rdzv_endpoint": "127.0.0.1:1"}, "--node-rank goes with --master-addr"),
+    ({"master_addr": "127.0.0.1", "node_rank": 2, "nnodes": (2, 2)}, "must be in \\[0, 1\\]"),
+    ({"rdzv_endpoint": "host:port", "nnodes": (2, 2)}, "is not HOST or HOST:PORT"),
+    ({"master_addr": "127.0.0.1", "node_rank": 0, "nnodes": (1, 2)}, "MIN:MAX \\(elastic\\) needs the c10d"),
 ])
 def test_launcher_refuses_unclear_rendezvous_settings(kw, message, monkeypatch):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match=message):
         launch.torchrun_args(_launch_args(**kw), "train", [], 30, None)
+
+
+@pytest.mark.parametrize("text,nodes", [("2", (2, 2)), ("1:2", (1, 2)), ("3:3", (3, 3))])
+def test_nnodes_takes_a_number_or_an_elastic_range(text, nodes):
+    assert launch.node_range(text) == nodes
+
+
+@pytest.mark.parametrize("text", ["0", "2:1", "two", "1:", "1:2:3"])
+def test_nnodes_refuses_what_is_not_a_number_or_a_range(text, capsys):
+    from alexnet.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--nnodes", text])
+    assert e.value.code == 2 and "--nnodes" in capsys.readouterr().err
+
+
+def test_the_continue_command_resumes_in_the_run_folder():
+    argv = ["--data", "D", "--resume", "runs/x/checkpoints/step-1.pt", "--out=elsewhere", "--nnodes", "2"]
+    assert launch.continue_command("train", argv, "/r/run") == ("alexnet train --data D --nnodes 2 --out /r/run "
+                                                                "--resume auto")
 
 
 # --------------------------------------------------------------------------------- equivalence (real)

@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def node_range(text: str) -> tuple[int, int]:
     """--nnodes as torchrun takes it: "M" or "MIN:MAX"."""
     try:
-        low, _, high = text.partition(":")
-        low, high = int(low), int(high or low)
+        low, colon, high = text.partition(":")
+        low, high = int(low), int(high) if colon else int(low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of nodes (M) or a range (MIN:MAX)") from None
     if not 1 <= low <= high:
