@@ -116,4 +116,5 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
     assert code == 2 and "name ends in .onnx" in stderr and not (tmp_path / "model").exists()
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", junk, "--format", "safetensors",
                               "--out", tmp_path / "m.safetensors")
-    assert code == 2 and f"{junk} holds objects" in stderr and not (tmp_path / "m.safetensors").exists()
+    assert code == 2 and f"{junk} is not a checkpoint: it is a text file" in stderr
+    assert not (tmp_path / "m.safetensors").exists()

@@ -58,18 +58,54 @@ def atomic_path(path: Path):
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Load a file with `weights_only=True`: tensors and plain types only, never arbitrary code."""
+    """Load a file with `weights_only=True`: tensors and plain types only, never arbitrary code. A file that
+    is not a PyTorch file (empty, text, an image), a damaged one and one that holds other objects each get
+    one message; none suggests loading unsafely."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file")
+    if what := _not_a_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint: it is {what}. Give a .pt file written by "
+                              "`alexnet train` (RUN/checkpoints/last.pt or best.pt) or by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain types, so it was not "
-                              f"loaded (it may run code when unpickled): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except pickle.UnpicklingError:  # torch's own text goes on to advise weights_only=False: never repeated
+        raise CheckpointError(f"{path} holds objects other than tensors and plain types, so it was not loaded "
+                              "(loading it could run code); checkpoints of this tool hold only tensors and "
+                              "plain values") from None
+    except Exception as e:  # a damaged file raises whatever its first bad byte leads to (EOFError, KeyError, ...)
         raise CheckpointError(f"{path} could not be read (truncated or not a PyTorch file): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image",
+          b"RIFF": "a RIFF file (WebP image, WAV sound)", b"\x1f\x8b": "a gzip file", b"%PDF": "a PDF document",
+          b"\x08\x00\x12": "an ONNX model (use it with predict, not as a checkpoint)"}
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What `path` is when it is clearly not a torch.save file (a zip archive, or a pickle in the legacy
+    format), else None."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a pickle (legacy)
+        return None
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            return what
+    for cut in range(4):  # the 512 bytes may end inside a character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None  # unknown binary: let torch.load say what it finds
+    if all(c.isprintable() or c in "\n\r\t" for c in text):
+        return f"a text file (it begins {text.strip()[:40]!r})"
+    return None
 
 
 def load_run(path: str | Path) -> dict[str, Any]:

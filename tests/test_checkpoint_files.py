@@ -1,0 +1,47 @@
+"""Files that are not checkpoints, given where a checkpoint or weights file goes: one line that says what
+the file is, never a traceback, never advice to load unsafely."""
+
+import pytest
+from PIL import Image
+
+from conftest import TINY, cli
+
+
+@pytest.fixture(scope="module")
+def not_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("not-checkpoints")
+    (root / "empty.pt").write_bytes(b"")
+    (root / "short.txt").write_text("hello\n")
+    (root / "long.pt").write_text("lorem ipsum dolor sit amet, " * 400)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "image.png")
+    return {"empty (0 bytes)": root / "empty.pt", "a text file": root / "short.txt",
+            "a text file ": root / "long.pt", "a PNG image": root / "image.png"}
+
+
+def uses(path, tiny_data, out):
+    return {"eval": ["eval", "--checkpoint", path, "--data", tiny_data],
+            "export": ["export", "--checkpoint", path, "--format", "safetensors", "--out", out / "m.safetensors"],
+            "predict": ["predict", "--checkpoint", path, tiny_data / "val"],
+            "train --resume": ["train", "--data", tiny_data, *TINY, "--out", out / "run", "--resume", path],
+            "train --weights": ["train", "--data", tiny_data, *TINY, "--out", out / "run", "--weights", path]}
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "predict", "train --resume", "train --weights"])
+def test_a_file_that_is_not_a_checkpoint_gets_one_line(command, not_checkpoints, tiny_data, tmp_path, capsys):
+    for what, path in not_checkpoints.items():
+        code, out, err = cli(capsys, *uses(path, tiny_data, tmp_path)[command])
+        assert code == 2, (what, code, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"{path} is not a checkpoint: it is {what.strip()}" in lines[0], (what, err)
+        assert "weights_only" not in err and "Traceback" not in err
+        assert not (tmp_path / "run").exists()  # no run folder left behind
+
+
+def test_a_pickle_of_other_objects_is_refused_without_suggesting_unsafe_loading(tmp_path, capsys):
+    import argparse
+    import torch
+    path = tmp_path / "objects.pt"
+    torch.save({"model": argparse.Namespace(a=1)}, path)  # loading it would import and build any class
+    code, _, err = cli(capsys, "eval", "--checkpoint", path)
+    assert code == 2 and "holds objects other than tensors" in err
+    assert "weights_only" not in err and "will likely succeed" not in err
