@@ -226,3 +226,11 @@ def test_alexnet2012_trains_through_the_cli(tiny_data, tmp_path):
     run_here("train", *TINY, "--arch", "alexnet2012", "--data", tiny_data, "--out", tmp_path / "p")
     state = checkpoint.load_run(tmp_path / "p" / "checkpoints" / "last.pt")
     assert state["config"]["arch"] == "alexnet2012" and state["model"]["features.4.weight"].shape == (256, 48, 5, 5)
+
+
+@pytest.mark.parametrize("args", [["train", "--precision", "fp64"], ["train", "--arch", "resnet50"],
+                                  ["eval", "--tta", "none", "--checkpoint", "x"], ["train", "--epochs", "-3"],
+                                  ["trian"]])
+def test_an_invalid_choice_is_one_line_like_any_invalid_value(args, capsys):
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err and "usage:" not in err, err

@@ -33,8 +33,15 @@ def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
                                 choices=meta.get("choices"), **kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (like every other invalid value), not after the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alexnet", description="Train, evaluate and predict with AlexNet.")
+    parser = _Parser(prog="alexnet", description="Train, evaluate and predict with AlexNet.")
     parser.add_argument("--version", action="version", version=f"alexnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
