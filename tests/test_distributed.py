@@ -82,6 +82,9 @@ def test_launcher_builds_a_c10d_rendezvous_hosted_here(monkeypatch):
     assert os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # each round's workers: a store of their own
     assert "--local-addr 127.0.0.1" in joined and args[-4:] == ["alexnet", "train", "--epochs", "1"]
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo" and os.environ["NCCL_SOCKET_IFNAME"] == "lo"
+    said = []
+    launch.torchrun_args(_launch_args(nproc_per_node=2), "train", [], 30, said.append)
+    assert "rendezvous c10d at 127.0.0.1, on a free port, hosted by this node" in said[-1]
     static = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=(2, 2), master_addr="127.0.0.1",
                                                master_port=29998, node_rank=1), "train", [], 30, None)
     assert "--rdzv-backend static --master-addr 127.0.0.1 --master-port 29998 --node-rank 1" in " ".join(static)

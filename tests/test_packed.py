@@ -236,7 +236,7 @@ def test_concurrent_packers_one_writer(tmp_path):
 
 def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
     code, _, err = cli(capsys, "data", "pack", tmp_path / "missing", tmp_path / "p")
-    assert code == 2 and "does not exist" in err
+    assert code == 2 and "does not exist" in err and err.startswith("alexnet data pack: error: ")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")

@@ -43,6 +43,7 @@ def test_steps_per_epoch_from_the_loader_and_the_error_when_an_epoch_has_none():
     assert plan.steps_per_epoch == 0
     assert plan.with_steps(batches=7, train_images=56, per_process=56).steps_per_epoch == 3
     assert "3 steps an epoch" in plan.with_steps(7, 56, 56).describe()
+    assert "; 1 step an epoch" in plan.with_steps(2, 16, 16).describe()
     with pytest.raises(ConfigError, match="an epoch has no full step: 10 training images over 1 processes give 10 "
                                           "each, fewer than --batch-size 8 x --accum-steps 2"):
         plan.with_steps(batches=1, train_images=10, per_process=10)

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ranked = distributed.launched() and os.environ.get("WORLD_SIZE") != "1"
     who = f" (rank {os.environ['RANK']})" if ranked else ""
+    if args.command == "data":  # `alexnet data pack: error: ...`, as the user typed it
+        who = f" {args.data_command}{who}"
     log = logs.setup(os.environ["RANK"] if ranked else None).info
     try:
         if args.command == "train":

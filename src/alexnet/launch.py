@@ -171,7 +171,7 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if log:
         log(f"launch: {f'{low} to {nnodes}' if low < nnodes else nnodes} node(s) x {nproc} process(es); rendezvous "
-            f"{'static' if static else 'c10d'} at {host}:{port or 'a free port'}, "
+            f"{'static' if static else 'c10d'} at {f'{host}:{port}' if port else f'{host}, on a free port'}, "
             f"{'hosted by this node' if hosting else 'hosted by another node'}; this node advertises "
             f"{net['address']}; join timeout {seconds} s")
     return args + ["-m", "alexnet", command, *worker_argv]

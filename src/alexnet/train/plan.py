@@ -85,7 +85,7 @@ class Plan:
         return (f"batch: {self.batch_size} per process x {world} process{'es' if world > 1 else ''} x "
                 f"{c.accum_steps} accumulation step{'s' if c.accum_steps > 1 else ''} = {self.global_batch} global; "
                 f"lr {self.peak_lr:g}" + (f" (--lr {c.lr:g} scaled by {self.global_batch}/{c.lr_reference_batch})"
-                                          if c.lr_scaling == "linear" else "") + f"; {self.steps_per_epoch} steps an epoch")
+                                          if c.lr_scaling == "linear" else "") + f"; {self.steps_per_epoch} step{'s' if self.steps_per_epoch != 1 else ''} an epoch")
 
     def with_steps(self, batches: int, train_images: int, per_process: int) -> "Plan":
         """The plan completed with the optimizer steps an epoch takes from `batches` loader batches."""
