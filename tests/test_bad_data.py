@@ -55,3 +55,25 @@ def test_on_bad_image_error_stops_with_the_file_named(messy, tmp_path):
     p = run_here("train", "--data", messy, "--out", tmp_path / "r", *TINY, "--on-bad-image", "error", check=False)
     assert p.returncode == 2
     assert "unreadable image" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_images_of_a_huge_declared_size_are_unreadable_files_not_a_crash(tmp_path, capsys):
+    from PIL import Image
+    root = write_folder(tmp_path / "data")
+    Image.new("L", (20000, 20000)).save(root / "train" / "circle" / "bomb.png")  # 0.4 MB; Pillow's bomb error
+    Image.new("L", (8000, 6000)).save(root / "train" / "ring" / "huge.png")  # 48 million pixels: over the limit
+    Image.new("RGB", (9000, 5000), (20, 180, 40)).save(root / "train" / "square" / "huge.jpg")  # decoded at 1/2
+    code, stdout, _ = cli(capsys, "data", "check", root)
+    listed = {line.split(": ")[1].rsplit("/", 1)[1] for line in stdout.splitlines() if line.startswith("unreadable:")}
+    assert code == 1 and listed == {"bomb.png", "huge.png"}, stdout
+    assert "decompression bomb" in stdout and "ALEXNET_MAX_IMAGE_PIXELS raises the limit" in stdout
+    out = tmp_path / "run"
+    p = run_here("train", "--data", root, "--out", out, *TINY)  # --on-bad-image skip is the default
+    assert json.loads((out / "metrics.jsonl").read_text())["bad_images"] == 2 and "Traceback" not in p.stderr
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt",
+                            root / "train" / "circle" / "bomb.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err and "bomb.png" in err
+    code, stdout, _ = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt",
+                          root / "train" / "square" / "huge.jpg")
+    assert code == 0 and "huge.jpg: " in stdout

@@ -11,7 +11,7 @@ import torch
 
 from .config import PredictConfig
 from .data import eval_transform, load_rgb
-from .data.images import is_image_name
+from .data.images import DECODE_ERRORS, is_image_name
 from .export import load_predictor
 from .errors import ConfigError, DataError
 from .runtime import resolve_device
@@ -66,5 +66,5 @@ def run(cfg: PredictConfig) -> list[dict]:
 def _open(path: str):
     try:
         return load_rgb(path)
-    except (OSError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise DataError(f"predict: cannot read {path} as an image: {e}") from None

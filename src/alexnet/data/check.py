@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .folder import find_classes, scan
-from .images import is_image_name, load_rgb
+from .images import DECODE_ERRORS, is_image_name, load_rgb
 
 
 def problems_of_layout(root: Path) -> list[str]:
@@ -37,7 +37,7 @@ def unreadable(paths: list[Path], progress=None) -> list[tuple[Path, str]]:
     for path in paths:
         try:
             load_rgb(path)
-        except (OSError, SyntaxError, ValueError) as e:
+        except DECODE_ERRORS as e:
             bad.append((path, str(e) or type(e).__name__))
         if progress is not None:
             progress.update(bad=len(bad))

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import is_image_name, load_rgb, unreadable
+from .images import DECODE_ERRORS, is_image_name, load_rgb, unreadable
 from .jpeg import read_encoded
 from .transforms import Compose, sample_generator
 
@@ -78,7 +78,7 @@ class ImageFolder(Dataset):
                 return encoded, label
         try:
             img = load_rgb(path)
-        except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, empty, not an image
+        except DECODE_ERRORS as e:  # truncated, corrupt, empty, not an image
             unreadable(path, e, strict=self.on_bad_image == "error")
             return None
         g = sample_generator(self.seed, epoch, index)

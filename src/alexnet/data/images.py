@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import warnings
 
@@ -11,6 +13,23 @@ from PIL import Image
 from ..errors import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# What one image may cost to decode: a JPEG larger than this is decoded at 1/2, 1/4 or 1/8 of its size
+# (libjpeg's reduced decoding, far cheaper than decoding it whole and resizing), other formats are refused
+# as unreadable (skipped and counted in training). 40 million pixels are 120 MB as 8-bit RGB, in every
+# loader worker; ALEXNET_MAX_IMAGE_PIXELS raises it.
+MAX_PIXELS = int(os.environ.get("ALEXNET_MAX_IMAGE_PIXELS", "40000000"))
+# Pillow warns above its own bomb limit and refuses above twice it; this module bounds the cost itself.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class TooLarge(ValueError):
+    """An image whose decoding would cost more than MAX_PIXELS allows."""
+
+
+# Every error a decoder raises for a file it cannot read: truncated, corrupt, empty, not an image, one
+# that declares a huge size (Pillow's DecompressionBombError), one over MAX_PIXELS.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, TooLarge)
 
 
 def is_image_name(name: str) -> bool:
@@ -81,16 +100,32 @@ def _decode_jpeg(data: bytes) -> Image.Image | None:
 
 
 def load_rgb(path) -> Image.Image:
+    """The image at `path` as 8-bit RGB; one of DECODE_ERRORS when it cannot be read (or would cost more
+    than MAX_PIXELS: see there)."""
     with open(path, "rb") as f:
-        if str(path).lower().endswith((".jpg", ".jpeg")):
-            data = f.read()
-            img = _decode_jpeg(data)
-            if img is not None:
-                return img
-            f.seek(0)
-        img = Image.open(f)
-        img.load()
+        data = f.read()
+    img = Image.open(io.BytesIO(data))  # the header only: the size is known before any pixel is decoded
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        return to_rgb(_reduced(img, width, height))
+    if img.format == "JPEG":
+        fast = _decode_jpeg(data)
+        if fast is not None:
+            return fast
+    img.load()
     return to_rgb(img)
+
+
+def _reduced(img: Image.Image, width: int, height: int) -> Image.Image:
+    """A JPEG over MAX_PIXELS decoded at the largest of 1/2, 1/4, 1/8 of its size that fits; TooLarge for
+    other formats or when even 1/8 does not fit."""
+    for scale in (2, 4, 8):
+        if img.format == "JPEG" and (width // scale) * (height // scale) <= MAX_PIXELS:
+            img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (width // scale, height // scale))
+            img.load()
+            return img
+    raise TooLarge(f"{width}x{height} is {width * height / 1e6:.0f} million pixels, more than the "
+                   f"{MAX_PIXELS / 1e6:.0f} million one image may have (ALEXNET_MAX_IMAGE_PIXELS raises the limit)")
 
 
 def unreadable(path, error: Exception, strict: bool) -> None:

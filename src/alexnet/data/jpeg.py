@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_rgb, unreadable
+from .images import DECODE_ERRORS, MAX_PIXELS, load_rgb, unreadable
 
 
 def decodes_lists() -> bool:
@@ -91,7 +91,9 @@ def read_encoded(path: str, augment, g: torch.Generator) -> tuple[Encoded, torch
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return None
             width, height = img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
+        return None
+    if width * height > MAX_PIXELS:  # decoded at a reduced size on the CPU instead (images.MAX_PIXELS)
         return None
     width, height = augment.resized_size(width, height)
     top, left, params = augment.draw(height, width, g)
@@ -193,7 +195,7 @@ class JpegBatch:
         under strict a DataError) when it cannot be."""
         try:
             pixels = torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8))
-        except (OSError, SyntaxError, ValueError) as e:
+        except DECODE_ERRORS as e:
             unreadable(path, e, self.strict)
             return None
         return pixels.permute(2, 0, 1).to(device)

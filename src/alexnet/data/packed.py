@@ -29,7 +29,7 @@ from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
 from .folder import find_classes, scan
-from .images import load_rgb
+from .images import DECODE_ERRORS, load_rgb
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
 from .transforms import Compose, Resize, parse_resize, sample_generator
@@ -69,7 +69,7 @@ def _decode(job: tuple[str, str]):
     try:
         img = load_rgb(path)
         pixels = np.asarray(Resize(parse_resize(resize))(img), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         return None, f"{path}: {e or type(e).__name__}", False
     return pixels, None, pixels.shape[0] * pixels.shape[1] < img.width * img.height
 
