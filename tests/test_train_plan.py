@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY, run_here
+
 from alexnet.config import TrainConfig, to_dict
 from alexnet.errors import ConfigError
 from alexnet.train.plan import augmentation, batch_sizes, crop_sizes, evaluation, learning_rate, make_plan
@@ -62,3 +64,17 @@ def test_the_data_layer_gets_plain_values():
     assert aug["crop_sizes"] is None  # not progressive
     assert evaluation(cfg) == {"resize": "80", "crop": 72, "mean": cfg.mean, "std": cfg.std, "tta": "flip"}
     assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in aug.values())
+
+
+def test_a_large_unused_tail_is_warned_with_a_batch_that_uses_the_data():
+    from alexnet.train.plan import unused_images
+    said = unused_images(200, 1, 128, 1)  # 200 images at the default batch of 128
+    assert said.startswith("72 of 200 training images (36%) are left out of every epoch")
+    assert "--global-batch-size 100" in said and said.endswith("leaves out 0")
+    assert unused_images(1000, 7, 2 * 64, 2).split("--global-batch-size ")[1].split()[0] == "124"  # a multiple of 2
+    assert unused_images(24, 3, 8, 1) is None and unused_images(1000, 31, 32, 1) is None  # 0 and 8 left out
+
+
+def test_a_run_on_little_data_says_what_it_leaves_out(tiny_data, tmp_path):
+    p = run_here("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY, "--batch-size", "16")
+    assert "WARNING: 8 of 24 training images (33%) are left out of every epoch: 1 step of 16" in p.stdout

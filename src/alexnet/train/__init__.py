@@ -21,7 +21,7 @@ from ..progress import Progress
 from ..runtime import configure, precision_warning, resolve_device, seed_everything, tune_allocator
 from . import state as states
 from .hooks import Hooks
-from .plan import Plan, augmentation, batch_sizes, default_out, evaluation, learning_rate, make_plan
+from .plan import Plan, augmentation, batch_sizes, default_out, evaluation, learning_rate, make_plan, unused_images
 from .record import Record, check_writable
 from .schedule import Schedule
 from .step import Trainer, build_trainer, param_groups, train_one_epoch
@@ -68,6 +68,9 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     if warning := precision_warning(trainer.amp_dtype, device):
         say(f"WARNING: {warning}")
     say(plan.describe())
+    if tail := unused_images(len(data.train_set), plan.steps_per_epoch, plan.global_batch,
+                             plan.world * cfg.accum_steps):
+        say(f"WARNING: {tail}")
     try:
         return run_epochs(plan, trainer, data, state, record, say)
     finally:

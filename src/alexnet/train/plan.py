@@ -97,6 +97,21 @@ class Plan:
         return dataclasses.replace(self, steps_per_epoch=steps)
 
 
+def unused_images(train_images: int, steps: int, global_batch: int, unit: int) -> str | None:
+    """A warning when the tail that does not fill a step is a large share (over 10%) of the training set:
+    it is left out of every epoch. It names a global batch (a multiple of `unit`, processes x accumulation
+    steps) that leaves out at most 5%. None otherwise."""
+    dropped = train_images - steps * global_batch
+    if dropped <= 0.1 * train_images:
+        return None
+    better = next((b for b in range(global_batch - global_batch % unit, 0, -unit)
+                   if train_images % b <= 0.05 * train_images and train_images >= b), unit)
+    return (f"{dropped} of {train_images} training images ({dropped / train_images:.0%}) are left out of every "
+            f"epoch: {steps} step{'s' if steps != 1 else ''} of {global_batch} images take "
+            f"{steps * global_batch}. --global-batch-size {better} (or a --batch-size that gives it) leaves out "
+            f"{train_images % better}")
+
+
 def make_plan(cfg: TrainConfig, rank: int, world: int, out: Path) -> Plan:
     per, global_batch = batch_sizes(cfg, world)
     resolved = dataclasses.replace(cfg, out=str(out), batch_size=per)
