@@ -157,52 +157,63 @@ def test_resume_inside_an_epoch_mixes_the_same(exact):
     assert max_diff(w, final_weights(out)) == 0.0
 
 
-def sigterm_after_epoch_2(flags: list, out: Path, stderr=subprocess.PIPE) -> tuple[int, str, str | None]:
-    """`alexnet train FLAGS --out OUT` (12 epochs) sent SIGTERM once its second epoch has ended, as a
-    scheduler preempts a job: (exit code, stdout, stderr; with stderr=STDOUT, both in stdout)."""
+def signal_after_epoch_2(flags: list, out: Path, sig=signal.SIGTERM, stderr=subprocess.PIPE) -> tuple[int, str, str | None]:
+    """`alexnet train FLAGS --out OUT` (12 epochs) sent `sig` once its second epoch has ended: SIGTERM to
+    the process, as a scheduler preempts a job; SIGINT to its whole process group, as Ctrl-C in a terminal
+    reaches every process of the foreground job (loader workers too). (exit code, stdout, stderr; with
+    stderr=STDOUT, both in stdout)."""
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # wait for the second epoch to end, then preempt
         if "epoch 2/12:" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
 
 
 @pytest.mark.slow
-def test_sigterm_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path):
-    flags = [*RESUME, "--epochs", "12", "--data", exact["data"]]
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact, tmp_path, sig):
+    # Ctrl-C (SIGINT) reaches the loader workers too (--workers 2): they leave it to the main process.
+    flags = [*RESUME, "--epochs", "12", "--data", exact["data"], *(["--workers", "2"] if sig == signal.SIGINT else [])]
     reference = tmp_path / "reference"
-    run_here("train", *flags, "--out", reference)
+    run_cli("train", *flags, "--out", reference)
     out = tmp_path / "preempted"
-    returncode, stdout, stderr = sigterm_after_epoch_2(flags, out)
+    returncode, stdout, stderr = signal_after_epoch_2(flags, out, sig)
     assert returncode == 0, stderr
-    assert "stopped on SIGTERM" in stdout and "--resume auto" in stdout
+    assert f"stopped on {sig.name}" in stdout and "--resume auto" in stdout and "Traceback" not in stderr
     stopped_at = checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"]
     assert 12 <= stopped_at < 72
-    run_here("train", *flags, "--out", out, "--resume", "auto")
+    resumed = run_cli("train", *flags, "--out", out, "--resume", "auto")
+    assert f"step {stopped_at % 6} of it (global step {stopped_at})" in resumed.stdout  # inside that epoch
     assert max_diff(final_weights(out), final_weights(reference)) == 0.0
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_of_two_processes_stops_them_saved_without_a_traceback(exact, tmp_path):
-    """What a scheduler or `timeout` does to a multi-process run: SIGTERM to the `alexnet train` launcher.
-    torch's agent passes it to the workers, which stop at a step and save; the launcher says so, without a
-    traceback, and exits as a signalled process does (143); resuming finishes as the uninterrupted run."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_to_the_launcher_of_two_processes_stops_them_saved_without_a_traceback(exact, tmp_path, sig):
+    """What a scheduler or `timeout` (SIGTERM to the `alexnet train` launcher) or Ctrl-C (SIGINT to its
+    process group) does to a multi-process run: torch's agent passes it to the workers, which stop at a
+    step and save; the launcher says so, without a traceback, and exits as a signalled process does
+    (128 + the signal); resuming finishes as the uninterrupted run."""
     flags = [*RESUME, "--epochs", "12", "--data", exact["data"], "--batch-size", "2", "--nproc-per-node", "2"]
     reference = tmp_path / "reference2"
     run_cli("train", *flags, "--out", reference)
     out = tmp_path / "preempted2"
-    returncode, output, _ = sigterm_after_epoch_2(flags, out, stderr=subprocess.STDOUT)
-    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    returncode, output, _ = signal_after_epoch_2(flags, out, sig, stderr=subprocess.STDOUT)
+    assert returncode == 128 + sig, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert "alexnet train: stopped by SIGTERM; the workers were sent it too" in output
-    stopped_at = int(output.split("stopped on SIGTERM at global step ")[1].split(",")[0])
+    assert f"alexnet train: stopped by {sig.name}; the workers were sent it too" in output
+    stopped_at = int(output.split(f"stopped on {sig.name} at global step ")[1].split(",")[0])
     assert checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"] == stopped_at
     assert 12 <= stopped_at < 72
-    run_cli("train", *flags, "--out", out, "--resume", "auto")
+    resumed = run_cli("train", *flags, "--out", out, "--resume", "auto")
+    assert f"step {stopped_at % 6} of it (global step {stopped_at})" in resumed.stdout
     assert max_diff(final_weights(out), final_weights(reference)) == 0.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -94,4 +95,11 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, train: bool,
         # Its own generator: starting an epoch's iterator then draws nothing from the global generator,
         # which dropout uses, so a resume inside an epoch continues the same random stream.
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_ctrl_c if workers > 0 else None,
     )
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the whole foreground process group: a loader worker leaves it to the main process,
+    which stops the run at a step boundary (train.hooks.StopSignal) and ends the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -185,7 +185,7 @@ def validate(plan: Plan, trainer: Trainer, data, epoch: int) -> dict:
 
 def stopped(hooks: Hooks, state, plan: Plan, last: dict, say) -> dict:
     hooks.close()
-    say(f"stopped on SIGTERM at global step {state.global_step}, checkpoint saved; continue with "
+    say(f"stopped on {hooks.preempted.name or 'a signal'} at global step {state.global_step}, checkpoint saved; continue with "
         f"`alexnet train --resume auto --out {plan.out}`")
     return last
 

@@ -17,23 +17,26 @@ from ..errors import WriteError
 
 
 class StopSignal:
-    """Notes a SIGTERM (preemption by Slurm or Kubernetes) so that the loop stops at a step boundary."""
+    """Notes a SIGTERM (preemption by Slurm or Kubernetes) or a Ctrl-C (SIGINT) so that the loop stops at a
+    step boundary; `name` is the signal's. A second one ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested, self.name = False, ""
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread
-            self._previous = None
+            self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second SIGTERM: the launcher is tearing the workers down; go now
+        if self.requested:  # a second one: the user (or the launcher tearing the workers down) means now
             raise SystemExit(128 + signum)
-        self.requested = True
+        self.requested, self.name = True, signal.Signals(signum).name
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 class Hooks:
