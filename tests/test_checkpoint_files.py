@@ -45,3 +45,14 @@ def test_a_pickle_of_other_objects_is_refused_without_suggesting_unsafe_loading(
     code, _, err = cli(capsys, "eval", "--checkpoint", path)
     assert code == 2 and "holds objects other than tensors" in err
     assert "weights_only" not in err and "will likely succeed" not in err
+
+
+def test_last_and_best_are_links_to_step_files_not_copies(tiny_data, tmp_path):
+    from conftest import run_here
+    out = tmp_path / "run"
+    run_here("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2")
+    ckpts = out / "checkpoints"
+    steps = {p.stat().st_ino: p.name for p in ckpts.glob("step-*.pt")}
+    assert len(steps) == 2
+    assert (ckpts / "last.pt").stat().st_ino in steps and (ckpts / "best.pt").stat().st_ino in steps
+    assert len({p.stat().st_ino for p in ckpts.iterdir()}) == 2  # four names, two files

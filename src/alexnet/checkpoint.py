@@ -145,17 +145,23 @@ def save_step(state: dict[str, Any], folder: str | Path, keep_last: int) -> Path
     folder = Path(folder)
     path = step_path(folder, state["global_step"])
     save(state, path)
-    tmp = folder / f".last.pt.{os.getpid()}.tmp"
+    point(folder / "last.pt", path, state)
+    for old in sorted(folder.glob(STEP_GLOB))[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def point(name: Path, path: Path, state: dict[str, Any]) -> None:
+    """Make `name` (last.pt, best.pt) the checkpoint at `path`, which holds `state`: a hard link renamed into
+    place, so the same step costs its bytes once on disk; a copy where the file system has no hard links."""
+    tmp = name.parent / f".{name.name}.{os.getpid()}.tmp"
     try:
         if tmp.exists():
             tmp.unlink()
         os.link(path, tmp)
-        os.replace(tmp, folder / "last.pt")
+        os.replace(tmp, name)
     except OSError:  # a file system without hard links
-        save(state, folder / "last.pt")
-    for old in sorted(folder.glob(STEP_GLOB))[:-keep_last]:
-        old.unlink(missing_ok=True)
-    return path
+        save(state, name)
 
 
 def newest_valid(folder: str | Path, log=None) -> tuple[Path, dict[str, Any]] | None:

@@ -68,9 +68,10 @@ def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, st
 
     written("the checkpoint", checkpoint.step_path(plan.ckpt_dir, state.global_step), step_file, plan.ckpt_dir,
             plan.out, plan.main)
-    if is_best:
-        written("the checkpoint", plan.ckpt_dir / "best.pt", lambda: checkpoint.save(box["saved"], plan.ckpt_dir / "best.pt"),
-                plan.ckpt_dir, plan.out, plan.main)
+    if is_best:  # the step just saved: best.pt is linked to it, not a second copy
+        best, step = plan.ckpt_dir / "best.pt", checkpoint.step_path(plan.ckpt_dir, state.global_step)
+        written("the checkpoint", best, lambda: checkpoint.point(best, step, box["saved"]), plan.ckpt_dir, plan.out,
+                plan.main)
 
 
 def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, world: int, say) -> TrainState:
