@@ -56,3 +56,12 @@ def test_last_and_best_are_links_to_step_files_not_copies(tiny_data, tmp_path):
     assert len(steps) == 2
     assert (ckpts / "last.pt").stat().st_ino in steps and (ckpts / "best.pt").stat().st_ino in steps
     assert len({p.stat().st_ino for p in ckpts.iterdir()}) == 2  # four names, two files
+
+
+def test_resume_auto_on_a_finished_run_says_it_is_complete(tiny_data, tmp_path):
+    from conftest import run_here
+    out = tmp_path / "run"
+    run_here("train", "--data", tiny_data, "--out", out, *TINY)
+    p = run_here("train", "--data", tiny_data, "--out", out, *TINY, "--resume", "auto")
+    assert "the run is already complete" in p.stdout and "holds all 1 epoch (--epochs 1)" in p.stdout
+    assert "resumed from" not in p.stdout

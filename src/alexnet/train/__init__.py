@@ -109,8 +109,12 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], d
             f"{plan.global_batch} (it was {per * before * accum}), the peak learning rate {plan.peak_lr:g} "
             f"({'--global-batch-size keeps the global batch' if cfg.global_batch_size else '--batch-size is per process'}"
             f"{'; --lr-scaling linear follows it' if cfg.lr_scaling == 'linear' else ''})")
-    return states.from_checkpoint(trainer, saved, source, train_bn=cfg.train_bn, rank=plan.rank, world=plan.world,
-                                  say=say)
+    state = states.from_checkpoint(trainer, saved, source, train_bn=cfg.train_bn, rank=plan.rank, world=plan.world,
+                                   say=say)
+    if state.epoch >= cfg.epochs:
+        state.resumed = (f"the run is already complete: {source} holds all {saved['epoch']} epoch{'s' if saved['epoch'] != 1 else ''} (--epochs "
+                         f"{cfg.epochs}); nothing more to train. To train on, give a larger --epochs with --resume")
+    return state
 
 
 def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say) -> dict:
