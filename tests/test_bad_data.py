@@ -77,3 +77,9 @@ def test_images_of_a_huge_declared_size_are_unreadable_files_not_a_crash(tmp_pat
     code, stdout, _ = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt",
                           root / "train" / "square" / "huge.jpg")
     assert code == 0 and "huge.jpg: " in stdout
+
+
+def test_data_check_in_a_pipe_writes_a_few_progress_lines_not_one_an_image(messy, capsys):
+    cli(capsys, "data", "check", messy)  # capsys: not a terminal, as in a pipe
+    code, _, err = cli(capsys, "data", "check", messy)
+    assert len([line for line in err.splitlines() if line.startswith("checking ")]) == 1  # 39 files: the last line

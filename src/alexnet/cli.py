@@ -102,7 +102,8 @@ def _data_check(folder: str) -> int:
         raise ConfigError(f"data check: {root} is not a folder")
     layout = problems_of_layout(root)
     files = image_files(root)
-    bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 20, 1)))
+    # in a pipe or a log: a line every tenth of the files (at least 100) and at the end, never one an image
+    bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 10, 100)))
     for path, reason in bad:
         print(f"unreadable: {path}: {reason}")
     for problem in layout:
