@@ -175,6 +175,10 @@ def test_a_finished_run_writes_a_report_with_per_class_accuracy(shipped, tiny_da
         assert row and (int(row.group(1)), int(row.group(2))) == (sum(matrix[i]), matrix[i][i])
     assert "![confusion matrix](confusion.png)" in text
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the matrix also as a table of counts, which needs no matplotlib
+    assert "| true \\ predicted | circle | ring | square |" in text
+    for i, name in enumerate(["circle", "ring", "square"]):
+        assert f"| {name} | " + " | ".join(map(str, matrix[i])) + " |" in text
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"| final (epoch 2) | {last['val_acc1']:.2%} |" in text
 

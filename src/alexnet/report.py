@@ -20,6 +20,16 @@ def per_class(confusion: list[list[int]], classes: list[str]) -> list[dict]:
     return rows
 
 
+def confusion_table(confusion: list[list[int]], classes: list[str], most: int = 20) -> list[str]:
+    """The confusion matrix as a Markdown table of counts (the figure needs matplotlib; the table does
+    not), for up to `most` classes."""
+    if len(classes) > most:
+        return [f"({len(classes)} classes: too many for a table; `alexnet eval --confusion FILE.png` draws it.)", ""]
+    rows = ["| true \\ predicted | " + " | ".join(classes) + " |", "| --- |" + " --- |" * len(classes)]
+    rows += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(classes, confusion)]
+    return rows + [""]
+
+
 def write(out: Path, history: list[dict], confusion: list[list[int]], classes: list[str], cfg: dict) -> Path:
     history = by_epoch(history)
     last = history[-1]  # the last epoch is always validated
@@ -58,7 +68,8 @@ def write(out: Path, history: list[dict], confusion: list[list[int]], classes: l
     for r in per_class(confusion, classes):
         acc = f"{r['acc']:.2%}" if r["acc"] is not None else "-"
         lines.append(f"| {r['class']} | {r['images']} | {r['correct']} | {acc} |")
-    lines += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "", figure, ""]
+    lines += ["", "## Confusion matrix", "", "Rows: true class; columns: predicted class.", "", figure, "",
+              *confusion_table(confusion, classes)]
     path = out / "report.md"
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines))
