@@ -3,6 +3,8 @@ a node that dies and comes back rejoins, a node that does not come back is named
 without it, a link that stays down is reported. "Killed" means every process of the host, SIGKILL."""
 
 import json
+import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -71,7 +73,7 @@ def test_a_killed_host_started_again_rejoins_and_the_job_finishes(hosts, exact, 
     ranks = {**shas(logs["a"][1]), **shas(logs["b"][1])}
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1]
     both = logs["a"][1] + logs["b"][1]
-    resumed = [int(s) for s in __import__("re").findall(r"global step (\d+)\)", both)]
+    resumed = [int(s) for s in re.findall(r"global step (\d+)\)", both)]
     assert resumed and min(resumed) >= newest >= before, both[-3000:]
     assert epochs_recorded(out) == list(range(1, EPOCHS + 1))
 
@@ -101,7 +103,6 @@ def test_a_host_that_does_not_come_back_is_named_with_the_command_that_continues
     again = line.split("once it is back): ")[1]
     assert again.startswith("alexnet train ") and again.endswith(f"--out {out} --resume auto")
     # That command, run on both hosts, finishes the job.
-    import shlex
     procs = {h: start(hosts, h, shlex.split(again)[2:], {}) for h in ("a", "b")}
     logs = finish(procs)
     for h, (code, text, _) in logs.items():

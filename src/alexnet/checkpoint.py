@@ -151,6 +151,12 @@ def save_step(state: dict[str, Any], folder: str | Path, keep_last: int) -> Path
     return path
 
 
+def newest_step(folder: str | Path) -> Path | None:
+    """The newest step-N.pt in `folder` (by name), or None; complete, since save() renames it into place."""
+    steps = sorted(Path(folder).glob(STEP_GLOB))
+    return steps[-1] if steps else None
+
+
 def point(name: Path, path: Path, state: dict[str, Any]) -> None:
     """Make `name` (last.pt, best.pt) the checkpoint at `path`, which holds `state`: a hard link renamed into
     place, so the same step costs its bytes once on disk; a copy where the file system has no hard links."""

@@ -266,8 +266,8 @@ def failure_text(e: BaseException) -> str:
 
 def lost_node(e: BaseException) -> dict | None:
     """The other node a failed collective `e` lost: the one whose address the error names, or the only
-    other node of the job. {"node", "host", "addr", "ranks", "last_seen"}; None when it cannot be told
-    (or `e` is not a failed collective)."""
+    other node of the job. {"node", "host", "addr", "ranks", "seen"} (seen: when the last collective of
+    all ranks completed, as HH:MM:SS); None when it cannot be told (or `e` is not a failed collective)."""
     if not _peers or not is_collective_failure(e):
         return None
     mine = _peers[rank()]["node"]
@@ -280,7 +280,7 @@ def lost_node(e: BaseException) -> dict | None:
         return None
     node = found[0]
     return {**others[node], "ranks": [r for r, p in enumerate(_peers) if p["node"] == node],
-            "last_seen": _last_seen[0] if _last_seen else None}
+            "seen": time.strftime("%H:%M:%S", time.localtime(_last_seen[0])) if _last_seen else "never"}
 
 
 def note_for_launcher(note: dict, kind: str = "lost") -> None:

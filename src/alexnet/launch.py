@@ -32,10 +32,23 @@ STATIC_PORT = 29500
 KEEP_ALIVE_S, KEEP_ALIVE_MISSES, LAST_CALL_S = 2, 3, 3
 ELASTIC_RESTARTS = 3  # --max-restarts of an elastic job (--nnodes MIN:MAX) unless given
 
+
+def node_range(text: str) -> tuple[int, int]:
+    """--nnodes as torchrun takes it: "M" or "MIN:MAX"."""
+    try:
+        low, colon, high = text.partition(":")
+        low, high = int(low), int(high) if colon else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of nodes (M) or a range (MIN:MAX)") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: nodes must be at least 1, and MIN at most MAX")
+    return low, high
+
+
 # name -> (metavar, type, help)
 FLAGS = {
     "nproc_per_node": ("N", int, "start N worker processes on this node (one per GPU on CUDA machines)"),
-    "nnodes": ("M|MIN:MAX", lambda text: node_range(text), "number of nodes (machines) in the job (default 1); "
+    "nnodes": ("M|MIN:MAX", node_range, "number of nodes (machines) in the job (default 1); "
                "MIN:MAX: elastic, the job goes on with as few as MIN nodes when one is lost and takes it back "
                "when it returns (implies --max-restarts 3 unless given, and continues from the newest "
                "checkpoint in --out at every change)"),
@@ -55,18 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (metavar, kind, help_text) in FLAGS.items():
         group.add_argument("--" + name.replace("_", "-"), metavar=metavar, type=kind, default=None,
                            dest="launch_" + name, help=help_text)
-
-
-def node_range(text: str) -> tuple[int, int]:
-    """--nnodes as torchrun takes it: "M" or "MIN:MAX"."""
-    try:
-        low, colon, high = text.partition(":")
-        low, high = int(low), int(high) if colon else int(low)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of nodes (M) or a range (MIN:MAX)") from None
-    if not 1 <= low <= high:
-        raise argparse.ArgumentTypeError(f"{text!r}: nodes must be at least 1, and MIN at most MAX")
-    return low, high
 
 
 def nodes(args: argparse.Namespace) -> tuple[int, int]:
@@ -90,7 +91,11 @@ def requested(args: argparse.Namespace) -> bool:
 
 def strip(argv: list[str]) -> list[str]:
     """`argv` without the launch flags and their values: what each worker runs."""
-    names = {"--" + n.replace("_", "-") for n in FLAGS} | {"--" + n for n in FLAGS}
+    return _without(argv, {"--" + n.replace("_", "-") for n in FLAGS} | {"--" + n for n in FLAGS})
+
+
+def _without(argv: list[str], names: set[str]) -> list[str]:
+    """`argv` without the flags `names` and their values (`--flag VALUE` or `--flag=VALUE`)."""
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -332,8 +337,7 @@ def _lost_node_message(notes: str, command: str, argv: list[str], host: str, por
     if not said:
         return None
     note, lost = said[0], said[0]["lost"]
-    seen = time.strftime("%H:%M:%S", time.localtime(lost["last_seen"])) if lost.get("last_seen") else "never"
-    who = f"lost node {lost['node']} (host {lost['host']}, {lost['addr']}), last heard from at {seen}"
+    who = f"lost node {lost['node']} (host {lost['host']}, {lost['addr']}), last heard from at {lost['seen']}"
     again = continue_command(command, argv, note["out"])
     where = (f"the newest checkpoint on this node is {note['checkpoint']}" if note["checkpoint"] else
              f"this node holds no checkpoint in {note['out']} (a node that holds one sends it at the resume)")
@@ -351,12 +355,4 @@ def _lost_node_message(notes: str, command: str, argv: list[str], host: str, por
 
 def continue_command(command: str, argv: list[str], out: str) -> str:
     """`argv` (the command line after `alexnet COMMAND`) as the command that resumes the run in `out`."""
-    args, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--resume", "--out"):
-            skip = True
-        elif not arg.startswith(("--resume=", "--out=")):
-            args.append(arg)
-    return shlex.join(["alexnet", command, *args, "--out", out, "--resume", "auto"])
+    return shlex.join(["alexnet", command, *_without(argv, {"--resume", "--out"}), "--out", out, "--resume", "auto"])

@@ -119,11 +119,11 @@ def load_rgb(path) -> Image.Image:
 def _reduced(img: Image.Image, width: int, height: int) -> Image.Image:
     """A JPEG over MAX_PIXELS decoded at the largest of 1/2, 1/4, 1/8 of its size that fits; TooLarge for
     other formats or when even 1/8 does not fit."""
-    for scale in (2, 4, 8):
-        if img.format == "JPEG" and (width // scale) * (height // scale) <= MAX_PIXELS:
-            img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (width // scale, height // scale))
-            img.load()
-            return img
+    fits = [s for s in (2, 4, 8) if (width // s) * (height // s) <= MAX_PIXELS] if img.format == "JPEG" else []
+    if fits:
+        img.draft(img.mode if img.mode in ("RGB", "L") else "RGB", (width // fits[0], height // fits[0]))
+        img.load()
+        return img
     raise TooLarge(f"{width}x{height} is {width * height / 1e6:.0f} million pixels, more than the "
                    f"{MAX_PIXELS / 1e6:.0f} million one image may have (ALEXNET_MAX_IMAGE_PIXELS raises the limit)")
 

@@ -7,7 +7,6 @@ agreed stops), record (metrics, log lines, report), schedule (the learning rate 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from .. import checkpoint, distributed, logs
@@ -199,14 +198,12 @@ def node_lost(lost: dict, plan: Plan, e: RuntimeError) -> DistributedError:
     from, the newest checkpoint here; the same facts left for this node's launcher, which adds how to
     continue. Nothing is saved now: the failed collective left the step half done on the ranks still
     here, and a checkpoint needs every rank's part."""
-    newest = sorted(plan.ckpt_dir.glob(checkpoint.STEP_GLOB))
-    seen = time.strftime("%H:%M:%S", time.localtime(lost["last_seen"])) if lost["last_seen"] else "never"
-    distributed.note_for_launcher({"lost": lost, "out": str(plan.out),
-                                   "checkpoint": str(newest[-1]) if newest else None})
+    newest = checkpoint.newest_step(plan.ckpt_dir)
+    distributed.note_for_launcher({"lost": lost, "out": str(plan.out), "checkpoint": str(newest) if newest else None})
     ranks = ", ".join(map(str, lost["ranks"]))
-    where = f"the newest checkpoint here is {newest[-1]}" if newest else f"no checkpoint in {plan.ckpt_dir} here"
+    where = f"the newest checkpoint here is {newest}" if newest else f"no checkpoint in {plan.ckpt_dir} here"
     return DistributedError(f"lost node {lost['node']} (host {lost['host']}, {lost['addr']}; rank(s) {ranks}), last "
-                            f"heard from at {seen}: it stopped or the link to it failed ({distributed.failure_text(e)}); "
+                            f"heard from at {lost['seen']}: it stopped or the link to it failed ({distributed.failure_text(e)}); "
                             f"{where}")
 
 

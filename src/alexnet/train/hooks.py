@@ -84,13 +84,13 @@ class Hooks:
         self.preempted.restore()
 
 
-def written(what: str, path: Path, write, ckpt_dir: Path, out: Path, main: bool) -> None:
+def written(what: str, path: Path, write, plan) -> None:
     """Rank 0 runs `write` (which writes `what` to `path`); then every rank learns whether it worked, and
     on a failure (no space, a quota, permissions, a vanished mount) every rank raises the same WriteError
     at the same point: no rank is left waiting for rank 0 in a collective until the timeout. Timed and
     step checkpoints stop the run too: a run that cannot save would lose its work at the next fault."""
     cause = None
-    if main:
+    if plan.main:
         try:
             write()
         except (OSError, RuntimeError) as e:  # torch.save's RuntimeError carries the OSError as its context
@@ -98,11 +98,11 @@ def written(what: str, path: Path, write, ckpt_dir: Path, out: Path, main: bool)
     cause = distributed.broadcast_object(cause)
     if cause is None:
         return
-    steps = sorted(Path(ckpt_dir).glob(checkpoint.STEP_GLOB))
-    newest = (f"the newest complete checkpoint is {steps[-1]}" if steps else f"there is no complete checkpoint in "
-              f"{ckpt_dir} yet")
+    newest = checkpoint.newest_step(plan.ckpt_dir)
+    newest = (f"the newest complete checkpoint is {newest}" if newest else f"there is no complete checkpoint in "
+              f"{plan.ckpt_dir} yet")
     raise WriteError(f"could not write {what} {path}: {cause}; {newest}. Make room (or move the run folder to a "
-                     f"disk with room) and continue with `alexnet train --resume auto --out {out}`")
+                     f"disk with room) and continue with `alexnet train --resume auto --out {plan.out}`")
 
 
 def _cause(e: BaseException) -> str:

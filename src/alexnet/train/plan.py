@@ -105,7 +105,7 @@ def unused_images(train_images: int, steps: int, global_batch: int, unit: int) -
     if dropped <= 0.1 * train_images:
         return None
     better = next((b for b in range(global_batch - global_batch % unit, 0, -unit)
-                   if train_images % b <= 0.05 * train_images and train_images >= b), unit)
+                   if train_images % b <= 0.05 * train_images), unit)
     return (f"{dropped} of {train_images} training images ({dropped / train_images:.0%}) are left out of every "
             f"epoch: {steps} step{'s' if steps != 1 else ''} of {global_batch} images take "
             f"{steps * global_batch}. --global-batch-size {better} (or a --batch-size that gives it) leaves out "

@@ -70,7 +70,7 @@ class Record:
         def line() -> None:
             with open(self.plan.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
-        written("a line of", self.plan.out / "metrics.jsonl", line, self.plan.ckpt_dir, self.plan.out, self.plan.main)
+        written("a line of", self.plan.out / "metrics.jsonl", line, self.plan)
         if self.plan.main:
             self.scalars.add(t["global_step"], {f"epoch/{k}": v for k, v in last.items()
                                                 if k not in ("epoch", "global_step")})

@@ -58,20 +58,15 @@ def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, st
     own = trainer.parallel.own_state(trainer.optimizer)  # local SGD: each process's weights and momentum
     ranks = distributed.all_gather_objects({"rng": rng_state(), "sums": sums, **own})
     weights, optimizer = trainer.parallel.state(trainer.optimizer)  # the whole model (hybrid gathers its slices)
-    cfg, box = plan.resolved, {}
-
-    def step_file() -> None:
-        box["saved"] = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks,
-                                     metrics=metrics, classes=classes, config=to_dict(cfg), world=plan.world,
-                                     train_bn=cfg.train_bn, weights=weights, optimizer=optimizer)
-        checkpoint.save_step(box["saved"], plan.ckpt_dir, cfg.keep_last)
-
-    written("the checkpoint", checkpoint.step_path(plan.ckpt_dir, state.global_step), step_file, plan.ckpt_dir,
-            plan.out, plan.main)
+    cfg = plan.resolved
+    saved = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks, metrics=metrics,
+                          classes=classes, config=to_dict(cfg), world=plan.world, train_bn=cfg.train_bn,
+                          weights=weights, optimizer=optimizer) if plan.main else None
+    step = checkpoint.step_path(plan.ckpt_dir, state.global_step)
+    written("the checkpoint", step, lambda: checkpoint.save_step(saved, plan.ckpt_dir, cfg.keep_last), plan)
     if is_best:  # the step just saved: best.pt is linked to it, not a second copy
-        best, step = plan.ckpt_dir / "best.pt", checkpoint.step_path(plan.ckpt_dir, state.global_step)
-        written("the checkpoint", best, lambda: checkpoint.point(best, step, box["saved"]), plan.ckpt_dir, plan.out,
-                plan.main)
+        best = plan.ckpt_dir / "best.pt"
+        written("the checkpoint", best, lambda: checkpoint.point(best, step, saved), plan)
 
 
 def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, world: int, say) -> TrainState:
