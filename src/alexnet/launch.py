@@ -13,6 +13,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -252,7 +253,7 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError
 
-    restarts, restarted_at = a.launch_max_restarts or 0, None
+    restarts, restarted_at, first = a.launch_max_restarts or 0, None, args
     if elastic(a):  # every change of size restarts the workers, which continue from the newest checkpoint
         restarts = ELASTIC_RESTARTS if a.launch_max_restarts is None else restarts
         os.environ["ALEXNET_RESTARTED"] = "1"
@@ -262,8 +263,7 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
         except _Failed as failed:
             if not failed.restartable or restarts == 0:
                 raise
-            restarts -= 1
-            restarted_at = time.monotonic()
+            restarts, restarted_at, args = restarts - 1, time.monotonic(), first  # the full join timeout again
             if log:
                 log(f"launch: {failed.message.split(';')[0]}; starting this node's workers again, from the newest "
                     f"checkpoint ({restarts} restart(s) left)")
@@ -277,7 +277,13 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
                 log(f"launch: the rendezvous at {host}:{port} cannot be reached; trying again for up to "
                     f"{left:.0f} s more")
             time.sleep(2)
+            args = _joining_within(args, max(1, int(left) - 2))  # each try ends by the deadline too
         os.environ["ALEXNET_RESTARTED"] = "1"
+
+
+def _joining_within(args: list[str], seconds: int) -> list[str]:
+    """torchrun's `args` with the rendezvous's join and read timeouts set to `seconds`."""
+    return [re.sub(r"\b(join_timeout|read_timeout)=\d+", rf"\1={seconds}", arg) for arg in args]
 
 
 def _unreachable(host: str, port: int, timeout: float, what: str) -> str:
