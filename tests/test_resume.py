@@ -198,9 +198,10 @@ def test_a_signal_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact,
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_to_the_launcher_of_two_processes_stops_them_saved_without_a_traceback(exact, tmp_path, sig):
     """What a scheduler or `timeout` (SIGTERM to the `alexnet train` launcher) or Ctrl-C (SIGINT to its
-    process group) does to a multi-process run: torch's agent passes it to the workers, which stop at a
-    step and save; the launcher says so, without a traceback, and exits as a signalled process does
-    (128 + the signal); resuming finishes as the uninterrupted run."""
+    process group) does to a multi-process run: the workers are sent SIGTERM (torch's agent passes a
+    SIGTERM on; the launcher turns a Ctrl-C into one), stop at a step and save; the launcher says so,
+    without a traceback, and exits as a signalled process does (128 + the signal); resuming finishes as
+    the uninterrupted run."""
     flags = [*RESUME, "--epochs", "12", "--data", exact["data"], "--batch-size", "2", "--nproc-per-node", "2"]
     reference = tmp_path / "reference2"
     run_cli("train", *flags, "--out", reference)
@@ -208,13 +209,53 @@ def test_a_signal_to_the_launcher_of_two_processes_stops_them_saved_without_a_tr
     returncode, output, _ = signal_after_epoch_2(flags, out, sig, stderr=subprocess.STDOUT)
     assert returncode == 128 + sig, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert f"alexnet train: stopped by {sig.name}; the workers were sent it too" in output
-    stopped_at = int(output.split(f"stopped on {sig.name} at global step ")[1].split(",")[0])
+    if sig == signal.SIGINT:
+        assert "alexnet train: Ctrl-C: the workers stop at their next step and save a checkpoint" in output
+        assert "alexnet train: stopped by Ctrl-C (SIGINT); the workers were sent SIGTERM" in output
+    else:
+        assert "alexnet train: stopped by SIGTERM; the workers were sent it too" in output
+    stopped_at = int(output.split("stopped on SIGTERM at global step ")[1].split(",")[0])
     assert checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"] == stopped_at
     assert 12 <= stopped_at < 72
     resumed = run_cli("train", *flags, "--out", out, "--resume", "auto")
     assert f"step {stopped_at % 6} of it (global step {stopped_at})" in resumed.stdout
     assert max_diff(final_weights(out), final_weights(reference)) == 0.0
+
+
+def dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_the_workers_at_once(exact, tmp_path):
+    """After the first Ctrl-C the launcher waits for its workers to stop at a step and save; a worker that
+    cannot (here: frozen inside a step) is not waited for after a second Ctrl-C: the launcher kills the
+    workers and exits at once, without a traceback."""
+    tag = uuid.uuid4().hex
+    flags = [*RESUME, "--epochs", "12", "--data", exact["data"], "--batch-size", "2", "--nproc-per-node", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "train", *map(str, flags), "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "ALEXNET_TEST_TAG": tag})
+    for line in proc.stdout:
+        if "epoch 2/12:" in line:
+            break
+    workers = [worker_pid(tag, rank) for rank in (0, 1)]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
+    time.sleep(3)
+    assert proc.poll() is None, "the launcher waits for its workers after the first Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)
+    started = time.monotonic()
+    output, _ = proc.communicate(timeout=20)
+    assert time.monotonic() - started < 10, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Ctrl-C again stops them at once" in output and "stopped at once by a second Ctrl-C" in output
+    assert "Traceback" not in output, output[-3000:]
+    assert all(dead(pid) for pid in workers)
 
 
 @pytest.mark.slow

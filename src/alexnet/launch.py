@@ -161,6 +161,9 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     args = ["--nnodes", f"{low}:{nnodes}" if low < nnodes else str(nnodes), "--nproc-per-node", str(nproc),
             "--max-restarts", "0", "--rdzv-id", a.launch_rdzv_id or "alexnet",
             "--monitor-interval", "1", "--local-addr", net["address"]]
+    if _can_keep_ctrl_c():  # Ctrl-C is the launcher's own (CtrlC): torch's agent handles the other signals
+        args += ["--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT"]
+        os.environ["ALEXNET_SIGINT"] = "launcher"  # the workers leave it to the launcher
     if static:
         args += ["--rdzv-backend", "static", "--master-addr", host, "--master-port", str(port),
                  "--node-rank", str(a.launch_node_rank), "--rdzv-conf", f"timeout={seconds}"]
@@ -216,20 +219,97 @@ def _advertise(address: str) -> None:
 
 def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, log=print) -> int:
     """Launch the workers for this node and wait for them. Returns the exit status for the command line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     args = torchrun_args(a, command, strip(argv), timeout, log)
     host, port, _ = _endpoint(a)
     if (a.launch_nproc_per_node or 1) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
     notes = tempfile.mkdtemp(prefix="alexnet-launch-")  # where a worker that lost a node says which
     os.environ["ALEXNET_LAUNCH_NOTES"] = notes
+    ctrl_c = CtrlC(command) if os.environ.get("ALEXNET_SIGINT") == "launcher" else None
     try:
         return _run(a, command, args, timeout, host, port, log, notes)
     except _Failed as failed:
         lost = _lost_node_message(notes, command, argv, host, port)
         print(f"alexnet {command}: error: {lost or failed.message}", file=sys.stderr)
         return failed.code
+    except _Stopped as stopped:
+        return stopped.code
+    except SignalException as e:  # Ctrl-C between two runs of torch's agent (a restart, a retried rendezvous)
+        print(f"alexnet {command}: stopped by {'Ctrl-C' if str(e) == 'Ctrl-C' else signal.Signals(e.sigval).name}",
+              file=sys.stderr)
+        return 128 + (signal.SIGINT if str(e) == "Ctrl-C" else int(e.sigval))
     finally:
+        if ctrl_c is not None:
+            ctrl_c.restore()
         shutil.rmtree(notes, ignore_errors=True)
+
+
+def _can_keep_ctrl_c() -> bool:
+    """Whether torch's agent can be told to leave SIGINT alone (torchrun's --signals-to-handle, torch 2.9 on);
+    before, it takes SIGINT as it takes SIGTERM and passes it on to the workers."""
+    from torch.distributed import run as torchrun
+    return any(action.dest == "signals_to_handle" for action in torchrun.get_args_parser()._actions)
+
+
+class CtrlC:
+    """The launcher's SIGINT: the first stops the workers as a scheduler does (torch's agent sends them
+    SIGTERM: they stop at their next step, rank 0 saves, and the agent waits for them); a second stops them
+    at once (SIGKILL: checkpoints are written to a temporary file and renamed, so none is left half written).
+    The workers ignore SIGINT meanwhile (ALEXNET_SIGINT), so that a Ctrl-C that reaches them too (they share
+    the terminal's process group on some torch versions) is not taken for a second request."""
+
+    def __init__(self, command: str) -> None:
+        self.command, self.pressed = command, 0
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        self.pressed += 1
+        if self.pressed == 1:
+            saving = " and save a checkpoint" if self.command == "train" else ""
+            print(f"alexnet {self.command}: Ctrl-C: the workers stop at their next step{saving}; Ctrl-C again "
+                  f"stops them at once", file=sys.stderr, flush=True)
+            raise SignalException("Ctrl-C", sigval=signal.SIGTERM)  # what torch's agent does on a SIGTERM
+        for pid in _children():
+            _kill_group(pid)
+        print(f"alexnet {self.command}: stopped at once by a second Ctrl-C", file=sys.stderr, flush=True)
+        raise _Stopped(128 + signal.SIGINT)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class _Stopped(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _children() -> list[int]:
+    """The processes this one started (the workers), from /proc."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # the field after the state: the parent's pid
+                found.append(int(entry))
+    return found
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL to a worker and, where it leads a process group of its own (torch starts each in a new
+    session), to its loader workers with it."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class _Failed(Exception):
@@ -314,6 +394,10 @@ def _run_once(a: argparse.Namespace, command: str, parsed, timeout: float, host:
         name = signal.Signals(e.sigval).name
         saved = (" (a training run stops at its next step and saves a checkpoint, and says so above; continue "
                  "with --resume auto)" if command == "train" else "")
+        if str(e) == "Ctrl-C":  # CtrlC: the workers were sent SIGTERM
+            print(f"alexnet {command}: stopped by Ctrl-C (SIGINT); the workers were sent SIGTERM{saved}",
+                  file=sys.stderr)
+            return 128 + signal.SIGINT
         print(f"alexnet {command}: stopped by {name}; the workers were sent it too{saved}", file=sys.stderr)
         # the shell's code for a signalled process: torch's agent stops workers that do not end within its
         # grace period, so the launcher cannot promise that every one of them saved

@@ -7,6 +7,7 @@ saves it); the non-finite vote, before it, is the step's own (train.step)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -24,8 +25,12 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.requested, self.name = False, ""
+        # A worker of `alexnet train --nproc-per-node` leaves Ctrl-C to the launcher (launch.CtrlC), which
+        # sends it SIGTERM: a Ctrl-C that reached it too would otherwise count as the second request.
+        ignore_int = os.environ.get("ALEXNET_SIGINT") == "launcher"
         try:
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, signal.SIG_IGN if ignore_int and s == signal.SIGINT else self._handle)
+                              for s in self.SIGNALS}
         except ValueError:  # not the main thread
             self._previous = {}
 
