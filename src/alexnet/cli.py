@@ -90,17 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
     check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems")
     check.add_argument("dir", help="ImageFolder root (with train/ and val/)")
+    for sub in (pk, check):
+        sub.add_argument("--val-dir", default=None, help="the validation split's folder under DIR (default: the first "
+                                                         "of val, valid, validation and test that exists)")
     return parser
 
 
-def _data_check(folder: str) -> int:
+def _data_check(folder: str, val_dir: str | None) -> int:
     from pathlib import Path
     from .data.check import image_files, problems_of_layout, unreadable
     from .progress import Progress
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"data check: {root} is not a folder")
-    layout = problems_of_layout(root)
+    layout = problems_of_layout(root, val_dir)
     files = image_files(root)
     # in a pipe or a log: a line every tenth of the files (at least 100) and at the end, never one an image
     bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 10, 100)))
@@ -177,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             from .data.packed import pack
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
-            pack(args.dir, args.out, args.resize, args.workers, log=log)
+            pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir)
         elif args.command == "data" and args.data_command == "check":
-            return _data_check(args.dir)
+            return _data_check(args.dir, args.val_dir)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2

@@ -55,7 +55,10 @@ def jpeg_decode_opt():
 @dataclass(frozen=True)  # resolved once, never changed: derived values live in train.plan
 class TrainConfig:
     # data
-    data: str | None = opt(None, "ImageFolder root with train/<class>/ and val/<class>/; none: the built-in generated dataset")
+    data: str | None = opt(None, "ImageFolder root with train/<class>/ and val/<class>/ (or valid/, validation/, "
+                                 "test/); none: the built-in generated dataset")
+    val_dir: str | None = opt(None, "the validation split's folder under --data (default: the first of val, valid, "
+                                    "validation and test that exists)")
     synthetic_seed: int = opt(0, "seed of the built-in generated dataset")
     cache_dir: str | None = opt(None, "where the built-in dataset is generated (default $ALEXNET_CACHE or ~/.cache/alexnet)")
     on_bad_image: str = opt("skip", "an unreadable image: skip it (counted in metrics.jsonl, with a warning) or stop with an error",
@@ -190,7 +193,9 @@ SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "init": "fan-in", "epochs": 10
 @dataclass
 class EvalConfig:
     checkpoint: str = opt(None, "checkpoint (.pt) to evaluate")
-    data: str | None = opt(None, "ImageFolder root whose val/ split is evaluated (default: the data the model was trained on)")
+    data: str | None = opt(None, "ImageFolder root whose validation split is evaluated (default: the data the model was trained on)")
+    val_dir: str | None = opt(None, "the validation split's folder under --data (default: the run's own, else the first "
+                                    "of val, valid, validation and test that exists)")
     batch_size: int = opt(128, "crops per batch: images, or with --tta that many views (128 with 10crop: 12 "
                                "images of 10 views)")
     workers: int = opt(2, "data loader worker processes")

@@ -90,6 +90,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                           batch_size=cfg.batch_size, eval_batch=images_per_eval_batch(cfg.batch_size, cfg.tta),
                           workers=cfg.workers, rank=distributed.rank(), world=distributed.world_size(),
                           jpeg_decode=cfg.jpeg_decode, classes=list(state["classes"]),
+                          val_dir=cfg.val_dir or (tcfg.get("val_dir") if cfg.data is None else None),
                           say=lambda warning: print(warning, file=sys.stderr, flush=True))
     if loaders.val_set.classes != list(state["classes"]):
         raise CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")

@@ -14,7 +14,7 @@ import torch
 
 from . import packed
 from .batch import jpeg_on_gpu, main_process_augment
-from .folder import ImageFolder, open_splits
+from .folder import ImageFolder, open_splits, val_dir_of
 from .loader import make_loader
 from .transforms import eval_transform, train_transform
 
@@ -35,10 +35,12 @@ class Loaders(NamedTuple):
 def build_loaders(root: str | Path, device: torch.device, *, train: dict | None, val: dict | None, batch_size: int,
                   eval_batch: int, workers: int, seed: int = 0, rank: int = 0, world: int = 1,
                   on_bad_image: str = "skip", jpeg_decode: str = "auto", data_on_device: str = "no",
-                  classes: list[str] | None = None, persistent: bool = True, say=print) -> Loaders:
-    """Loaders of the train split (`train`: train_transform's arguments) and the val split (`val`:
-    eval_transform's; with `classes`, those of the model it is for), either of which may be None."""
-    splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, say)
+                  classes: list[str] | None = None, persistent: bool = True, val_dir: str | None = None,
+                  say=print) -> Loaders:
+    """Loaders of the train split (`train`: train_transform's arguments) and the validation split (`val`:
+    eval_transform's; with `classes`, those of the model it is for), either of which may be None. The
+    validation split of an image folder is `val_dir` under `root`, or the first of folder.VAL_DIRS."""
+    splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, val_dir, say)
     packed.hold_on_device([s for s in splits if s is not None], device, data_on_device, say)
     loaders = [make_loader(s, size, workers, train=s is splits[0], seed=seed, pin_memory=device.type == "cuda",
                            rank=rank, world=world, device_type=device.type, persistent=persistent)
@@ -47,7 +49,7 @@ def build_loaders(root: str | Path, device: torch.device, *, train: dict | None,
     return Loaders(*splits, *loaders, *augments)
 
 
-def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, say) -> list:
+def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, val_dir, say) -> list:
     transforms = (train_transform(**train) if train is not None else None,
                   eval_transform(**val) if val is not None else None)
     if packed.is_packed(root):
@@ -56,10 +58,17 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, sa
             warn_smaller_than_source(root, resize, say)
         tf_train, tf_val = transforms
         splits = list(packed.open_splits(root, resize, tf_train or tf_val, tf_val or tf_train, seed))
-    elif train is not None:
-        splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed, on_bad_image=on_bad_image))
     else:
-        splits = [None, ImageFolder(root, "val", transforms[1], seed, classes=classes, on_bad_image=on_bad_image)]
+        if Path(root).is_dir():
+            val_dir = val_dir_of(Path(root), val_dir)
+            if val_dir != "val":
+                say(f"validation split: {Path(root) / val_dir}")
+        if train is not None:
+            splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed,
+                                      on_bad_image=on_bad_image, val_dir=val_dir))
+        else:
+            splits = [None, ImageFolder(root, val_dir, transforms[1], seed, classes=classes,
+                                        on_bad_image=on_bad_image)]
     splits = [s if t is not None else None for s, t in zip(splits, transforms)]
     if not packed.is_packed(root):
         jpeg_on_gpu([s for s in splits if s is not None], device, jpeg_decode, say)

@@ -6,24 +6,33 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .folder import find_classes, scan
+from .folder import check_val_classes, find_classes, scan, val_dir_of
 from .images import DECODE_ERRORS, is_image_name, load_rgb
 
 
-def problems_of_layout(root: Path) -> list[str]:
-    """What would stop training at start: missing splits, empty class folders, classes only in val."""
+def problems_of_layout(root: Path, val_dir: str | None = None) -> list[str]:
+    """What would stop training at start: missing splits, empty class folders, classes only in the validation
+    split (folder.val_dir_of's)."""
     found = []
     classes = {}
-    for split in ("train", "val"):
+    try:
+        val = val_dir_of(root, val_dir)
+    except DataError as e:
+        found.append(str(e))
+        val = None
+    for split in ("train", val):
+        if split is None:
+            continue
         try:
             classes[split] = find_classes(root / split)
             scan(root / split, classes[split])
         except DataError as e:
             found.append(str(e))
-    if "train" in classes and "val" in classes:
-        missing = sorted(set(classes["val"]) - set(classes["train"]))
-        if missing:
-            found.append(f"{root / 'val'} has classes that {root / 'train'} lacks: {', '.join(missing[:5])}")
+    if "train" in classes and val in classes:
+        try:
+            check_val_classes(root, val, classes["train"])
+        except DataError as e:
+            found.append(str(e))
     return found
 
 

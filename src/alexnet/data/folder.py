@@ -14,11 +14,40 @@ from .jpeg import read_encoded
 from .transforms import Compose, sample_generator
 
 
+# Names of the validation split's folder, in the order they are looked for: the ImageFolder habit, then
+# what Kaggle-style and other distributed datasets use.
+VAL_DIRS = ("val", "valid", "validation", "test")
+LAYOUT = "DIR/train/<class>/ and DIR/val/<class>/ (or valid/, validation/, test/)"
+
+
+def val_dir_of(root: Path, name: str | None = None) -> str:
+    """The validation split's folder under `root`: `name` (--val-dir) when given, else the first of
+    VAL_DIRS that exists."""
+    if name:
+        if Path(name).name != name or name in (".", ".."):
+            raise DataError(f"--val-dir {name!r}: give the name of a folder inside {root}, not a path")
+        if not (root / name).is_dir():
+            raise DataError(f"--val-dir {name}: {root / name} does not exist")
+        return name
+    for candidate in VAL_DIRS:
+        if (root / candidate).is_dir():
+            return candidate
+    raise DataError(f"{root} has no validation folder (looked for {', '.join(f'{v}/' for v in VAL_DIRS)}); "
+                    f"expected the layout {LAYOUT}, or name the folder with --val-dir NAME")
+
+
+def check_val_classes(root: Path, val: str, train_classes: list[str]) -> list[str]:
+    """The validation split's class folders, refused when some are not among the training classes."""
+    classes = find_classes(root / val)
+    missing = sorted(set(classes) - set(train_classes))
+    if missing:
+        raise DataError(f"{root / val} has classes that {root / 'train'} lacks: {', '.join(missing[:5])}")
+    return classes
 
 
 def find_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir} does not exist; expected the layout DIR/train/<class>/ and DIR/val/<class>/")
+        raise DataError(f"{split_dir} does not exist; expected the layout {LAYOUT}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
@@ -88,14 +117,12 @@ class ImageFolder(Dataset):
 
 
 def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int,
-                on_bad_image: str = "skip"):
+                on_bad_image: str = "skip", val_dir: str | None = None):
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     train = ImageFolder(root, "train", train_transform, seed, on_bad_image=on_bad_image)
-    val_classes = find_classes(root / "val")
-    missing = sorted(set(val_classes) - set(train.classes))
-    if missing:
-        raise DataError(f"{root / 'val'} has classes that {root / 'train'} lacks: {', '.join(missing[:5])}")
-    val = ImageFolder(root, "val", eval_transform, seed, classes=train.classes, on_bad_image=on_bad_image)
+    val_dir = val_dir_of(root, val_dir)
+    check_val_classes(root, val_dir, train.classes)
+    val = ImageFolder(root, val_dir, eval_transform, seed, classes=train.classes, on_bad_image=on_bad_image)
     return train, val

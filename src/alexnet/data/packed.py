@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
-from .folder import find_classes, scan
+from .folder import check_val_classes, find_classes, scan, val_dir_of
 from .images import DECODE_ERRORS, load_rgb
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
@@ -95,8 +95,10 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
     return {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller}
 
 
-def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print) -> Path:
-    """Pack the train and val splits of the ImageFolder `source` into `out` (see the module's doc).
+def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print,
+         val_dir: str | None = None) -> Path:
+    """Pack the train and validation splits of the ImageFolder `source` into `out` (see the module's doc;
+    the validation split is folder.val_dir_of's, stored as "val").
     One process packs; others that ask for the same folder at the same time wait for it and use it."""
     source, out = Path(source), Path(out)
     parse_resize(resize)
@@ -110,11 +112,11 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         raise DataError(f"{out} exists and is not a packed dataset; choose a new folder")
     classes = find_classes(source / "train")
     splits = {"train": scan(source / "train", classes)}
-    val_classes = find_classes(source / "val")
-    missing = sorted(set(val_classes) - set(classes))
-    if missing:
-        raise DataError(f"{source / 'val'} has classes that {source / 'train'} lacks: {', '.join(missing[:5])}")
-    splits["val"] = scan(source / "val", classes)
+    val_dir = val_dir_of(source, val_dir)
+    check_val_classes(source, val_dir, classes)
+    splits["val"] = scan(source / val_dir, classes)
+    if val_dir != "val":
+        log(f"validation split: {source / val_dir}")
     total = sum(len(s) for s in splits.values())
     done = {"n": 0}
 

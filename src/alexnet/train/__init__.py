@@ -54,7 +54,7 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
                          batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
                          seed=cfg.seed, rank=plan.rank, world=plan.world, on_bad_image=cfg.on_bad_image,
-                         jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, say=say)
+                         jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, val_dir=cfg.val_dir, say=say)
     plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
     state = resume(cfg, plan, trainer, data.classes, data_root, say)

@@ -1,0 +1,73 @@
+"""Datasets as users have them: the validation split under another common name, or named by --val-dir."""
+
+import shutil
+
+import pytest
+
+from alexnet import checkpoint
+from alexnet.cli import main
+from alexnet.data import packed
+
+from conftest import run_here, write_folder
+
+SMALL = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "8", "--workers", "0", "--quiet",
+         "--epochs", "1"]
+
+
+def renamed(tmp_path, name):
+    root = write_folder(tmp_path / f"data-{name}", classes=3, train_per_class=4, val_per_class=2)
+    if name != "val":
+        (root / "val").rename(root / name)
+    return root
+
+
+@pytest.mark.parametrize("name", ["valid", "validation", "test"])
+def test_a_validation_folder_under_another_common_name_is_found_and_logged(tmp_path, name):
+    root = renamed(tmp_path, name)
+    out = tmp_path / "run"
+    p = run_here("train", "--data", root, "--out", out, *SMALL)
+    assert f"validation split: {root / name}" in p.stdout
+    assert (out / "metrics.jsonl").read_text().count("val_acc1") == 1
+    e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0")  # the run's data, found again
+    assert "top-1" in e.stdout
+
+
+def test_val_is_preferred_to_test_and_val_dir_picks_another(tmp_path):
+    root = renamed(tmp_path, "val")
+    shutil.copytree(root / "val", root / "test")
+    first, *others = sorted((root / "test").iterdir())
+    for folder in others:  # test/ holds 2 images of one class, val/ 6 of three
+        shutil.rmtree(folder)
+    out = tmp_path / "run"
+    p = run_here("train", "--data", root, "--out", out, *SMALL)
+    assert "validation split:" not in p.stdout  # val/: the usual layout, nothing to say
+    e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0", "--data", root, "--val-dir", "test", "--json")
+    assert '"count": 2' in e.stdout
+
+
+def test_no_validation_folder_or_a_wrong_val_dir_is_one_clear_line(tmp_path, capsys):
+    root = renamed(tmp_path, "holdout")
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "r1"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no validation folder (looked for val/, valid/, validation/, test/)" in err
+    assert "--val-dir NAME" in err and len(err.splitlines()) == 1
+    assert main(["train", "--data", str(root), "--val-dir", "nothere", "--out", str(tmp_path / "r2"), *SMALL]) == 2
+    assert f"--val-dir nothere: {root / 'nothere'} does not exist" in capsys.readouterr().err
+    out = tmp_path / "r3"
+    run_here("train", "--data", root, "--val-dir", "holdout", "--out", out, *SMALL)
+    assert checkpoint.load_run(out / "checkpoints" / "last.pt")["config"]["val_dir"] == "holdout"
+
+
+def test_pack_and_check_follow_the_same_rules(tmp_path, capsys):
+    root = renamed(tmp_path, "valid")
+    assert main(["data", "check", str(root)]) == 0
+    assert "0 layout problem(s)" in capsys.readouterr().out
+    out = tmp_path / "packed"
+    assert main(["data", "pack", str(root), str(out), "--resize", "72", "--workers", "0"]) == 0
+    assert packed.read_meta(out)["splits"]["val"]["images"] == 6
+    holdout = renamed(tmp_path, "holdout")
+    assert main(["data", "check", str(holdout)]) == 1
+    assert "has no validation folder" in capsys.readouterr().out
+    assert main(["data", "check", str(holdout), "--val-dir", "holdout"]) == 0
+    assert main(["data", "pack", str(holdout), str(tmp_path / "p2"), "--resize", "72", "--workers", "0"]) == 2
+    assert "has no validation folder" in capsys.readouterr().err
