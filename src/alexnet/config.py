@@ -185,9 +185,11 @@ class TrainConfig:
 
 
 # The built-in dataset is small images: these fill in what the user did not set, so that the default
-# run is a quick demonstration rather than a 90-epoch ImageNet schedule.
+# run is a quick demonstration rather than a 90-epoch ImageNet schedule. BatchNorm while training (folded
+# into the convolutions at save, so the saved model is plain AlexNet): without it the run sat on the
+# chance-loss plateau for one to five epochs, and how long depended on the CPU's rounding (BENCHMARKS.md).
 SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "init": "fan-in", "epochs": 10, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
-                      "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64}
+                      "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64, "train_bn": True}
 
 
 @dataclass
