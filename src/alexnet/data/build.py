@@ -58,17 +58,14 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, va
             warn_smaller_than_source(root, resize, say)
         tf_train, tf_val = transforms
         splits = list(packed.open_splits(root, resize, tf_train or tf_val, tf_val or tf_train, seed))
+    elif train is not None:
+        splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed,
+                                  on_bad_image=on_bad_image, val_dir=val_dir))
     else:
-        if Path(root).is_dir():
-            val_dir = val_dir_of(Path(root), val_dir)
-            if val_dir != "val":
-                say(f"validation split: {Path(root) / val_dir}")
-        if train is not None:
-            splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed,
-                                      on_bad_image=on_bad_image, val_dir=val_dir))
-        else:
-            splits = [None, ImageFolder(root, val_dir, transforms[1], seed, classes=classes,
-                                        on_bad_image=on_bad_image)]
+        val_dir = val_dir_of(Path(root), val_dir) if Path(root).is_dir() else "val"
+        splits = [None, ImageFolder(root, val_dir, transforms[1], seed, classes=classes, on_bad_image=on_bad_image)]
+    if not packed.is_packed(root) and splits[1].split != "val":
+        say(f"validation split: {Path(root) / splits[1].split}")
     splits = [s if t is not None else None for s, t in zip(splits, transforms)]
     if not packed.is_packed(root):
         jpeg_on_gpu([s for s in splits if s is not None], device, jpeg_decode, say)
