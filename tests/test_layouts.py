@@ -1,14 +1,18 @@
-"""Datasets as users have them: the validation split under another common name, or named by --val-dir."""
+"""Datasets as users have them: the validation split under another common name, or named by --val-dir;
+small images."""
 
 import shutil
 
 import pytest
+import yaml
+from PIL import Image
 
 from alexnet import checkpoint
 from alexnet.cli import main
+from alexnet.config import resolve_train
 from alexnet.data import packed
 
-from conftest import run_here, write_folder
+from conftest import run_cli, run_here, write_folder
 
 SMALL = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "8", "--workers", "0", "--quiet",
          "--epochs", "1"]
@@ -71,3 +75,30 @@ def test_pack_and_check_follow_the_same_rules(tmp_path, capsys):
     assert main(["data", "check", str(holdout), "--val-dir", "holdout"]) == 0
     assert main(["data", "pack", str(holdout), str(tmp_path / "p2"), "--resize", "72", "--workers", "0"]) == 2
     assert "has no validation folder" in capsys.readouterr().err
+
+
+def test_a_folder_of_small_images_trains_at_small_sizes_with_no_other_flag(tmp_path):
+    """CIFAR-sized photos (32 px) with a test/ split: trained at the built-in dataset's --resize 72
+    --crop 64, said in the output and train.log, and recorded in config.yaml."""
+    root = renamed(tmp_path, "test")
+    for f in root.rglob("*.jpg"):
+        with Image.open(f) as img:
+            small = img.resize((32, 32))
+        small.save(f, quality=95)
+    out = tmp_path / "run"
+    p = run_cli("train", "--data", root, "--epochs", "1", "--out", out)
+    note = f"{root} holds small images (median shorter side 32 px in a sample of train/): --resize 72 --crop 64"
+    assert note in p.stdout and note in (out / "train.log").read_text()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["resize"], saved["crop"]) == ("72", 64)
+
+
+def test_small_image_sizes_give_way_to_the_users_and_larger_images_keep_the_defaults(tmp_path):
+    small = write_folder(tmp_path / "small", classes=2, train_per_class=2, val_per_class=1, size=40)
+    cfg, _ = resolve_train({"data": str(small), "crop": "70"})
+    assert (cfg.resize, cfg.crop) == ("72", 70)
+    cfg, _ = resolve_train({"data": str(small), "resize": "100", "crop": "96"})
+    assert (cfg.resize, cfg.crop) == ("100", 96)
+    large = write_folder(tmp_path / "large", classes=2, train_per_class=2, val_per_class=1, size=72)
+    cfg, _ = resolve_train({"data": str(large)})
+    assert (cfg.resize, cfg.crop) == ("256", 224)

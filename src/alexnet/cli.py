@@ -131,14 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import batch_sizes, fit
             from .train.state import saved_config
-            cfg, _ = resolve_train(_settings(args), saved_config)
-            if launch.requested(args):  # settings are checked once, here, before any worker starts
-                batch_sizes(cfg, launch.world_size(args))
-                if (args.launch_max_restarts or launch.elastic(args)) and not cfg.out:
-                    raise ConfigError(f"{'--max-restarts' if args.launch_max_restarts else '--nnodes MIN:MAX'} "
-                                      "needs --out: restarted workers continue from the checkpoints in that run folder")
-                return launch.run(args, "train", argv[argv.index("train") + 1:], cfg.dist_timeout, log)
-            fit(cfg, log=log)
+            early = logs.hold_early()  # what resolving the settings says belongs in the run's train.log
+            try:
+                cfg, _ = resolve_train(_settings(args), saved_config)
+                if launch.requested(args):  # settings are checked once, here, before any worker starts
+                    logs.drop_early(early)
+                    batch_sizes(cfg, launch.world_size(args))
+                    if (args.launch_max_restarts or launch.elastic(args)) and not cfg.out:
+                        raise ConfigError(f"{'--max-restarts' if args.launch_max_restarts else '--nnodes MIN:MAX'} "
+                                          "needs --out: restarted workers continue from the checkpoints in that run "
+                                          "folder")
+                    return launch.run(args, "train", argv[argv.index("train") + 1:], cfg.dist_timeout, log)
+                fit(cfg, log=log, early=early)
+            finally:
+                logs.drop_early(early)
         elif args.command == "eval":
             from .evaluate import run
             cfg = build(EvalConfig, _settings(args))

@@ -8,7 +8,9 @@ setting and what is allowed. The resolved config is saved in every run folder an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +192,11 @@ class TrainConfig:
 # chance-loss plateau for one to five epochs, and how long depended on the CPU's rounding (BENCHMARKS.md).
 SYNTHETIC_DEFAULTS = {"resize": "72", "crop": 64, "init": "fan-in", "epochs": 10, "fc_width": 512, "dropout": 0.0, "lr": 0.005,
                       "warmup_epochs": 1.0, "schedule": "cosine", "nesterov": True, "batch_size": 64, "train_bn": True}
+
+# Image folders whose images are small (median shorter side under SMALL_IMAGE_SIDE px) get these sizes
+# where the user set none: what the built-in dataset of 72-px images trains at.
+SMALL_IMAGE_SIDE = 64
+SMALL_IMAGE_DEFAULTS = {"resize": "72", "crop": 64}
 
 
 @dataclass
@@ -542,6 +549,25 @@ def load_recipe(name: str) -> dict:
     return values
 
 
+def _small_image_defaults(data: Path, values: dict) -> None:
+    """An image folder of small images (median shorter side under SMALL_IMAGE_SIDE px, as CIFAR's 32 px)
+    gets the built-in dataset's sizes, --resize 72 --crop 64, where the user set neither: upscaled to 256
+    for crops of 224 they would be far slower to train, for no detail gained."""
+    from .data import packed
+    from .data.folder import median_short_side
+    if not data.is_dir() or packed.is_packed(data):
+        return
+    side = median_short_side(data)
+    if side is None or side >= SMALL_IMAGE_SIDE:
+        return
+    filled = {k: v for k, v in SMALL_IMAGE_DEFAULTS.items() if k not in values}
+    values.update(filled)
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger("alexnet").info(
+            f"{data} holds small images (median shorter side {side} px in a sample of train/): "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items()) + " (set them to choose others)")
+
+
 def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainConfig, set[str]]:
     """Layer the settings: defaults < built-in dataset defaults < resumed run < recipe < YAML < flags.
 
@@ -580,6 +606,8 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
         for k, v in SYNTHETIC_DEFAULTS.items():
             if k not in values:
                 values[k] = v
+    elif not ("resize" in values and "crop" in values):
+        _small_image_defaults(Path(str(data)), values)
     if values.get("lr_scaling") == "linear" and "warmup_epochs" not in values:
         # Goyal et al.: a linearly scaled learning rate needs a gradual warm-up (theirs: 5 epochs).
         values["warmup_epochs"] = min(5.0, float(values.get("epochs", 90)))

@@ -29,9 +29,10 @@ from .step import describe as describe_model
 __all__ = ["fit", "Plan", "Schedule", "Trainer", "batch_sizes", "learning_rate", "param_groups", "train_one_epoch"]
 
 
-def fit(cfg: TrainConfig, log=print) -> dict:
-    """Train as `cfg` says; returns the last epoch's metrics."""
-    early = logs.hold_early()  # what is said before the run folder exists goes into its train.log too
+def fit(cfg: TrainConfig, log=print, early=None) -> dict:
+    """Train as `cfg` says; returns the last epoch's metrics. `early` (logs.hold_early) holds what was said
+    before, while the settings were resolved: it goes into the run's train.log too."""
+    early = early or logs.hold_early()  # what is said before the run folder exists goes into its train.log too
     try:
         return _fit(cfg, log, early)
     finally:
