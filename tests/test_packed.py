@@ -253,6 +253,31 @@ def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
         (packed_shapes / "COMPLETE.x").rename(packed_shapes / "COMPLETE")
 
 
+@pytest.mark.parametrize("damage", ["pixels cut short", "pixels too long", "index of another pack", "index gone"])
+def test_a_damaged_copy_of_a_pack_is_refused_at_start_with_one_message(tmp_path, capsys, damage):
+    """A copy cut short (the index unchanged) used to stop training with a reshape traceback mid-epoch."""
+    src = write_folder(tmp_path / "src", classes=2, train_per_class=4, val_per_class=2, size=72)
+    out = tmp_path / "p"
+    assert cli(capsys, "data", "pack", src, out, "--resize", "72", "--workers", "0")[0] == 0
+    pixels, index = out / "train.u8", out / "train.idx.npy"
+    if damage == "pixels cut short":
+        pixels.write_bytes(pixels.read_bytes()[:100_000])
+        said = f"{pixels} holds 100,000 bytes where packed.json says"
+    elif damage == "pixels too long":
+        pixels.write_bytes(pixels.read_bytes() + b"\0" * 10)
+        said = f"{pixels} holds"
+    elif damage == "index of another pack":
+        np.save(index, np.load(index)[:-1])
+        said = f"{index} lists 7 images where packed.json says 8"
+    else:
+        index.unlink()
+        said = f"{index} cannot be read"
+    code, _, err = cli(capsys, "train", "--data", out, "--resize", "72", "--crop", "64", "--epochs", "1", "--workers", "0")
+    assert code == 2, err
+    assert err.startswith(f"alexnet train: error: {out} is a damaged packed dataset: ") and said in err, err
+    assert "copy the pack again" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("rrc", [False, True])
 def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path, rrc):
     """On a GPU with --jpeg-decode workers the JPEG path decodes and resizes in the workers and sends uint8

@@ -155,6 +155,30 @@ def _same_pack(out: Path, source: Path, resize: str, log) -> Path:
     return out
 
 
+def _checked_index(root: Path, split: str, meta: dict, pixels_file: Path) -> np.ndarray:
+    """The split's index, once it and the pixel file agree with packed.json (image count, total bytes, the
+    file's size): a copy cut short, or a file from another pack, is refused here at start with what to do,
+    not found as a reshape error in the middle of an epoch."""
+    again = (f"copy the pack again from where it was made (the whole folder: packed.json, {split}.u8 and "
+             f"{split}.idx.npy), or pack again with `alexnet data pack`")
+    index_file = root / f"{split}.idx.npy"
+    try:
+        index = np.load(index_file)
+        size = pixels_file.stat().st_size
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{root} is a damaged packed dataset: {getattr(e, 'filename', None) or index_file} cannot be "
+                        f"read ({getattr(e, 'strerror', None) or e}); {again}") from None
+    if index.ndim != 2 or index.shape != (meta["images"], 4):
+        raise DataError(f"{root} is a damaged packed dataset: {index_file} lists {len(index)} images where "
+                        f"packed.json says {meta['images']}; {again}")
+    end = int((index[-1, 0] + index[-1, 1] * index[-1, 2] * 3)) if len(index) else 0
+    if size != meta["bytes"] or end != meta["bytes"]:
+        what = (f"{pixels_file} holds {size:,} bytes where packed.json says {meta['bytes']:,}" if size != meta["bytes"]
+                else f"{index_file} ends at byte {end:,} where packed.json says {meta['bytes']:,}")
+        raise DataError(f"{root} is a damaged packed dataset: {what} (a copy cut short?); {again}")
+    return index
+
+
 class PackedSplit(Dataset):
     """One split of a packed dataset. Items by index or by (epoch, index), as ImageFolder's. With a
     BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path, or with `held`
@@ -166,9 +190,9 @@ class PackedSplit(Dataset):
         self.root, self.split = Path(root), split
         meta = read_meta(self.root)
         self.classes, self.resize = meta["classes"], meta["resize"]
-        self.index = np.load(self.root / f"{split}.idx.npy")
-        self.transform, self.seed, self.batch = transform, seed, batch
         self.pixels_file = self.root / f"{split}.u8"
+        self.index = _checked_index(self.root, split, meta["splits"][split], self.pixels_file)
+        self.transform, self.seed, self.batch = transform, seed, batch
         self.held = False
         self._pixels = None  # opened in each process on first use (a memory map does not travel to workers)
 
