@@ -2,6 +2,7 @@
 small images."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from alexnet import checkpoint
 from alexnet.cli import main
 from alexnet.config import resolve_train
 from alexnet.data import packed
+from alexnet.data.folder import held_out
 
 from conftest import run_cli, run_here, write_folder
 
@@ -102,3 +104,57 @@ def test_small_image_sizes_give_way_to_the_users_and_larger_images_keep_the_defa
     large = write_folder(tmp_path / "large", classes=2, train_per_class=2, val_per_class=1, size=72)
     cfg, _ = resolve_train({"data": str(large)})
     assert (cfg.resize, cfg.crop) == ("256", 224)
+
+
+def flat(tmp_path, per_class=10):
+    """A folder of class folders only, no split: what many downloads are."""
+    root = write_folder(tmp_path / "flat-src", classes=3, train_per_class=per_class, val_per_class=1)
+    out = tmp_path / "flat"
+    shutil.copytree(root / "train", out)
+    return out
+
+
+def test_val_fraction_holds_out_a_stratified_share_that_depends_only_on_the_files_and_split_seed(tmp_path):
+    root = flat(tmp_path)
+    classes, train, val = held_out(root, 0.2, 0)
+    assert len(classes) == 3 and len(val) == 6 and len(train) == 24  # 2 of each class's 10
+    assert sorted(label for _, label in val) == [0, 0, 1, 1, 2, 2]
+    assert not {p for p, _ in val} & {p for p, _ in train}
+    assert held_out(root, 0.2, 0) == (classes, train, val)  # the same twice
+    assert held_out(root, 0.2, 1)[2] != val  # another split seed, another split
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(root, copy)  # another path, other modification times: the same files held out
+    assert [p.replace(str(copy), str(root)) for p, _ in held_out(copy, 0.2, 0)[2]] == [p for p, _ in val]
+
+
+def test_a_run_with_val_fraction_records_its_split_and_eval_uses_it_again(tmp_path):
+    root = flat(tmp_path)
+    out = tmp_path / "run"
+    p = run_here("train", "--data", root, "--val-fraction", "0.2", "--out", out, *SMALL)
+    assert f"validation split: 6 images held out of {root} (--val-fraction 0.2, --split-seed 0)" in p.stdout
+    held = [Path(path).relative_to(root).as_posix() for path, _ in held_out(root, 0.2, 0)[2]]
+    assert (out / "val_files.txt").read_text().split() == held
+    saved = checkpoint.load_run(out / "checkpoints" / "last.pt")
+    assert saved["val_files"] == held and saved["config"]["val_fraction"] == 0.2
+    e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0", "--json")
+    assert '"count": 6' in e.stdout and "validation split: the 6 images held out when the model was trained" in e.stderr
+    (root / held[0]).unlink()  # a held-out file gone: said, not silently another split
+    code = main(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--workers", "0"])
+    assert code == 2
+
+
+def test_val_fraction_in_pack_and_check_and_its_errors(tmp_path, capsys):
+    root = flat(tmp_path)
+    assert main(["data", "check", str(root), "--val-fraction", "0.2"]) == 0
+    out = tmp_path / "packed"
+    assert main(["data", "pack", str(root), str(out), "--resize", "72", "--workers", "0", "--val-fraction", "0.2"]) == 0
+    meta = packed.read_meta(out)
+    assert meta["splits"]["val"]["images"] == 6 and meta["splits"]["train"]["images"] == 24
+    capsys.readouterr()
+    assert main(["train", "--data", str(out), "--val-fraction", "0.2", *SMALL]) == 2
+    assert "whose validation split was chosen when it was packed" in capsys.readouterr().err
+    assert main(["train", "--data", str(root), "--val-fraction", "1.5", *SMALL]) == 2
+    assert "--val-fraction: must be in [0, 1)" in capsys.readouterr().err
+    one = flat(tmp_path / "one", per_class=1)
+    assert main(["train", "--data", str(one), "--val-fraction", "0.2", "--out", str(tmp_path / "r"), *SMALL]) == 2
+    assert "holds out no image" in capsys.readouterr().err

@@ -93,17 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (pk, check):
         sub.add_argument("--val-dir", default=None, help="the validation split's folder under DIR (default: the first "
                                                          "of val, valid, validation and test that exists)")
+        sub.add_argument("--val-fraction", type=float, default=0.0,
+                         help="hold out this share of each class of DIR/train (or of DIR's class folders) as the "
+                              "validation split, as alexnet train --val-fraction does (default: 0, off)")
+        sub.add_argument("--split-seed", type=int, default=0, help="which files --val-fraction holds out (default: 0)")
     return parser
 
 
-def _data_check(folder: str, val_dir: str | None) -> int:
+def _data_check(folder: str, val_dir: str | None, val_fraction: float) -> int:
     from pathlib import Path
     from .data.check import image_files, problems_of_layout, unreadable
     from .progress import Progress
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"data check: {root} is not a folder")
-    layout = problems_of_layout(root, val_dir)
+    layout = problems_of_layout(root, val_dir, val_fraction)
     files = image_files(root)
     # in a pipe or a log: a line every tenth of the files (at least 100) and at the end, never one an image
     bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 10, 100)))
@@ -186,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             from .data.packed import pack
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
-            pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir)
+            if not 0 <= args.val_fraction < 1:
+                raise ConfigError("--val-fraction: must be in [0, 1): the share of each class held out")
+            pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir,
+                 val_fraction=args.val_fraction, split_seed=args.split_seed)
         elif args.command == "data" and args.data_command == "check":
-            return _data_check(args.dir, args.val_dir)
+            return _data_check(args.dir, args.val_dir, args.val_fraction)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
         return 2

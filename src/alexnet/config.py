@@ -61,6 +61,10 @@ class TrainConfig:
                                  "test/); none: the built-in generated dataset")
     val_dir: str | None = opt(None, "the validation split's folder under --data (default: the first of val, valid, "
                                     "validation and test that exists)")
+    val_fraction: float = opt(0.0, "hold out this share of each class of train/ (or, where --data has no train/, of "
+                                   "its class folders) as the validation split, in place of a validation folder; 0: off")
+    split_seed: int = opt(0, "which files --val-fraction holds out (apart from --seed, so that a sweep over --seed "
+                             "keeps one validation set)")
     synthetic_seed: int = opt(0, "seed of the built-in generated dataset")
     cache_dir: str | None = opt(None, "where the built-in dataset is generated (default $ALEXNET_CACHE or ~/.cache/alexnet)")
     on_bad_image: str = opt("skip", "an unreadable image: skip it (counted in metrics.jsonl, with a warning) or stop with an error",
@@ -364,6 +368,9 @@ def validate_train(cfg: TrainConfig) -> None:
     # --random-resized-crop.
     check_crop(cfg.resize, cfg.crop)
     need(cfg.val_crop >= 0, "val-crop", "must be 0 (the --crop) or a crop size")
+    need(0 <= cfg.val_fraction < 1, "val-fraction", "must be in [0, 1): the share of each class held out")
+    need(not (cfg.val_fraction and cfg.val_dir), "val-fraction", "and --val-dir: give one (a held-out share of "
+                                                                   "train/, or a validation folder)")
     if cfg.val_crop:
         check_crop(cfg.resize, cfg.val_crop, "val-crop")
     need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")

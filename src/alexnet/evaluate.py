@@ -69,6 +69,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     return metrics
 
 
+def _same_data(given: str | None, trained_on: str | None) -> bool:
+    """Whether --data (None: not given) is the folder the model was trained on."""
+    return given is None or trained_on is not None and Path(given).resolve() == Path(trained_on).resolve()
+
+
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     tune_allocator()
     state = checkpoint.load_run(cfg.checkpoint)
@@ -91,6 +96,8 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                           workers=cfg.workers, rank=distributed.rank(), world=distributed.world_size(),
                           jpeg_decode=cfg.jpeg_decode, classes=list(state["classes"]),
                           val_dir=cfg.val_dir or (tcfg.get("val_dir") if cfg.data is None else None),
+                          val_files=state.get("val_files") if _same_data(cfg.data, tcfg["data"]) and not cfg.val_dir
+                          else None,
                           say=lambda warning: print(warning, file=sys.stderr, flush=True))
     if loaders.val_set.classes != list(state["classes"]):
         raise CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")

@@ -12,9 +12,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import DataError
 from . import packed
 from .batch import jpeg_on_gpu, main_process_augment
-from .folder import ImageFolder, open_splits, val_dir_of
+from .folder import ImageFolder, held_out_folder, open_splits, val_dir_of
 from .loader import make_loader
 from .transforms import eval_transform, train_transform
 
@@ -36,11 +37,18 @@ def build_loaders(root: str | Path, device: torch.device, *, train: dict | None,
                   eval_batch: int, workers: int, seed: int = 0, rank: int = 0, world: int = 1,
                   on_bad_image: str = "skip", jpeg_decode: str = "auto", data_on_device: str = "no",
                   classes: list[str] | None = None, persistent: bool = True, val_dir: str | None = None,
+                  val_fraction: float = 0.0, split_seed: int = 0, val_files: list[str] | None = None,
                   say=print) -> Loaders:
     """Loaders of the train split (`train`: train_transform's arguments) and the validation split (`val`:
     eval_transform's; with `classes`, those of the model it is for), either of which may be None. The
-    validation split of an image folder is `val_dir` under `root`, or the first of folder.VAL_DIRS."""
-    splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, val_dir, say)
+    validation split of an image folder is `val_dir` under `root`, or the first of folder.VAL_DIRS; with
+    `val_fraction`, a share of each class held out (folder.held_out), or for evaluation alone the held-out
+    `val_files` a run recorded."""
+    if val_fraction and packed.is_packed(root):
+        raise DataError(f"--val-fraction: {root} is a packed dataset, whose validation split was chosen when it "
+                        f"was packed (`alexnet data pack DIR OUT --val-fraction F`); drop --val-fraction")
+    held = dict(val_dir=val_dir, val_fraction=val_fraction, split_seed=split_seed, val_files=val_files)
+    splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, held, say)
     packed.hold_on_device([s for s in splits if s is not None], device, data_on_device, say)
     loaders = [make_loader(s, size, workers, train=s is splits[0], seed=seed, pin_memory=device.type == "cuda",
                            rank=rank, world=world, device_type=device.type, persistent=persistent)
@@ -49,7 +57,7 @@ def build_loaders(root: str | Path, device: torch.device, *, train: dict | None,
     return Loaders(*splits, *loaders, *augments)
 
 
-def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, val_dir, say) -> list:
+def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, held, say) -> list:
     transforms = (train_transform(**train) if train is not None else None,
                   eval_transform(**val) if val is not None else None)
     if packed.is_packed(root):
@@ -59,12 +67,20 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, va
         tf_train, tf_val = transforms
         splits = list(packed.open_splits(root, resize, tf_train or tf_val, tf_val or tf_train, seed))
     elif train is not None:
-        splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed,
-                                  on_bad_image=on_bad_image, val_dir=val_dir))
+        splits = list(open_splits(root, *(t or transforms[0] for t in transforms), seed, on_bad_image=on_bad_image,
+                                  val_dir=held["val_dir"], val_fraction=held["val_fraction"],
+                                  split_seed=held["split_seed"]))
+    elif held["val_files"] is not None:
+        splits = [None, held_out_folder(Path(root), held["val_files"], classes, transforms[1], seed, on_bad_image)]
     else:
-        val_dir = val_dir_of(Path(root), val_dir) if Path(root).is_dir() else "val"
+        val_dir = val_dir_of(Path(root), held["val_dir"]) if Path(root).is_dir() else "val"
         splits = [None, ImageFolder(root, val_dir, transforms[1], seed, classes=classes, on_bad_image=on_bad_image)]
-    if not packed.is_packed(root) and splits[1].split != "val":
+    if getattr(splits[1], "held_out", None) is not None:
+        say(f"validation split: {len(splits[1])} images held out of {Path(root) / splits[1].split} "
+            f"(--val-fraction {held['val_fraction']:g}, --split-seed {held['split_seed']})"
+            if held["val_files"] is None else f"validation split: the {len(splits[1])} images held out when the "
+            f"model was trained")
+    elif not packed.is_packed(root) and splits[1].split != "val":
         say(f"validation split: {Path(root) / splits[1].split}")
     splits = [s if t is not None else None for s, t in zip(splits, transforms)]
     if not packed.is_packed(root):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 from pathlib import Path
@@ -76,7 +77,10 @@ class ImageFolder(Dataset):
     random augmentation of a sample depends only on (seed, epoch, index)."""
 
     def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
-                 classes: list[str] | None = None, on_bad_image: str = "skip") -> None:
+                 classes: list[str] | None = None, on_bad_image: str = "skip",
+                 samples: list[tuple[str, int]] | None = None) -> None:
+        """`samples` ((path, label) pairs, with `classes`): these files of the split's folder, not all of them
+        (a held-out split, see held_out)."""
         self.root, self.split = Path(root), split
         split_dir = self.root / split
         own = find_classes(split_dir)
@@ -84,13 +88,14 @@ class ImageFolder(Dataset):
             classes = own
         else:
             extra = sorted(set(own) - set(classes))
-            if extra:
+            if extra and samples is None:
                 raise DataError(f"{split_dir} has classes the model does not know: {', '.join(extra[:5])}"
                                 + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
         self.classes = list(classes)
-        self.samples = scan(split_dir, self.classes)
+        self.samples = scan(split_dir, self.classes) if samples is None else samples
         if not self.samples:
             raise DataError(f"{split_dir} holds no images")
+        self.held_out: list[str] | None = None  # a held-out validation split: its files, relative to split_dir
         self.transform, self.seed, self.on_bad_image = transform, seed, on_bad_image
         self.batch = None  # a BatchAugment: decode and resize here, the rest on whole batches (see data.batch)
         self.decode_on_device = False  # with `batch`: JPEG files decoded on the GPU (see data.jpeg)
@@ -119,11 +124,47 @@ class ImageFolder(Dataset):
         return self.transform(img, g), label
 
 
+def pool_dir(root: Path) -> str:
+    """Where --val-fraction holds out from: train/, or with none, the folder itself (only class folders)."""
+    return "train" if (root / "train").is_dir() else "."
+
+
+def held_out(root: Path, fraction: float, split_seed: int) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(classes, train samples, validation samples) of the image folder `root` with a share `fraction` of
+    each class of pool_dir(root) held out for validation: round(fraction x n) of a class's n files, at least
+    one where it has two or more, chosen by a hash of (split_seed, the file's path relative to the pool).
+    The split depends on the file list and `split_seed` only: not on --seed, the machine or the file order."""
+    pool = root / pool_dir(root)
+    classes = find_classes(pool)
+    train, val = [], []
+    for label in range(len(classes)):
+        files = scan(pool, classes[label:label + 1])
+        ranked = sorted(files, key=lambda f: hashlib.sha256(
+            f"{split_seed}/{Path(f[0]).relative_to(pool).as_posix()}".encode()).digest())
+        n = len(ranked)
+        k = min(n - 1, max(1, round(fraction * n))) if n > 1 else 0
+        val += [(path, label) for path, _ in sorted(ranked[:k])]
+        train += [(path, label) for path, _ in sorted(ranked[k:])]
+    if not val:
+        raise DataError(f"--val-fraction {fraction:g} holds out no image of {pool}: every class needs two images or more")
+    return classes, train, val
+
+
 def open_splits(root: str | Path, train_transform: Compose, eval_transform: Compose, seed: int,
-                on_bad_image: str = "skip", val_dir: str | None = None):
+                on_bad_image: str = "skip", val_dir: str | None = None, val_fraction: float = 0.0,
+                split_seed: int = 0):
+    """(train, validation) ImageFolders of `root`: train/ and the validation folder (val_dir_of), or with
+    `val_fraction`, the two parts of pool_dir(root) (held_out)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
+    if val_fraction:
+        classes, train_samples, val_samples = held_out(root, val_fraction, split_seed)
+        pool = pool_dir(root)
+        train = ImageFolder(root, pool, train_transform, seed, classes, on_bad_image, samples=train_samples)
+        val = ImageFolder(root, pool, eval_transform, seed, classes, on_bad_image, samples=val_samples)
+        val.held_out = [Path(path).relative_to(root / pool).as_posix() for path, _ in val_samples]
+        return train, val
     train = ImageFolder(root, "train", train_transform, seed, on_bad_image=on_bad_image)
     val_dir = val_dir_of(root, val_dir)
     check_val_classes(root, val_dir, train.classes)
@@ -131,11 +172,29 @@ def open_splits(root: str | Path, train_transform: Compose, eval_transform: Comp
     return train, val
 
 
+def held_out_folder(root: Path, files: list[str], classes: list[str], transform: Compose, seed: int = 0,
+                    on_bad_image: str = "skip") -> ImageFolder:
+    """The held-out validation split a run recorded (`files`, relative to pool_dir(root), as
+    ImageFolder.held_out), for `alexnet eval` on that run's data."""
+    pool = pool_dir(root)
+    index = {name: label for label, name in enumerate(classes)}
+    samples = []
+    for name in files:
+        path = root / pool / name
+        if not path.is_file():
+            raise DataError(f"{path}, held out for validation when the model was trained, is gone; evaluate "
+                            f"another folder with --data DIR")
+        samples.append((str(path), index[Path(name).parts[0]]))
+    folder = ImageFolder(root, pool, transform, seed, classes, on_bad_image, samples=samples)
+    folder.held_out = list(files)
+    return folder
+
+
 def median_short_side(root: Path, classes: int = 20, per_class: int = 10) -> int | None:
     """The median shorter side, in pixels, of a sample of the training images of the image folder `root`
     (up to `per_class` files from each of up to `classes` class folders spread over the sorted list), read
     from the files' headers: cheap on ImageNet-sized folders. None when there is nothing to read."""
-    split = root / "train"
+    split = root / pool_dir(root)
     try:
         folders = sorted(e.path for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
     except OSError:

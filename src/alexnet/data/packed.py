@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
-from .folder import check_val_classes, find_classes, scan, val_dir_of
+from .folder import check_val_classes, find_classes, held_out, pool_dir, scan, val_dir_of
 from .images import DECODE_ERRORS, load_rgb
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
@@ -96,9 +96,9 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
 
 
 def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print,
-         val_dir: str | None = None) -> Path:
+         val_dir: str | None = None, val_fraction: float = 0.0, split_seed: int = 0) -> Path:
     """Pack the train and validation splits of the ImageFolder `source` into `out` (see the module's doc;
-    the validation split is folder.val_dir_of's, stored as "val").
+    the validation split is folder.val_dir_of's, or with `val_fraction` folder.held_out's, stored as "val").
     One process packs; others that ask for the same folder at the same time wait for it and use it."""
     source, out = Path(source), Path(out)
     parse_resize(resize)
@@ -110,13 +110,19 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         return _same_pack(out, source, resize, log)
     if out.exists() and any(out.iterdir()) and not is_complete(out):
         raise DataError(f"{out} exists and is not a packed dataset; choose a new folder")
-    classes = find_classes(source / "train")
-    splits = {"train": scan(source / "train", classes)}
-    val_dir = val_dir_of(source, val_dir)
-    check_val_classes(source, val_dir, classes)
-    splits["val"] = scan(source / val_dir, classes)
-    if val_dir != "val":
-        log(f"validation split: {source / val_dir}")
+    if val_fraction:
+        classes, train, val = held_out(source, val_fraction, split_seed)
+        splits = {"train": train, "val": val}
+        log(f"validation split: {len(val)} images held out of {source / pool_dir(source)} (--val-fraction "
+            f"{val_fraction:g}, --split-seed {split_seed})")
+    else:
+        classes = find_classes(source / "train")
+        splits = {"train": scan(source / "train", classes)}
+        val_dir = val_dir_of(source, val_dir)
+        check_val_classes(source, val_dir, classes)
+        splits["val"] = scan(source / val_dir, classes)
+        if val_dir != "val":
+            log(f"validation split: {source / val_dir}")
     total = sum(len(s) for s in splits.values())
     done = {"n": 0}
 
@@ -128,7 +134,8 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
     def build(tmp: Path) -> None:
         log(f"packing {total} images of {source} at --resize {resize} into {out} with {workers} worker(s)")
         meta = {"format_version": FORMAT_VERSION, "source": str(source.resolve()), "resize": resize,
-                "classes": classes, "splits": {}}
+                "classes": classes, "splits": {},
+                **({"val_fraction": val_fraction, "split_seed": split_seed} if val_fraction else {})}
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
         with pool or nullcontext():
             for split, samples in splits.items():

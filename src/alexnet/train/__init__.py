@@ -55,12 +55,13 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
                          batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
                          seed=cfg.seed, rank=plan.rank, world=plan.world, on_bad_image=cfg.on_bad_image,
-                         jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, val_dir=cfg.val_dir, say=say)
+                         jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, val_dir=cfg.val_dir,
+                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, say=say)
     plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
     state = resume(cfg, plan, trainer, data.classes, data_root, say)
     record = Record(plan, say, log)
-    record.open(early, state.epoch)
+    record.open(early, state.epoch, held_out=getattr(data.val_set, "held_out", None))
     if state.resumed:
         say(state.resumed)
     say(f"run folder {plan.out}; {len(data.train_set)} train and {len(data.val_set)} val images in "
@@ -123,7 +124,7 @@ def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say) -
 
     def save(epoch: int, step_in_epoch: int, sums: dict | None, is_best: bool = False) -> None:
         states.save(trainer, state, plan, classes, epoch=epoch, step_in_epoch=step_in_epoch, sums=sums,
-                    metrics=last, is_best=is_best)
+                    metrics=last, is_best=is_best, held_out=getattr(data.val_set, "held_out", None))
 
     hooks = Hooks(state, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                   steps_per_epoch=plan.steps_per_epoch, world=plan.world, save=save, scalars=record.scalars,

@@ -29,16 +29,20 @@ class Record:
         self.plan, self.say, self.log = plan, say, log
         self.file, self.scalars = None, logs.Scalars(None)
 
-    def open(self, early, epochs_done: int = 0) -> None:
+    def open(self, early, epochs_done: int = 0, held_out: list[str] | None = None) -> None:
         """Make the run folder: once data, model and checkpoint are known to work, so that errors before
         leave none. metrics.jsonl keeps the lines of the `epochs_done` epochs the run starts after: a run
-        stopped between an epoch's line and its checkpoint repeats that epoch, and records it once."""
+        stopped between an epoch's line and its checkpoint repeats that epoch, and records it once.
+        `held_out`: the validation files held out of the training folder (--val-fraction), listed in
+        val_files.txt."""
         if not self.plan.main:
             return
         out = self.plan.out
         self.plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._keep_epochs(out / "metrics.jsonl", epochs_done)
         save_yaml(self.plan.resolved, out / "config.yaml")
+        if held_out is not None:
+            (out / "val_files.txt").write_text("".join(f"{name}\n" for name in held_out))
         self.file = logs.to_file(out / "train.log", early)
         if self.plan.resolved.tensorboard:
             self.scalars = logs.Scalars(out / "tensorboard")
