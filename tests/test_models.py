@@ -159,6 +159,10 @@ def test_paper_initialisation():
     assert all(torch.all(layer.bias == 0) for layer in zeros)
     drops = [x for x in m.classifier if isinstance(x, nn.Dropout)]
     assert len(drops) == 2 and all(d.p == 0.5 for d in drops)
+    tenth = create_model("alexnet2012", 10, init_bias=0.1)  # the paper2012 recipe's
+    biased = [m for i, m in enumerate(x for x in tenth.modules() if isinstance(x, (nn.Conv2d, nn.Linear)))
+              if i in (1, 3, 4, 5, 6)]
+    assert all(torch.all(layer.bias == 0.1) for layer in biased)
 
 
 def test_initialisation_schemes():

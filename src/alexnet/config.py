@@ -74,6 +74,8 @@ class TrainConfig:
     fc_width: int = opt(4096, "width of the two hidden fully connected layers")
     init: str = opt("auto", "weight initialisation: auto (fan-out for alexnet, paper for alexnet2012), fan-out, "
                     "fan-in, pytorch or paper", ("auto",) + INIT_SCHEMES)
+    init_bias: float = opt(1.0, "the paper initialisation's bias of conv2, conv4, conv5 and the hidden fully "
+                                "connected layers (the paper's: 1)")
     dropout: float = opt(0.5, "dropout probability before the hidden fully connected layers")
     train_bn: bool = opt(False, "train with a BatchNorm after each convolution, folded into the convolutions "
                                 "in every saved model: what is saved, evaluated and exported is the plain "
@@ -371,6 +373,7 @@ def validate_train(cfg: TrainConfig) -> None:
     need(0 <= cfg.val_fraction < 1, "val-fraction", "must be in [0, 1): the share of each class held out")
     need(not (cfg.val_fraction and cfg.val_dir), "val-fraction", "and --val-dir: give one (a held-out share of "
                                                                    "train/, or a validation folder)")
+    need(math.isfinite(cfg.init_bias), "init-bias", "must be a finite number")
     if cfg.val_crop:
         check_crop(cfg.resize, cfg.val_crop, "val-crop")
     need(0 < cfg.rrc_min_scale <= 1, "rrc-min-scale", "must be in (0, 1]")

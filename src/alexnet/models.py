@@ -31,7 +31,7 @@ class AlexNet(_AlexNetShape):
     """torchvision's AlexNet (the 2014 "one weird trick" variant), with a configurable hidden width."""
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096,
-                 init: str = "fan-out") -> None:
+                 init: str = "fan-out", init_bias: float = 1.0) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
@@ -58,7 +58,7 @@ class AlexNet(_AlexNetShape):
             nn.ReLU(inplace=True),
             nn.Linear(fc_width, num_classes),
         )
-        init_weights(self, init)
+        init_weights(self, init, init_bias)
 
 
 class PaperLRN(nn.LocalResponseNorm):
@@ -79,7 +79,7 @@ class AlexNet2012(_AlexNetShape):
     max-pooling, dropout on the two hidden fully connected layers, and the paper's initialisation."""
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5, fc_width: int = 4096,
-                 init: str = "paper") -> None:
+                 init: str = "paper", init_bias: float = 1.0) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),  # conv1
@@ -108,13 +108,13 @@ class AlexNet2012(_AlexNetShape):
             nn.ReLU(inplace=True),
             nn.Linear(fc_width, num_classes),  # fc8
         )
-        init_weights(self, init)
+        init_weights(self, init, init_bias)
 
 
 INIT_SCHEMES = ("fan-out", "fan-in", "pytorch", "paper")
 
 
-def init_weights(model: nn.Module, scheme: str) -> None:
+def init_weights(model: nn.Module, scheme: str, paper_bias: float = 1.0) -> None:
     """Initialise the convolutions and fully connected layers of an AlexNet-shaped model.
 
     - fan-out: He normal (fan-out, as torchvision does for VGG) for convolutions, N(0, 0.01) for the
@@ -122,8 +122,8 @@ def init_weights(model: nn.Module, scheme: str) -> None:
     - fan-in: He normal (fan-in) everywhere but the last layer, N(0, 0.01) there, zero biases. Larger
       activations: quicker to leave the initial plateau, but needs a smaller learning rate at 224.
     - pytorch: PyTorch's default layer initialisation, which torchvision's AlexNet keeps.
-    - paper: section 5 of the 2012 paper: N(0, 0.01) weights; biases 1 on conv2, conv4, conv5 and the
-      hidden fully connected layers (to give the ReLUs positive inputs early on), 0 elsewhere.
+    - paper: section 5 of the 2012 paper: N(0, 0.01) weights; biases 1 (`paper_bias`) on conv2, conv4,
+      conv5 and the hidden fully connected layers (to give the ReLUs positive inputs early on), 0 elsewhere.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown initialisation {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
@@ -142,7 +142,7 @@ def init_weights(model: nn.Module, scheme: str) -> None:
         nn.init.normal_(linears[-1].weight, mean=0.0, std=0.01)
     if scheme == "paper":
         for m in (convs[1], convs[3], convs[4], linears[0], linears[1]):
-            nn.init.ones_(m.bias)
+            nn.init.constant_(m.bias, paper_bias)
 
 
 BN_EPS = 1e-5
@@ -194,11 +194,14 @@ ARCHITECTURES = tuple(_REGISTRY)
 
 
 def create_model(arch: str, num_classes: int, dropout: float = 0.5, fc_width: int = 4096,
-                 init: str = "auto") -> nn.Module:
-    """`init` "auto" keeps the architecture's own: fan-out for alexnet, paper for alexnet2012."""
+                 init: str = "auto", init_bias: float = 1.0) -> nn.Module:
+    """`init` "auto" keeps the architecture's own: fan-out for alexnet, paper for alexnet2012; `init_bias`
+    is the paper initialisation's bias constant."""
     if arch not in _REGISTRY:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     kw = {} if init == "auto" else {"init": init}
+    if init_bias != 1.0:
+        kw["init_bias"] = init_bias
     return _REGISTRY[arch](num_classes=num_classes, dropout=dropout, fc_width=fc_width, **kw)
 
 

@@ -56,7 +56,7 @@ class Trainer:
 
 def build_trainer(cfg: TrainConfig, plan, device: torch.device, classes: int, say) -> Trainer:
     """The model (with --weights, --train-bn), wrapped by the parallelism strategy, and what steps it."""
-    model = create_model(cfg.arch, classes, cfg.dropout, cfg.fc_width, cfg.init)
+    model = create_model(cfg.arch, classes, cfg.dropout, cfg.fc_width, cfg.init, cfg.init_bias)
     if cfg.weights:
         try:
             replaced = load_pretrained(model, checkpoint.weights_from(cfg.weights))
