@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from .train.state import saved_config
             early = logs.hold_early()  # what resolving the settings says belongs in the run's train.log
             try:
-                cfg, _ = resolve_train(_settings(args), saved_config)
+                # A node of a multi-node job whose --data is missing says so through the ranks' agreement on
+                # the data (train.open_data), which stops its peers too, not here, where they would wait for it.
+                agreed = launch.nodes(args)[1] > 1 if launch.requested(args) else ranked
+                cfg, _ = resolve_train(_settings(args), saved_config, check_data=not agreed)
                 if launch.requested(args):  # settings are checked once, here, before any worker starts
                     logs.drop_early(early)
                     batch_sizes(cfg, launch.world_size(args))

@@ -360,7 +360,10 @@ def check_choices(cfg) -> None:
                               f"{', '.join(choices)}")
 
 
-def validate_train(cfg: TrainConfig) -> None:
+def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
+    """Refuse settings that cannot work, before any work. `check_data` False: a missing --data is left to
+    the workers of a multi-node job, which agree on it with their peers (train.open_data), so that every
+    node stops at once rather than the others waiting for this one until the timeout."""
     def need(ok: bool, setting: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"--{setting}: {msg}")
@@ -454,7 +457,7 @@ def validate_train(cfg: TrainConfig) -> None:
             raise ConfigError(missing)
     need(cfg.resume != "auto" or cfg.out is not None, "resume",
          "auto needs --out: the run folder whose checkpoints to continue from")
-    for name in ("data", "weights", "resume"):
+    for name in ("data", "weights", "resume") if check_data else ("weights", "resume"):
         value = getattr(cfg, name)
         need(value is None or value == "auto" and name == "resume" or Path(value).exists(), name,
              f"{value!r} does not exist")
@@ -578,7 +581,7 @@ def _small_image_defaults(data: Path, values: dict) -> None:
             + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items()) + " (set them to choose others)")
 
 
-def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainConfig, set[str]]:
+def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: bool = True) -> tuple[TrainConfig, set[str]]:
     """Layer the settings: defaults < built-in dataset defaults < resumed run < recipe < YAML < flags.
 
     `checkpoint_config(resume, out)` returns the saved config of the checkpoint that --resume names (for
@@ -622,5 +625,5 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None) -> tuple[TrainC
         # Goyal et al.: a linearly scaled learning rate needs a gradual warm-up (theirs: 5 epochs).
         values["warmup_epochs"] = min(5.0, float(values.get("epochs", 90)))
     cfg = build(TrainConfig, values)
-    validate_train(cfg)
+    validate_train(cfg, check_data)
     return cfg, set(explicit)

@@ -88,6 +88,40 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
     return splits
 
 
+def fingerprint(loaders: Loaders) -> dict:
+    """What every rank's copy of the data must agree on (see ImageFolder.fingerprint), split by split."""
+    return {name: split.fingerprint() for name, split in (("training", loaders.train_set),
+                                                         ("validation", loaders.val_set)) if split is not None}
+
+
+def disagreement(found: list[tuple[str, str, dict]]) -> str | None:
+    """What is wrong when the ranks' data differ: `found` holds each rank's (host, data folder, outcome),
+    the outcome being {"fingerprint": ...} or {"error": message} for a rank that could not open its data.
+    None when every rank opened the same data."""
+    for rank, (host, root, outcome) in enumerate(found):
+        if "error" in outcome:
+            return f"rank {rank} on {host} could not open its data: {outcome['error']}"
+    _, root0, first = found[0]
+    for rank, (host, root, outcome) in enumerate(found[1:], start=1):
+        for split, mine in outcome["fingerprint"].items():
+            theirs = first["fingerprint"][split]
+            if mine == theirs:
+                continue
+            if mine["classes"] != theirs["classes"]:
+                odd = sorted(set(mine["classes"]) ^ set(theirs["classes"]))
+                what = (f"other classes than rank 0 ({found[0][0]}, {root0}): {', '.join(odd[:3])} in one and not "
+                        f"the other" if odd else f"its classes in another order than rank 0 ({found[0][0]})")
+            elif mine["images"] != theirs["images"]:
+                what = f"{mine['images']:,} {split} images where rank 0 ({found[0][0]}, {root0}) has {theirs['images']:,}"
+            else:
+                what = (f"the same number of {split} images as rank 0 ({found[0][0]}, {root0}), but other files "
+                        f"(names, sizes or labels)")
+            return (f"the ranks' copies of the data differ: rank {rank} on {host} ({root}) has {what}. Every "
+                    f"node must hold the same copy (copy it from one node to the others, whole), or the ranks "
+                    f"would train on overlapping shards")
+    return None
+
+
 def warn_smaller_than_source(root: str, resize: str, say) -> None:
     """Random-resized crops of packed images are cut from the stored pixels: where those are fewer than the
     source file's, small crops are enlarged from less detail than the JPEG path would give them."""

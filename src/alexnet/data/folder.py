@@ -103,6 +103,20 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def fingerprint(self) -> dict:
+        """What two copies of this split must agree on: its image count, its classes, and a hash of each
+        file's path relative to the split's folder, size and label (not where the copy lies, nor its
+        modification times)."""
+        base = self.root / self.split
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            h.update(f"{Path(path).relative_to(base).as_posix()}\t{size}\t{label}\n".encode())
+        return {"images": len(self.samples), "classes": list(self.classes), "files": h.hexdigest()}
+
     def __getitem__(self, key) -> tuple[torch.Tensor, int] | None:
         """The transformed image and its label; None for an unreadable file under on_bad_image="skip"
         (the loader's collate drops it and counts it)."""

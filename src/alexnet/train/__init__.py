@@ -7,14 +7,16 @@ agreed stops), record (metrics, log lines, report), schedule (the learning rate 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from .. import checkpoint, distributed, logs
 from ..config import TrainConfig
 from ..data import held
-from ..data.build import build_loaders, describe
+from ..data.build import build_loaders, describe, disagreement
+from ..data.build import fingerprint as data_fingerprint
 from ..data.synthetic import ensure_dataset
-from ..errors import CheckpointError, DistributedError, NonFiniteLoss
+from ..errors import CheckpointError, DataError, DistributedError, NonFiniteLoss
 from ..evaluate import evaluate
 from ..progress import Progress
 from ..runtime import configure, precision_warning, resolve_device, seed_everything, tune_allocator
@@ -50,13 +52,32 @@ def _fit(cfg: TrainConfig, log, early) -> dict:
         raise node_lost(lost, plan, e) from None
 
 
+def open_data(cfg: TrainConfig, plan: Plan, device, say):
+    """(data folder, loaders). With several processes, only once every rank has opened the same data: a rank
+    whose copy differs (another image count, other files or classes), or that could not open its own, stops
+    every rank at once with one message, instead of overlapping shards or a wait until the timeout."""
+    data_root = cfg.data or "the built-in dataset"
+    try:
+        data_root = cfg.data or str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
+        data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
+                             batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
+                             seed=cfg.seed, rank=plan.rank, world=plan.world, on_bad_image=cfg.on_bad_image,
+                             jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, val_dir=cfg.val_dir,
+                             val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, say=say)
+        outcome = {"fingerprint": data_fingerprint(data)} if plan.world > 1 else {}
+    except (DataError, OSError) as e:
+        if plan.world == 1:
+            raise
+        data, outcome = None, {"error": str(e)}
+    if plan.world > 1:
+        found = distributed.all_gather_objects((socket.gethostname(), data_root, outcome))
+        if problem := disagreement(found):
+            raise DataError(problem)
+    return data_root, data
+
+
 def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) -> dict:
-    data_root = cfg.data or str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
-    data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
-                         batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
-                         seed=cfg.seed, rank=plan.rank, world=plan.world, on_bad_image=cfg.on_bad_image,
-                         jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, val_dir=cfg.val_dir,
-                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, say=say)
+    data_root, data = open_data(cfg, plan, device, say)
     plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
     state = resume(cfg, plan, trainer, data.classes, data_root, say)
