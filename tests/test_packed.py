@@ -278,6 +278,29 @@ def test_a_damaged_copy_of_a_pack_is_refused_at_start_with_one_message(tmp_path,
     assert "copy the pack again" in err and len(err.strip().splitlines()) == 1
 
 
+def test_data_check_finds_a_changed_byte_in_a_pack_and_passes_a_whole_one(tmp_path, capsys):
+    src = write_folder(tmp_path / "src", classes=2, train_per_class=4, val_per_class=2, size=72)
+    out = tmp_path / "p"
+    assert cli(capsys, "data", "pack", src, out, "--resize", "72", "--workers", "0")[0] == 0
+    code, stdout, _ = cli(capsys, "data", "check", out)
+    assert code == 0 and "12 packed images, every one as packed" in stdout
+    pixels = out / "train.u8"
+    data = bytearray(pixels.read_bytes())
+    index = np.load(out / "train.idx.npy")
+    data[int(index[5, 0]) + 100] ^= 0x01  # one bit of image 5: the sizes all still agree
+    pixels.write_bytes(bytes(data))
+    assert cli(capsys, "train", "--data", out, "--resize", "72", "--crop", "64", "--epochs", "1", "--workers", "0",
+               "--out", tmp_path / "run", "--fc-width", "32", "--quiet")[0] == 0  # not seen at start: cheap checks only
+    code, stdout, _ = cli(capsys, "data", "check", out)
+    damaged = [line for line in stdout.splitlines() if line.startswith("damaged: ")]
+    assert code == 1 and len(damaged) == 1, stdout
+    assert f"{pixels}: 1 of its 8 images differ from what was packed (images 5)" in damaged[0]
+    assert "copy the pack again" in damaged[0]
+    pixels.write_bytes(bytes(data[:1000]))  # cut short: named as at start
+    code, stdout, _ = cli(capsys, "data", "check", out)
+    assert code == 1 and "is a damaged packed dataset" in stdout and "holds 1,000 bytes" in stdout
+
+
 @pytest.mark.parametrize("rrc", [False, True])
 def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path, rrc):
     """On a GPU with --jpeg-decode workers the JPEG path decodes and resizes in the workers and sends uint8

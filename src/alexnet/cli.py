@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("out", help="folder to write (made once: several processes may ask for it at the same time)")
     pk.add_argument("--resize", default="256", help="resize as alexnet train's --resize (default: 256); training "
                                                     "from the packed form must use the same")
-    pk.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2)")
-    check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems")
-    check.add_argument("dir", help="ImageFolder root (with train/ and val/)")
+    pk.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores available)")
+    check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems; "
+                                          "for a packed dataset, check every image against its checksum")
+    check.add_argument("dir", help="ImageFolder root (with train/ and val/), or a packed dataset")
     for sub in (pk, check):
         sub.add_argument("--val-dir", default=None, help="the validation split's folder under DIR (default: the first "
                                                          "of val, valid, validation and test that exists)")
@@ -102,11 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_check(folder: str, val_dir: str | None, val_fraction: float) -> int:
     from pathlib import Path
+    from .data import packed
     from .data.check import image_files, problems_of_layout, unreadable
     from .progress import Progress
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"data check: {root} is not a folder")
+    if packed.is_packed(root):
+        meta = packed.read_meta(root)
+        images = sum(m["images"] for m in meta["splits"].values())
+        damage = packed.verify(root, Progress(images, f"checking {root}", every=max(images // 10, 100)))
+        for problem in damage:
+            print(f"damaged: {problem}")
+        print(f"{images} packed images, {'damaged' if damage else 'every one as packed'}")
+        return 1 if damage else 0
     layout = problems_of_layout(root, val_dir, val_fraction)
     files = image_files(root)
     # in a pipe or a log: a line every tenth of the files (at least 100) and at the end, never one an image
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"--pca-eigvec={','.join(map(str, s['eigvec']))}")
         elif args.command == "data" and args.data_command == "pack":
             from .data.packed import pack
+            if args.workers is None:
+                args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
             if not 0 <= args.val_fraction < 1:

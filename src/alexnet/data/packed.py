@@ -5,6 +5,7 @@ per-image path) and writes, per split:
 
     OUT/<split>.u8        the pixels of all images, HWC uint8, one after another
     OUT/<split>.idx.npy   int64 (images, 4): byte offset, height, width, label
+    OUT/<split>.sum.npy   uint32 (images,): the CRC-32 of each image's bytes (`alexnet data check OUT`)
     OUT/packed.json       format version, resize, classes, image counts, skipped files, and how many
                           images are stored with fewer pixels than their source files
 
@@ -18,6 +19,8 @@ import hashlib
 import json
 import multiprocessing
 import sys
+import time
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -76,7 +79,7 @@ def _decode(job: tuple[str, str]):
 
 
 def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: str, pool, progress) -> dict:
-    index, skipped, offset, smaller = [], [], 0, 0
+    index, skipped, offset, smaller, sums = [], [], 0, 0, []
     jobs = [(path, resize) for path, _ in samples]
     with open(out / f"{split}.u8", "wb") as f:
         decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
@@ -85,7 +88,9 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
                 skipped.append(error)
                 print(f"WARNING: skipping unreadable image {error}", file=sys.stderr, flush=True)
             else:
-                f.write(pixels.tobytes())
+                data = pixels.tobytes()
+                f.write(data)
+                sums.append(zlib.crc32(data))
                 index.append((offset, pixels.shape[0], pixels.shape[1], label))
                 offset += pixels.size
                 smaller += shrunk
@@ -93,7 +98,44 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
     if not index:
         raise DataError(f"no readable image in the {split} split")
     np.save(out / f"{split}.idx.npy", np.array(index, dtype=np.int64))
-    return {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller}
+    np.save(out / f"{split}.sum.npy", np.array(sums, dtype=np.uint32))
+    return {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller,
+            "checksums": f"{split}.sum.npy"}
+
+
+def verify(root: str | Path, progress=None) -> list[str]:
+    """`alexnet data check PACK`: every image's bytes against the CRC-32 recorded when it was packed (and
+    first, the files' sizes against the index, as at every start). One line per damaged file, naming the
+    first images that differ; empty when the pack is whole."""
+    root = Path(root)
+    meta = read_meta(root)
+    found = []
+    for split, info in meta["splits"].items():
+        pixels_file = root / f"{split}.u8"
+        try:
+            index = _checked_index(root, split, info, pixels_file)
+        except DataError as e:
+            found.append(str(e))
+            continue
+        if "checksums" not in info:
+            found.append(f"{root} was packed before checksums were recorded: only the sizes of {pixels_file} "
+                         f"were checked; pack it again to have every image checked")
+            continue
+        sums = np.load(root / info["checksums"])
+        pixels = np.memmap(pixels_file, dtype=np.uint8, mode="r")
+        bad = []
+        for i, (offset, h, w, _) in enumerate(index):
+            if zlib.crc32(pixels[offset:offset + h * w * 3]) != sums[i]:
+                bad.append(i)
+            if progress is not None:
+                progress.update()
+        if bad:
+            first = ", ".join(str(i) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            found.append(f"{pixels_file}: {len(bad)} of its {len(index)} images differ from what was packed (images "
+                         f"{first}): the copy is damaged; copy the pack again from where it was made, or pack again")
+    if progress is not None:
+        progress.close()
+    return found
 
 
 def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print,
@@ -125,12 +167,14 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         if val_dir != "val":
             log(f"validation split: {source / val_dir}")
     total = sum(len(s) for s in splits.values())
-    done = {"n": 0}
+    done = {"n": 0, "start": time.monotonic()}
 
     def progress(split):
         done["n"] += 1
-        if done["n"] % max(total // 10, 1) == 0 or done["n"] == total:
-            log(f"  {done['n']}/{total} images")
+        if done["n"] % max(total // 20, 1) == 0 or done["n"] == total:
+            rate = done["n"] / max(time.monotonic() - done["start"], 1e-9)
+            left = int((total - done["n"]) / rate)
+            log(f"  {done['n']}/{total} images, {rate:.0f} images/s, {left // 60}:{left % 60:02d} left")
 
     def build(tmp: Path) -> None:
         log(f"packing {total} images of {source} at --resize {resize} into {out} with {workers} worker(s)")
