@@ -163,7 +163,6 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
             "--monitor-interval", "1", "--local-addr", net["address"]]
     if _can_keep_ctrl_c():  # Ctrl-C is the launcher's own (CtrlC): torch's agent handles the other signals
         args += ["--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT"]
-        os.environ["ALEXNET_SIGINT"] = "launcher"  # the workers leave it to the launcher
     if static:
         args += ["--rdzv-backend", "static", "--master-addr", host, "--master-port", str(port),
                  "--node-rank", str(a.launch_node_rank), "--rdzv-conf", f"timeout={seconds}"]
@@ -227,7 +226,10 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
     notes = tempfile.mkdtemp(prefix="alexnet-launch-")  # where a worker that lost a node says which
     os.environ["ALEXNET_LAUNCH_NOTES"] = notes
-    ctrl_c = CtrlC(command) if os.environ.get("ALEXNET_SIGINT") == "launcher" else None
+    ctrl_c = None
+    if "--signals-to-handle" in args:
+        ctrl_c = CtrlC(command)
+        os.environ["ALEXNET_SIGINT"] = "launcher"  # for the workers: they leave Ctrl-C to the launcher
     try:
         return _run(a, command, args, timeout, host, port, log, notes)
     except _Failed as failed:
@@ -243,6 +245,7 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     finally:
         if ctrl_c is not None:
             ctrl_c.restore()
+            os.environ.pop("ALEXNET_SIGINT", None)
         shutil.rmtree(notes, ignore_errors=True)
 
 

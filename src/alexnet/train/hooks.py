@@ -27,7 +27,7 @@ class StopSignal:
         self.requested, self.name = False, ""
         # A worker of `alexnet train --nproc-per-node` leaves Ctrl-C to the launcher (launch.CtrlC), which
         # sends it SIGTERM: a Ctrl-C that reached it too would otherwise count as the second request.
-        ignore_int = os.environ.get("ALEXNET_SIGINT") == "launcher"
+        ignore_int = distributed.launched() and os.environ.get("ALEXNET_SIGINT") == "launcher"
         try:
             self._previous = {s: signal.signal(s, signal.SIG_IGN if ignore_int and s == signal.SIGINT else self._handle)
                               for s in self.SIGNALS}
