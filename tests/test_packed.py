@@ -301,6 +301,27 @@ def test_data_check_finds_a_changed_byte_in_a_pack_and_passes_a_whole_one(tmp_pa
     assert code == 1 and "is a damaged packed dataset" in stdout and "holds 1,000 bytes" in stdout
 
 
+def test_a_pack_killed_half_way_continues_where_it_stopped_and_gives_the_same_pack(tmp_path):
+    src = write_folder(tmp_path / "src", classes=3, train_per_class=200, val_per_class=10, size=200)
+    reference = packed.pack(src, tmp_path / "reference", "200", workers=0, log=lambda *a: None)
+    out = tmp_path / "packed"
+    cmd = [sys.executable, "-m", "alexnet", "data", "pack", str(src), str(out), "--resize", "200", "--workers", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = tmp_path / ".packed.partial" / "train.progress.json"
+    while not saved.exists():
+        assert proc.poll() is None, "the pack ended before it saved its progress"
+    proc.kill()  # SIGKILL: nothing runs on the way out
+    proc.wait()
+    assert not packed.is_packed(out)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    done = int(again.stdout.split("already done")[0].split(": ")[-1].split(" of ")[0])
+    assert done > 0 and "continuing the interrupted pack" in again.stdout
+    for name in ("train.u8", "train.idx.npy", "train.sum.npy", "val.u8", "val.idx.npy", "packed.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not (tmp_path / ".packed.partial").exists()
+
+
 @pytest.mark.parametrize("rrc", [False, True])
 def test_jpeg_batch_path_for_gpus_equals_per_image(tmp_path, rrc):
     """On a GPU with --jpeg-decode workers the JPEG path decodes and resizes in the workers and sends uint8

@@ -16,13 +16,15 @@ def is_complete(folder: Path) -> bool:
     return (folder / DONE).exists()
 
 
-def build_once(final: Path, build: Callable[[Path], None], note: str = "", replace_incomplete: bool = False) -> bool:
+def build_once(final: Path, build: Callable[[Path], None], note: str = "", replace_incomplete: bool = False,
+               resumable: bool = False) -> bool:
     """Make `final` by calling `build(tmp)` on an empty temporary sibling folder, which is renamed into
     place once `build` returns (with a COMPLETE marker holding `note`). An exclusive lock beside it lets
     one process build while others, started at the same time, wait and then find it complete. Returns
     False when it was already complete. An interrupted build leaves no partial `final` behind. An
     existing `final` without the marker is replaced only when empty, or with `replace_incomplete` (for
-    folders of our own cache)."""
+    folders of our own cache). `resumable`: the temporary folder has a fixed name (.NAME.partial) and is
+    kept when the build fails or is killed, so that `build` finds there what an interrupted build did."""
     final = Path(final)
     if is_complete(final):
         return False
@@ -31,7 +33,11 @@ def build_once(final: Path, build: Callable[[Path], None], note: str = "", repla
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(final):
             return False
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        if resumable:
+            tmp = final.parent / f".{final.name}.partial"
+            tmp.mkdir(exist_ok=True)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a plain folder's permissions, not mkdtemp's private ones
@@ -45,6 +51,6 @@ def build_once(final: Path, build: Callable[[Path], None], note: str = "", repla
                     final.rmdir()  # an empty folder only: a user's files are never removed
             os.rename(tmp, final)
         finally:
-            if tmp.exists():
+            if tmp.exists() and not (resumable and not is_complete(final)):
                 shutil.rmtree(tmp, ignore_errors=True)
     return True

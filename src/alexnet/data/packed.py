@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import sys
 import time
 import zlib
@@ -78,12 +79,30 @@ def _decode(job: tuple[str, str]):
     return pixels, None, pixels.shape[0] * pixels.shape[1] < img.width * img.height
 
 
+SAVE_EVERY = 256  # images between two saves of an unfinished split's progress (data pack continues from there)
+
+
 def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: str, pool, progress) -> dict:
-    index, skipped, offset, smaller, sums = [], [], 0, 0, []
-    jobs = [(path, resize) for path, _ in samples]
-    with open(out / f"{split}.u8", "wb") as f:
+    """Decode, resize and append the split's images to OUT/<split>.u8, with their index and checksums. Every
+    SAVE_EVERY images what is done is saved (OUT/<split>.progress.*): a pack killed half-way continues from
+    there, with the same bytes as a pack never stopped. Returns the split's entry of packed.json."""
+    done_file, state_file = out / f"{split}.done.json", out / f"{split}.progress.json"
+    if done_file.exists():  # finished before the interruption
+        return json.loads(done_file.read_text())
+    state = {"done": 0, "bytes": 0, "skipped": [], "smaller": 0}
+    index, sums = [], []
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        index = np.load(out / f"{split}.progress.idx.npy").tolist()[:state["images"]]
+        sums = np.load(out / f"{split}.progress.sum.npy").tolist()[:state["images"]]
+    offset, smaller, skipped, start = state["bytes"], state["smaller"], list(state["skipped"]), state["done"]
+    progress(split, start, before=True)
+    jobs = [(path, resize) for path, _ in samples[start:]]
+    with open(out / f"{split}.u8", "r+b" if start else "wb") as f:
+        f.truncate(offset)  # what was written after the last save is written again
+        f.seek(offset)
         decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
-        for (path, label), (pixels, error, shrunk) in zip(samples, decoded):
+        for done, ((path, label), (pixels, error, shrunk)) in enumerate(zip(samples[start:], decoded), start + 1):
             if error is not None:
                 skipped.append(error)
                 print(f"WARNING: skipping unreadable image {error}", file=sys.stderr, flush=True)
@@ -95,12 +114,25 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
                 offset += pixels.size
                 smaller += shrunk
             progress(split)
+            if done % SAVE_EVERY == 0 and done < len(samples):
+                f.flush()
+                os.fsync(f.fileno())
+                np.save(out / f"{split}.progress.idx.npy", np.array(index, dtype=np.int64).reshape(-1, 4))
+                np.save(out / f"{split}.progress.sum.npy", np.array(sums, dtype=np.uint32))
+                tmp = state_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"done": done, "images": len(index), "bytes": offset, "skipped": skipped,
+                                           "smaller": smaller}))
+                os.replace(tmp, state_file)
     if not index:
         raise DataError(f"no readable image in the {split} split")
     np.save(out / f"{split}.idx.npy", np.array(index, dtype=np.int64))
     np.save(out / f"{split}.sum.npy", np.array(sums, dtype=np.uint32))
-    return {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller,
-            "checksums": f"{split}.sum.npy"}
+    entry = {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller,
+             "checksums": f"{split}.sum.npy"}
+    done_file.write_text(json.dumps(entry))
+    for name in (state_file, out / f"{split}.progress.idx.npy", out / f"{split}.progress.sum.npy"):
+        name.unlink(missing_ok=True)
+    return entry
 
 
 def verify(root: str | Path, progress=None) -> list[str]:
@@ -167,27 +199,53 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         if val_dir != "val":
             log(f"validation split: {source / val_dir}")
     total = sum(len(s) for s in splits.values())
-    done = {"n": 0, "start": time.monotonic()}
+    done = {"n": 0, "before": 0, "start": time.monotonic()}
 
-    def progress(split):
-        done["n"] += 1
-        if done["n"] % max(total // 20, 1) == 0 or done["n"] == total:
-            rate = done["n"] / max(time.monotonic() - done["start"], 1e-9)
-            left = int((total - done["n"]) / rate)
+    def progress(split, n: int = 1, before: bool = False):
+        """`n` more images done (`before`: by an interrupted run, which the rate leaves out)."""
+        done["n"] += n
+        done["before"] += n if before else 0
+        if not before and (done["n"] % max(total // 20, 1) == 0 or done["n"] == total):
+            rate = (done["n"] - done["before"]) / max(time.monotonic() - done["start"], 1e-9)
+            left = int((total - done["n"]) / max(rate, 1e-9))
             log(f"  {done['n']}/{total} images, {rate:.0f} images/s, {left // 60}:{left % 60:02d} left")
 
+    def already(tmp: Path) -> int:
+        """Images an interrupted pack in `tmp` had done."""
+        count = 0
+        for split, samples in splits.items():
+            if (tmp / f"{split}.done.json").exists():
+                count += len(samples)
+            elif (tmp / f"{split}.progress.json").exists():
+                count += json.loads((tmp / f"{split}.progress.json").read_text())["done"]
+        return count
+
     def build(tmp: Path) -> None:
-        log(f"packing {total} images of {source} at --resize {resize} into {out} with {workers} worker(s)")
         meta = {"format_version": FORMAT_VERSION, "source": str(source.resolve()), "resize": resize,
                 "classes": classes, "splits": {},
                 **({"val_fraction": val_fraction, "split_seed": split_seed} if val_fraction else {})}
+        files = hashlib.sha256("\n".join(f"{path}\t{label}" for samples in splits.values()
+                                          for path, label in samples).encode()).hexdigest()
+        plan = {**meta, "files": files}
+        started = tmp / "plan.json"
+        if started.exists() and json.loads(started.read_text()) == plan:
+            log(f"continuing the interrupted pack of {source} into {out}: {already(tmp)} of {total} images "
+                f"already done")
+        else:  # a first start, or an interrupted pack of other files or settings: start over
+            for old in tmp.iterdir():
+                old.unlink()
+            started.write_text(json.dumps(plan))
+        log(f"packing {total} images of {source} at --resize {resize} into {out} with {workers} worker(s)")
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
         with pool or nullcontext():
             for split, samples in splits.items():
                 meta["splits"][split] = _pack_split(samples, resize, tmp, split, pool, progress)
+        for split in splits:
+            (tmp / f"{split}.done.json").unlink()
+        started.unlink()
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
 
-    if not build_once(out, build, f"packed from {source}"):  # another process packed it meanwhile
+    if not build_once(out, build, f"packed from {source}", resumable=True):  # another process packed it meanwhile
         return _same_pack(out, source, resize, log)
     meta = read_meta(out)
     sizes = {s: m["images"] for s, m in meta["splits"].items()}
