@@ -11,7 +11,7 @@ from . import __version__, distributed, launch, logs
 from .config import (BenchConfig, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
                      validate_eval, validate_predict)
 from .errors import (BenchError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
-                     NonFiniteLoss, WriteError)
+                     NonFiniteLoss, WriteError, message)
 from .export import FORMATS
 
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--resize", default="256", help="resize as alexnet train's --resize (default: 256); training "
                                                     "from the packed form must use the same")
     pk.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores available)")
+    pk.add_argument("--encoding", choices=("raw", "jpeg"), default="raw",
+                    help="raw: the resized pixels (about 190 KiB an image at 256; nothing to decode, for sets that "
+                         "fit in memory); jpeg: the resized images encoded again as JPEG (about a tenth of that, "
+                         "decoded by the loader workers or the GPU) (default: raw)")
+    pk.add_argument("--quality", type=int, default=90, help="JPEG quality of --encoding jpeg, 1 to 100 (default: 90)")
     check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems; "
                                           "for a packed dataset, check every image against its checksum")
     check.add_argument("dir", help="ImageFolder root (with train/ and val/), or a packed dataset")
@@ -208,14 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.val_fraction < 1:
                 raise ConfigError("--val-fraction: must be in [0, 1): the share of each class held out")
             pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir,
-                 val_fraction=args.val_fraction, split_seed=args.split_seed)
+                 val_fraction=args.val_fraction, split_seed=args.split_seed, encoding=args.encoding,
+                 quality=args.quality)
         elif args.command == "data" and args.data_command == "check":
             return _data_check(args.dir, args.val_dir, args.val_fraction)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
+        print(f"alexnet {args.command}{who}: error: {message(e)}", file=sys.stderr)
         return 2
     except (DistributedError, NonFiniteLoss, ExportError, BenchError, WriteError) as e:
-        print(f"alexnet {args.command}{who}: error: {e}", file=sys.stderr)
+        print(f"alexnet {args.command}{who}: error: {message(e)}", file=sys.stderr)
         return 1
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""

@@ -36,3 +36,15 @@ class ExportError(RuntimeError):
 
 class BenchError(Exception):
     """The reference pipeline's process failed or ended."""
+
+
+def message(e: Exception) -> str:
+    """The exception's message; for one that a DataLoader worker raised, which the loader raises again in
+    the main process as "Caught X in DataLoader worker process 0. Original Traceback (...): ... X: message",
+    the original message alone."""
+    text = str(e)
+    if "in DataLoader worker process" not in text or "Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    name = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(name):] if last.startswith(name) else last

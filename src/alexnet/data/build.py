@@ -83,7 +83,7 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
     elif not packed.is_packed(root) and splits[1].split != "val":
         say(f"validation split: {Path(root) / splits[1].split}")
     splits = [s if t is not None else None for s, t in zip(splits, transforms)]
-    if not packed.is_packed(root):
+    if not packed.is_packed(root) or splits[0 if splits[0] is not None else 1].encoding == "jpeg":
         jpeg_on_gpu([s for s in splits if s is not None], device, jpeg_decode, say)
     return splits
 
@@ -107,7 +107,10 @@ def disagreement(found: list[tuple[str, str, dict]]) -> str | None:
             theirs = first["fingerprint"][split]
             if mine == theirs:
                 continue
-            if mine["classes"] != theirs["classes"]:
+            if mine.get("encoding") != theirs.get("encoding"):
+                what = (f"its images packed as {mine.get('encoding', 'image files')} where rank 0 ({found[0][0]}, "
+                        f"{root0}) has {theirs.get('encoding', 'image files')}")
+            elif mine["classes"] != theirs["classes"]:
                 odd = sorted(set(mine["classes"]) ^ set(theirs["classes"]))
                 what = (f"other classes than rank 0 ({found[0][0]}, {root0}): {', '.join(odd[:3])} in one and not "
                         f"the other" if odd else f"its classes in another order than rank 0 ({found[0][0]})")
@@ -138,9 +141,10 @@ def warn_smaller_than_source(root: str, resize: str, say) -> None:
 
 def describe(dataset, device: torch.device) -> str:
     """How a split's images reach the model, for the run's first lines ("" for the plain CPU JPEG path)."""
-    kind = "packed" if isinstance(dataset, packed.PackedSplit) else "JPEG"
+    kind = "JPEG" if not isinstance(dataset, packed.PackedSplit) else (
+        "packed" if dataset.encoding == "raw" else "packed as JPEG")
     if dataset.batch is None:
-        if kind == "JPEG" and device.type == "cpu":
+        if kind == "JPEG" and device.type == "cpu":  # the plain CPU JPEG path
             return ""
         return f" ({kind}; per-image augmentation: rotation has no batch path)"
     decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""

@@ -103,7 +103,11 @@ def load_rgb(path) -> Image.Image:
     """The image at `path` as 8-bit RGB; one of DECODE_ERRORS when it cannot be read (or would cost more
     than MAX_PIXELS: see there)."""
     with open(path, "rb") as f:
-        data = f.read()
+        return decode_rgb(f.read())
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """An image file's bytes decoded as `load_rgb` decodes the file."""
     img = Image.open(io.BytesIO(data))  # the header only: the size is known before any pixel is decoded
     width, height = img.size
     if width * height > MAX_PIXELS:

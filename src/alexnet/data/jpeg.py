@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DECODE_ERRORS, MAX_PIXELS, load_rgb, unreadable
+from .images import DECODE_ERRORS, MAX_PIXELS, decode_rgb, unreadable
 
 
 def decodes_lists() -> bool:
@@ -163,7 +163,7 @@ class JpegBatch:
         for k, path in enumerate(self.paths):
             if path in _REFUSED:  # refused before: to the CPU without another failed batch call
                 self.on_cpu.append(path)
-                images[k] = self._on_cpu(path, device)
+                images[k] = self._on_cpu(path, files[k], device)
             else:
                 rest.append(k)
         if not rest:
@@ -187,14 +187,14 @@ class JpegBatch:
                 self.on_cpu.append(path)
                 print(f"WARNING: {device} could not decode {path} ({str(e).splitlines()[0] if str(e) else e!r}); "
                       f"trying the CPU", file=sys.stderr, flush=True)
-                images[k] = self._on_cpu(path, device)
+                images[k] = self._on_cpu(path, files[k], device)
         return images
 
-    def _on_cpu(self, path: str, device: torch.device) -> torch.Tensor | None:
-        """The file decoded as the workers decode it (data.images.load_rgb), or None (with a warning, or
-        under strict a DataError) when it cannot be."""
+    def _on_cpu(self, path: str, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """The file's bytes decoded as the workers decode the file (data.images.load_rgb), or None (with a
+        warning, or under strict a DataError) when they cannot be."""
         try:
-            pixels = torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8))
+            pixels = torch.from_numpy(np.array(decode_rgb(data.numpy().tobytes()), dtype=np.uint8))
         except DECODE_ERRORS as e:
             unreadable(path, e, self.strict)
             return None

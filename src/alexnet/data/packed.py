@@ -1,21 +1,26 @@
-"""The packed form of an ImageFolder dataset: decoded, resized uint8 pixels read through a memory map.
+"""The packed form of an ImageFolder dataset: resized images in one file per split, read through a memory map.
 
 `alexnet data pack DIR OUT` decodes and resizes every image once (the same decode and resize as the
 per-image path) and writes, per split:
 
-    OUT/<split>.u8        the pixels of all images, HWC uint8, one after another
+    OUT/<split>.u8        the images one after another: with --encoding raw their pixels (HWC uint8), with
+                          --encoding jpeg the resized pixels encoded again as JPEG (--quality, 4:2:0)
     OUT/<split>.idx.npy   int64 (images, 4): byte offset, height, width, label
     OUT/<split>.sum.npy   uint32 (images,): the CRC-32 of each image's bytes (`alexnet data check OUT`)
-    OUT/packed.json       format version, resize, classes, image counts, skipped files, and how many
-                          images are stored with fewer pixels than their source files
+    OUT/packed.json       format version, encoding, resize, classes, and per split: image count, bytes,
+                          skipped files, how many images are stored with fewer pixels than their source
+                          files, and a fingerprint of the contents (see `content_fingerprint`)
 
-Reading an image is then a slice of a memory map: no decoding and no resizing, and the operating
-system's page cache keeps the hot pages in memory for every loader worker at once.
+Reading a raw image is a slice of a memory map: no decoding and no resizing, and the operating system's
+page cache keeps the hot pages in memory for every loader worker at once. A JPEG image is a slice too,
+about a tenth of the bytes, decoded by the loader worker (libjpeg-turbo through torchvision.io) or, on a
+GPU, a batch at a time by nvJPEG (data.jpeg).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -34,13 +39,14 @@ from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
 from .folder import check_val_classes, find_classes, held_out, pool_dir, scan, val_dir_of
-from .images import DECODE_ERRORS, load_rgb
+from .images import DECODE_ERRORS, decode_rgb, load_rgb
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
 from .transforms import Compose, Resize, parse_resize, sample_generator
 
 FORMAT_VERSION = 1
 META = "packed.json"
+ENCODINGS = ("raw", "jpeg")
 
 
 def is_packed(root: str | Path) -> bool:
@@ -68,50 +74,77 @@ def smaller_than_source(root: str | Path, split: str = "train") -> tuple[int | N
     return meta.get("smaller_than_source"), meta["images"]
 
 
-def _decode(job: tuple[str, str]):
-    """(pixels, error, whether the stored image has fewer pixels than the source's)."""
-    path, resize = job
+def encoding_of(meta: dict) -> str:
+    return meta.get("encoding", "raw")  # packs made before JPEG packs were raw
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    """HWC uint8 pixels as a baseline JPEG with 4:2:0 chroma subsampling."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, subsampling="4:2:0")
+    return buffer.getvalue()
+
+
+def _decode(job: tuple[str, str, str, int]):
+    """(the bytes to store, height, width, error, whether the stored image has fewer pixels than the
+    source's)."""
+    path, resize, encoding, quality = job
     try:
         img = load_rgb(path)
         pixels = np.asarray(Resize(parse_resize(resize))(img), dtype=np.uint8)
     except DECODE_ERRORS as e:
-        return None, f"{path}: {e or type(e).__name__}", False
-    return pixels, None, pixels.shape[0] * pixels.shape[1] < img.width * img.height
+        return None, 0, 0, f"{path}: {e or type(e).__name__}", False
+    h, w = pixels.shape[:2]
+    data = pixels.tobytes() if encoding == "raw" else encode_jpeg(pixels, quality)
+    return data, h, w, None, h * w < img.width * img.height
+
+
+def content_fingerprint(rows) -> str:
+    """A hash of a split's contents that two packs of one folder share wherever and whenever they were made,
+    and whatever JPEG encoder made them: of each image's path relative to the source folder, file size,
+    label and stored height x width, in order (rows of (relative path, size, label, height, width))."""
+    h = hashlib.sha256()
+    for rel, size, label, height, width in rows:
+        h.update(f"{rel}\t{size}\t{label}\t{height}x{width}\n".encode())
+    return h.hexdigest()
 
 
 SAVE_EVERY = 256  # images between two saves of an unfinished split's progress (data pack continues from there)
 
 
-def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: str, pool, progress) -> dict:
-    """Decode, resize and append the split's images to OUT/<split>.u8, with their index and checksums. Every
+def _pack_split(samples: list[tuple[str, int]], how: tuple, out: Path, split: str, pool, progress) -> dict:
+    """Decode, resize (and encode: `how` is (source folder, resize, encoding, quality)) and append the split's
+    images to OUT/<split>.u8, with their index and checksums. Every
     SAVE_EVERY images what is done is saved (OUT/<split>.progress.*): a pack killed half-way continues from
     there, with the same bytes as a pack never stopped. Returns the split's entry of packed.json."""
     done_file, state_file = out / f"{split}.done.json", out / f"{split}.progress.json"
     if done_file.exists():  # finished before the interruption
         return json.loads(done_file.read_text())
-    state = {"done": 0, "bytes": 0, "skipped": [], "smaller": 0}
+    source, *coding = how
+    state = {"done": 0, "bytes": 0, "skipped": [], "skipped_at": [], "smaller": 0}
     index, sums = [], []
     if state_file.exists():
         state = json.loads(state_file.read_text())
         index = np.load(out / f"{split}.progress.idx.npy").tolist()[:state["images"]]
         sums = np.load(out / f"{split}.progress.sum.npy").tolist()[:state["images"]]
-    offset, smaller, skipped, start = state["bytes"], state["smaller"], list(state["skipped"]), state["done"]
+    offset, smaller, start = state["bytes"], state["smaller"], state["done"]
+    skipped, skipped_at = list(state["skipped"]), list(state["skipped_at"])
     progress(split, start, before=True)
-    jobs = [(path, resize) for path, _ in samples[start:]]
+    jobs = [(path, *coding) for path, _ in samples[start:]]
     with open(out / f"{split}.u8", "r+b" if start else "wb") as f:
         f.truncate(offset)  # what was written after the last save is written again
         f.seek(offset)
         decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
-        for done, ((path, label), (pixels, error, shrunk)) in enumerate(zip(samples[start:], decoded), start + 1):
+        for done, ((path, label), (data, h, w, error, shrunk)) in enumerate(zip(samples[start:], decoded), start + 1):
             if error is not None:
                 skipped.append(error)
+                skipped_at.append(done - 1)
                 print(f"WARNING: skipping unreadable image {error}", file=sys.stderr, flush=True)
             else:
-                data = pixels.tobytes()
                 f.write(data)
                 sums.append(zlib.crc32(data))
-                index.append((offset, pixels.shape[0], pixels.shape[1], label))
-                offset += pixels.size
+                index.append((offset, h, w, label))
+                offset += len(data)
                 smaller += shrunk
             progress(split)
             if done % SAVE_EVERY == 0 and done < len(samples):
@@ -121,18 +154,29 @@ def _pack_split(samples: list[tuple[str, int]], resize: str, out: Path, split: s
                 np.save(out / f"{split}.progress.sum.npy", np.array(sums, dtype=np.uint32))
                 tmp = state_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"done": done, "images": len(index), "bytes": offset, "skipped": skipped,
-                                           "smaller": smaller}))
+                                           "skipped_at": skipped_at, "smaller": smaller}))
                 os.replace(tmp, state_file)
     if not index:
         raise DataError(f"no readable image in the {split} split")
     np.save(out / f"{split}.idx.npy", np.array(index, dtype=np.int64))
     np.save(out / f"{split}.sum.npy", np.array(sums, dtype=np.uint32))
+    gone = set(skipped_at)
+    kept = [sample for k, sample in enumerate(samples) if k not in gone]
+    rows = ((Path(os.path.relpath(path, source)).as_posix(), _size(path), label, h, w)
+            for (path, label), (_, h, w, _) in zip(kept, index))
     entry = {"images": len(index), "bytes": offset, "skipped": skipped, "smaller_than_source": smaller,
-             "checksums": f"{split}.sum.npy"}
+             "checksums": f"{split}.sum.npy", "fingerprint": content_fingerprint(rows)}
     done_file.write_text(json.dumps(entry))
     for name in (state_file, out / f"{split}.progress.idx.npy", out / f"{split}.progress.sum.npy"):
         name.unlink(missing_ok=True)
     return entry
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def verify(root: str | Path, progress=None) -> list[str]:
@@ -145,7 +189,7 @@ def verify(root: str | Path, progress=None) -> list[str]:
     for split, info in meta["splits"].items():
         pixels_file = root / f"{split}.u8"
         try:
-            index = _checked_index(root, split, info, pixels_file)
+            index = _checked_index(root, split, info, pixels_file, encoding_of(meta) == "raw")
         except DataError as e:
             found.append(str(e))
             continue
@@ -156,8 +200,8 @@ def verify(root: str | Path, progress=None) -> list[str]:
         sums = np.load(root / info["checksums"])
         pixels = np.memmap(pixels_file, dtype=np.uint8, mode="r")
         bad = []
-        for i, (offset, h, w, _) in enumerate(index):
-            if zlib.crc32(pixels[offset:offset + h * w * 3]) != sums[i]:
+        for i, (start, end) in enumerate(zip(index[:, 0], _ends(index, info["bytes"]))):
+            if zlib.crc32(pixels[start:end]) != sums[i]:
                 bad.append(i)
             if progress is not None:
                 progress.update()
@@ -171,18 +215,25 @@ def verify(root: str | Path, progress=None) -> list[str]:
 
 
 def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int = 2, log=print,
-         val_dir: str | None = None, val_fraction: float = 0.0, split_seed: int = 0) -> Path:
+         val_dir: str | None = None, val_fraction: float = 0.0, split_seed: int = 0, encoding: str = "raw",
+         quality: int = 90) -> Path:
     """Pack the train and validation splits of the ImageFolder `source` into `out` (see the module's doc;
     the validation split is folder.val_dir_of's, or with `val_fraction` folder.held_out's, stored as "val").
     One process packs; others that ask for the same folder at the same time wait for it and use it."""
     source, out = Path(source), Path(out)
     parse_resize(resize)
+    if encoding not in ENCODINGS:
+        raise DataError(f"--encoding: {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality: {quality} is not in 1..100 (JPEG quality; 90 keeps photos within about "
+                        f"2 levels of the raw pixels)")
+    coding = {"encoding": encoding, **({"quality": quality} if encoding == "jpeg" else {})}
     if not source.is_dir():
         raise DataError(f"data folder {source} does not exist")
     if is_packed(source):
         raise DataError(f"{source} is already a packed dataset")
     if is_complete(out):
-        return _same_pack(out, source, resize, log)
+        return _same_pack(out, source, resize, coding, log)
     if out.exists() and any(out.iterdir()) and not is_complete(out):
         raise DataError(f"{out} exists and is not a packed dataset; choose a new folder")
     if val_fraction:
@@ -221,7 +272,7 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         return count
 
     def build(tmp: Path) -> None:
-        meta = {"format_version": FORMAT_VERSION, "source": str(source.resolve()), "resize": resize,
+        meta = {"format_version": FORMAT_VERSION, "source": str(source.resolve()), "resize": resize, **coding,
                 "classes": classes, "splits": {},
                 **({"val_fraction": val_fraction, "split_seed": split_seed} if val_fraction else {})}
         files = hashlib.sha256("\n".join(f"{path}\t{label}" for samples in splits.values()
@@ -235,37 +286,50 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
             for old in tmp.iterdir():
                 old.unlink()
             started.write_text(json.dumps(plan))
-        log(f"packing {total} images of {source} at --resize {resize} into {out} with {workers} worker(s)")
+        log(f"packing {total} images of {source} at --resize {resize} ({_coding_text(coding)}) into {out} with "
+            f"{workers} worker(s)")
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
         with pool or nullcontext():
             for split, samples in splits.items():
-                meta["splits"][split] = _pack_split(samples, resize, tmp, split, pool, progress)
+                how = (source, resize, encoding, quality)
+                meta["splits"][split] = _pack_split(samples, how, tmp, split, pool, progress)
         for split in splits:
             (tmp / f"{split}.done.json").unlink()
         started.unlink()
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
 
     if not build_once(out, build, f"packed from {source}", resumable=True):  # another process packed it meanwhile
-        return _same_pack(out, source, resize, log)
+        return _same_pack(out, source, resize, coding, log)
     meta = read_meta(out)
     sizes = {s: m["images"] for s, m in meta["splits"].items()}
     skipped = sum(len(m["skipped"]) for m in meta["splits"].values())
     gib = sum(m["bytes"] for m in meta["splits"].values()) / 2**30
-    log(f"packed {sizes['train']} train and {sizes['val']} val images ({gib:.2f} GiB) into {out}"
+    log(f"packed {sizes['train']} train and {sizes['val']} val images ({gib:.2f} GiB, {_coding_text(coding)}) "
+        f"into {out}"
         + (f"; {skipped} unreadable file(s) skipped (listed in {out / META})" if skipped else ""))
     return out
 
 
-def _same_pack(out: Path, source: Path, resize: str, log) -> Path:
+def _coding_text(coding: dict) -> str:
+    return "raw pixels" if coding["encoding"] == "raw" else f"JPEG quality {coding['quality']}"
+
+
+def _same_pack(out: Path, source: Path, resize: str, coding: dict, log) -> Path:
     meta = read_meta(out)
-    if meta["resize"] != resize or meta["source"] != str(source.resolve()):
-        raise DataError(f"{out} already holds {meta['source']} packed at --resize {meta['resize']}; "
-                        f"choose another folder or remove it")
-    log(f"{out} is already packed from {source} at --resize {resize}")
+    theirs = {"encoding": encoding_of(meta), **({"quality": meta["quality"]} if "quality" in meta else {})}
+    if meta["resize"] != resize or meta["source"] != str(source.resolve()) or theirs != coding:
+        raise DataError(f"{out} already holds {meta['source']} packed at --resize {meta['resize']} "
+                        f"({_coding_text(theirs)}); choose another folder or remove it")
+    log(f"{out} is already packed from {source} at --resize {resize} ({_coding_text(coding)})")
     return out
 
 
-def _checked_index(root: Path, split: str, meta: dict, pixels_file: Path) -> np.ndarray:
+def _ends(index: np.ndarray, total: int) -> np.ndarray:
+    """Where each image's bytes end: the next one's offset, the total for the last."""
+    return np.append(index[1:, 0], total) if len(index) else np.zeros(0, dtype=np.int64)
+
+
+def _checked_index(root: Path, split: str, meta: dict, pixels_file: Path, raw: bool = True) -> np.ndarray:
     """The split's index, once it and the pixel file agree with packed.json (image count, total bytes, the
     file's size): a copy cut short, or a file from another pack, is refused here at start with what to do,
     not found as a reshape error in the middle of an epoch."""
@@ -281,10 +345,14 @@ def _checked_index(root: Path, split: str, meta: dict, pixels_file: Path) -> np.
     if index.ndim != 2 or index.shape != (meta["images"], 4):
         raise DataError(f"{root} is a damaged packed dataset: {index_file} lists {len(index)} images where "
                         f"packed.json says {meta['images']}; {again}")
-    end = int((index[-1, 0] + index[-1, 1] * index[-1, 2] * 3)) if len(index) else 0
+    if raw:  # each image's length follows from its size
+        end = int((index[-1, 0] + index[-1, 1] * index[-1, 2] * 3)) if len(index) else 0
+    else:  # JPEG images lie end to end: each one's bytes end where the next one's begin
+        lengths = _ends(index, meta["bytes"]) - index[:, 0]
+        end = meta["bytes"] if len(index) and index[0, 0] == 0 and (lengths > 0).all() else -1
     if size != meta["bytes"] or end != meta["bytes"]:
         what = (f"{pixels_file} holds {size:,} bytes where packed.json says {meta['bytes']:,}" if size != meta["bytes"]
-                else f"{index_file} ends at byte {end:,} where packed.json says {meta['bytes']:,}")
+                else f"{index_file} does not end at byte {meta['bytes']:,}, where packed.json says the images end")
         raise DataError(f"{root} is a damaged packed dataset: {what} (a copy cut short?); {again}")
     return index
 
@@ -293,34 +361,55 @@ class PackedSplit(Dataset):
     """One split of a packed dataset. Items by index or by (epoch, index), as ImageFolder's. With a
     BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path, or with `held`
     (its pixels in the device's memory, data.held) ((where the crop lies, parameters), label); otherwise the
-    per-image transform runs on the stored pixels (its resize is then a no-op)."""
+    per-image transform runs on the stored pixels (its resize is then a no-op). The images of a JPEG pack
+    are decoded by whoever reads them, or with `decode_on_device` left to the GPU as data.jpeg's Encoded
+    files (their resize is then a no-op too)."""
 
     def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
                  batch: BatchAugment | None = None) -> None:
         self.root, self.split = Path(root), split
         meta = read_meta(self.root)
-        self.classes, self.resize = meta["classes"], meta["resize"]
+        self.classes, self.resize, self.encoding = meta["classes"], meta["resize"], encoding_of(meta)
         self.pixels_file = self.root / f"{split}.u8"
-        self.index = _checked_index(self.root, split, meta["splits"][split], self.pixels_file)
+        info = meta["splits"][split]
+        self.index = _checked_index(self.root, split, info, self.pixels_file, self.encoding == "raw")
+        self.ends = _ends(self.index, info["bytes"])
+        self.recorded = info.get("fingerprint")  # None for a pack made before it was recorded
         self.transform, self.seed, self.batch = transform, seed, batch
-        self.held = False
+        self.held = self.decode_on_device = False
         self._pixels = None  # opened in each process on first use (a memory map does not travel to workers)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def fingerprint(self) -> dict:
-        """As ImageFolder.fingerprint's, from the index: the stored size and label of each image in order
-        (two packs of one folder agree whatever their paths or the times they were made)."""
+        """As ImageFolder.fingerprint's: the fingerprint recorded at packing (content_fingerprint), or for a
+        pack made before it was recorded a hash of the stored size and label of each image in order (two
+        packs of one folder agree whatever their paths or the times they were made), and the encoding."""
         rows = np.ascontiguousarray(self.index[:, 1:4])
-        return {"images": len(self.index), "classes": list(self.classes),
-                "files": hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()}
+        files = self.recorded or hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
+        return {"images": len(self.index), "classes": list(self.classes), "files": files, "encoding": self.encoding}
 
-    def pixels(self, i: int) -> np.ndarray:
+    def stored(self, i: int) -> np.ndarray:
+        """The image's stored bytes (a view of the memory map)."""
         if self._pixels is None:
             self._pixels = np.memmap(self.pixels_file, dtype=np.uint8, mode="r")
-        offset, h, w, _ = self.index[i]
-        return self._pixels[offset:offset + h * w * 3].reshape(h, w, 3)
+        return self._pixels[self.index[i][0]:self.ends[i]]
+
+    def pixels(self, i: int) -> np.ndarray:
+        _, h, w, _ = self.index[i]
+        if self.encoding == "raw":
+            return self.stored(i).reshape(h, w, 3)
+        pixels, error = None, None
+        try:
+            pixels = np.asarray(decode_rgb(self.stored(i).tobytes()), dtype=np.uint8)
+        except DECODE_ERRORS as e:
+            error = e
+        if pixels is None or pixels.shape != (h, w, 3):
+            what = f"cannot be decoded ({error})" if pixels is None else f"decodes to {pixels.shape[:2]}, not {(h, w)}"
+            raise DataError(f"image {i} of {self.pixels_file} {what}: the pack is damaged; `alexnet data check "
+                            f"{self.root}` checks every image; copy the pack again, or pack again")
+        return pixels
 
     def __getstate__(self):
         return {**self.__dict__, "_pixels": None}
@@ -330,6 +419,12 @@ class PackedSplit(Dataset):
         self.transform.at_epoch(epoch)
         label = int(self.index[i][3])
         g = sample_generator(self.seed, epoch, i)
+        if self.decode_on_device:
+            offset, h, w, _ = (int(v) for v in self.index[i])
+            top, left, params = self.batch.draw(h, w, g)
+            data = torch.from_numpy(np.array(self.stored(i)))
+            geometry = torch.tensor([h, w, top, left, int(params[0])])
+            return (Encoded(data, geometry, f"{self.pixels_file} (image {i})"), params), label
         if self.batch is not None and self.held:
             offset, h, w, _ = (int(v) for v in self.index[i])
             top, left, params = self.batch.draw(h, w, g)
@@ -365,11 +460,12 @@ def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
     is reading the crops from the memory map in the main process, with auto and yes."""
     if mode == "no":
         return
-    candidates = [s for s in splits if isinstance(s, PackedSplit) and s.batch is not None and s.batch.window]
+    candidates = [s for s in splits if isinstance(s, PackedSplit) and s.encoding == "raw" and s.batch is not None
+                  and s.batch.window]
     if mode == "yes":
-        if not isinstance(splits[0], PackedSplit):
-            raise DataError("--data-on-device yes needs packed data: pack the folder with `alexnet data pack "
-                            "DIR OUT --resize R` and train with --data OUT, or use --data-on-device no")
+        if not isinstance(splits[0], PackedSplit) or splits[0].encoding != "raw":
+            raise DataError("--data-on-device yes needs data packed as raw pixels: pack the folder with `alexnet "
+                            "data pack DIR OUT --resize R` and train with --data OUT, or use --data-on-device no")
         if splits[0] not in candidates:
             raise DataError("--data-on-device yes crops the held images as windows (on the GPU, or in the main "
                             "process on a CPU), which cannot rotate them or take random-resized crops; use "
