@@ -15,6 +15,10 @@ from alexnet import checkpoint
 from alexnet.data.synthetic import CLASSES, make_image
 from alexnet.models import create_model
 
+# The built-in dataset and the packs that `alexnet train --data DIR` makes on first use go to a cache of
+# the tests' own (shared by their processes and sessions), not to the user's ~/.cache/alexnet.
+os.environ.setdefault("ALEXNET_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"alexnet-tests-{os.getuid()}"))
+
 
 def write_folder(root: Path, classes=3, train_per_class=8, val_per_class=4, size=72, seed=0) -> Path:
     """A real JPEG ImageFolder of generated shapes: root/{train,val}/<class>/*.jpg."""

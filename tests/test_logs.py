@@ -32,8 +32,10 @@ def test_run_folder_keeps_a_timestamped_log_and_the_output_ends_with_a_table(shi
     stamped = [line for line in log if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line)]
     table = log[log.index(next(x for x in log if x.endswith("epochs (* best top-1):"))) + 1:][:4]
     assert len(stamped) + len(table) == len(log) and table[0].startswith("epoch")  # only the table is bare
-    # the line said before the run folder was made is kept too, then the folder's line
-    assert "weights from" in stamped[0] and f"run folder {out};" in stamped[1] and stamped[-1].endswith("(rank 0 of 1)")
+    # the lines said before the run folder was made are kept too (the pack the folder was found packed in,
+    # the weights), then the folder's line
+    assert "training from the pack of" in stamped[0] and "weights from" in stamped[1]
+    assert f"run folder {out};" in stamped[2] and stamped[-1].endswith("(rank 0 of 1)")
     assert "epoch 2/2: train loss" in p.stdout and "epoch 2/2: train loss" in "\n".join(log)
     table = p.stdout.split("epochs (* best top-1):\n")[1].splitlines()
     assert table[0].split() == ["epoch", "train", "loss", "val", "loss", "top-1", "top-5", "lr", "img/s", "seconds"]

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 # the data (train.open_data), which stops its peers too, not here, where they would wait for it.
                 agreed = launch.nodes(args)[1] > 1 if launch.requested(args) else ranked
                 cfg, _ = resolve_train(_settings(args), saved_config, check_data=not agreed)
+                from .data import autopack  # packed on first use here, before any process group is joined
+                cfg = autopack.prepare(cfg, log)
                 if launch.requested(args):  # settings are checked once, here, before any worker starts
                     logs.drop_early(early)
                     batch_sizes(cfg, launch.world_size(args))

@@ -65,8 +65,15 @@ class TrainConfig:
                                    "its class folders) as the validation split, in place of a validation folder; 0: off")
     split_seed: int = opt(0, "which files --val-fraction holds out (apart from --seed, so that a sweep over --seed "
                              "keeps one validation set)")
+    pack: str = opt("auto", "an image folder given as --data is packed once, on first use, into the cache folder and "
+                            "trained from the pack: raw pixels (raw), JPEG (jpeg: about a tenth of the size), auto (raw "
+                            "where it takes at most half the free disk and half the memory, else jpeg where it takes "
+                            "at most half the free disk, else no), or no (the files decoded every epoch); not with "
+                            "--random-resized-crop or --val-fraction, nor for the built-in dataset",
+                    ("auto", "raw", "jpeg", "no"))
     synthetic_seed: int = opt(0, "seed of the built-in generated dataset")
-    cache_dir: str | None = opt(None, "where the built-in dataset is generated (default $ALEXNET_CACHE or ~/.cache/alexnet)")
+    cache_dir: str | None = opt(None, "where the built-in dataset is generated and image folders packed (default "
+                                      "$ALEXNET_CACHE or ~/.cache/alexnet)")
     on_bad_image: str = opt("skip", "an unreadable image: skip it (counted in metrics.jsonl, with a warning) or stop with an error",
                             ("skip", "error"))
     # model
@@ -601,6 +608,7 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
         saved = checkpoint_config(resume, explicit.get("out"))
         if saved:
             saved.setdefault("precision", "fp32")  # runs from before --precision were fp32: they stay so
+            saved.setdefault("pack", "no")  # and runs from before --pack read their files: so they go on
         values.update(saved)
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)

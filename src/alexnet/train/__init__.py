@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import checkpoint, distributed, logs
 from ..config import TrainConfig
-from ..data import held
+from ..data import autopack, held
 from ..data.build import build_loaders, describe, disagreement
 from ..data.build import fingerprint as data_fingerprint
 from ..data.synthetic import ensure_dataset
@@ -59,7 +59,7 @@ def open_data(cfg: TrainConfig, plan: Plan, device, say):
     data_root = cfg.data or "the built-in dataset"
     try:
         data_root = cfg.data or str(ensure_dataset(cfg.synthetic_seed, cfg.cache_dir, log=say))
-        data = build_loaders(data_root, device, train=augmentation(cfg), val=evaluation(cfg),
+        data = build_loaders(autopack.location(cfg) or data_root, device, train=augmentation(cfg), val=evaluation(cfg),
                              batch_size=plan.batch_size, eval_batch=plan.eval_batch, workers=cfg.workers,
                              seed=cfg.seed, rank=plan.rank, world=plan.world, on_bad_image=cfg.on_bad_image,
                              jpeg_decode=cfg.jpeg_decode, data_on_device=cfg.data_on_device, val_dir=cfg.val_dir,
@@ -81,7 +81,7 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
     state = resume(cfg, plan, trainer, data.classes, data_root, say)
-    record = Record(plan, say, log)
+    record = Record(plan, say, log, autopack.unreadable(pack) if (pack := autopack.location(cfg)) else (0, 0))
     record.open(early, state.epoch, held_out=getattr(data.val_set, "held_out", None))
     if state.resumed:
         say(state.resumed)

@@ -25,8 +25,10 @@ def check_writable(folder: Path) -> None:
 
 
 class Record:
-    def __init__(self, plan, say, log) -> None:
-        self.plan, self.say, self.log = plan, say, log
+    def __init__(self, plan, say, log, left_out: tuple[int, int] = (0, 0)) -> None:
+        """`left_out`: the (training, validation) files that the pack made on first use (data.autopack) left
+        out as unreadable, counted in every epoch as the files themselves would be."""
+        self.plan, self.say, self.log, self.left_out = plan, say, log, left_out
         self.file, self.scalars = None, logs.Scalars(None)
 
     def open(self, early, epochs_done: int = 0, held_out: list[str] | None = None) -> None:
@@ -69,8 +71,8 @@ class Record:
         last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
                 **({"val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"]} if validated else {}),
                 "lr": lr, "images_per_sec": images / epoch_seconds, "epoch_seconds": epoch_seconds,
-                "global_step": t["global_step"], "skipped_steps": t["skipped"], "bad_images": int(bad),
-                **({"val_bad_images": v["bad_images"]} if validated else {}), "train_crop": crop}
+                "global_step": t["global_step"], "skipped_steps": t["skipped"], "bad_images": int(bad) + self.left_out[0],
+                **({"val_bad_images": v["bad_images"] + self.left_out[1]} if validated else {}), "train_crop": crop}
         def line() -> None:
             with open(self.plan.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
@@ -84,8 +86,8 @@ class Record:
     def say_epoch(self, last: dict, v: dict, t: dict) -> None:
         """The epoch's warnings (unreadable images, skipped steps) and its line."""
         cfg, epoch = self.plan.resolved, last["epoch"]
-        if last["bad_images"] or v.get("bad_images"):
-            self.say(f"WARNING: epoch {epoch}: {last['bad_images']} training and {v.get('bad_images', 0)} validation "
+        if last["bad_images"] or last.get("val_bad_images"):
+            self.say(f"WARNING: epoch {epoch}: {last['bad_images']} training and {last.get('val_bad_images', 0)} validation "
                      f"images were unreadable and skipped (`alexnet data check` lists them)")
         if t["skipped"]:
             self.say(f"WARNING: {t['skipped']} step(s) of epoch {epoch} skipped: the loss was not finite")

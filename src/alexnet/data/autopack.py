@@ -1,0 +1,194 @@
+"""`alexnet train --data DIR` on an image folder: DIR packed once, on first use, into the cache folder, and
+trained from the pack from then on (--pack; data.packed holds the packed form).
+
+The pack is made where it gives the pixels the run would use anyway: the images resized to --resize. Not
+with random-resized crops, which are cut from the original images, nor with --val-fraction (packs choose
+their validation split when packed: `alexnet data pack DIR OUT --val-fraction F`), nor for the built-in
+dataset, whose 72-px images are generated into the cache folder and decode in tens of microseconds.
+
+The pack's folder is keyed by DIR's file list (relative paths, sizes and modification times), --resize and
+the encoding, so that a changed folder is packed again and an unchanged one is found again by every
+later run and every process of this machine. `auto` takes raw pixels where they take at most half the
+free disk of the cache folder and half the memory, JPEG where that takes at most half the free disk, and
+otherwise decodes the files every epoch; the sizes come from a sample of the files. An existing pack of
+the folder is used first. The choice is recorded in config.yaml (`pack: raw`, `jpeg` or `no`), so that a
+resumed run reads the same pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+from . import packed
+from .folder import pool_dir, val_dir_of
+from .images import DECODE_ERRORS, is_image_name, load_rgb
+from .synthetic import default_cache_dir
+from .transforms import Resize, parse_resize
+
+CHOICES = ("auto", "raw", "jpeg", "no")
+QUALITY = 90
+HEADERS, ENCODED = 64, 12  # files sampled for the pack's size: headers read, images resized and encoded
+SMALL = 1000  # folders of fewer images are packed by this process alone
+
+
+def why_not(cfg) -> str | None:
+    """Why this run trains from its --data as it is (None when it is packed on first use)."""
+    if cfg.data is None:
+        return "the built-in dataset"
+    if cfg.pack == "no":
+        return "--pack no"
+    if packed.is_packed(cfg.data):
+        return "packed already"
+    if not Path(cfg.data).is_dir():
+        return "not a folder here"
+    if cfg.random_resized_crop:
+        return "--random-resized-crop cuts its crops from the original images"
+    if cfg.jpeg_decode == "device":
+        return "--jpeg-decode device decodes the files on the GPU"
+    if cfg.val_fraction:
+        return "--val-fraction holds files out at start (pack with `alexnet data pack DIR OUT --val-fraction F`)"
+    return None
+
+
+def _files(folder: Path, val_dir: str | None) -> list[tuple[str, int, int]]:
+    """(relative path, size, modification time in ns) of the image files of the train and validation splits."""
+    found = []
+    for split in dict.fromkeys((pool_dir(folder), val_dir_of(folder, val_dir))):
+        for dirpath, dirnames, names in os.walk(folder / split):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in names:
+                if is_image_name(name) and not name.startswith("."):
+                    path = os.path.join(dirpath, name)
+                    st = os.stat(path)
+                    found.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
+    return sorted(found)
+
+
+_LOCATIONS: dict[tuple, tuple[Path, list]] = {}  # the folder listed once a run: by prepare, then found here
+
+
+def _where(cfg, encoding: str) -> tuple[Path, list]:
+    """(the pack's folder for this encoding, the file list it is keyed by)."""
+    folder = Path(cfg.data).resolve()
+    asked = (folder, cfg.resize, cfg.val_dir, encoding, cfg.cache_dir)
+    if asked not in _LOCATIONS:
+        files = _files(folder, cfg.val_dir)
+        h = hashlib.sha256(f"{cfg.resize}|{cfg.val_dir}|{encoding}|{QUALITY}\n".encode())
+        for rel, size, mtime in files:
+            h.update(f"{rel}\t{size}\t{mtime}\n".encode())
+        size = cfg.resize.replace("x", "-")
+        name = f"{folder.name}-{size}-{encoding}-{h.hexdigest()[:16]}"
+        _LOCATIONS[asked] = (Path(cfg.cache_dir or default_cache_dir()) / "packed" / name, files)
+    return _LOCATIONS[asked]
+
+
+def location(cfg) -> Path | None:
+    """The pack this run trains from, or None when it reads --data as it is."""
+    if cfg.pack not in ("raw", "jpeg") or why_not(cfg):
+        return None
+    return _where(cfg, cfg.pack)[0]
+
+
+def estimate(folder: Path, files: list, resize: str) -> tuple[float, float]:
+    """(raw bytes, JPEG bytes) of the pack, from the headers of HEADERS files spread over the list and the
+    resized, encoded pixels of ENCODED of them."""
+    picks = [files[i][0] for i in np.linspace(0, len(files) - 1, min(HEADERS, len(files))).astype(int)]
+    resizer = Resize(parse_resize(resize))
+    raw, ratios = [], []
+    for k, rel in enumerate(picks):
+        try:
+            with Image.open(folder / rel) as img:
+                w, h = resizer.target(*img.size)
+            raw.append(w * h * 3)
+            if k % max(len(picks) // ENCODED, 1) == 0:
+                pixels = np.asarray(resizer(load_rgb(folder / rel)), dtype=np.uint8)
+                ratios.append(len(packed.encode_jpeg(pixels, QUALITY)) / pixels.size)
+        except DECODE_ERRORS:
+            continue
+    if not raw:
+        raise DataError(f"{folder}: none of {len(picks)} image files sampled could be read; `alexnet data check "
+                        f"{folder}` lists the unreadable ones")
+    total = float(np.mean(raw)) * len(files)
+    return total, total * (float(np.mean(ratios)) if ratios else 0.15)
+
+
+def _memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def prepare(cfg, log):
+    """The settings with `pack` resolved to raw, jpeg or no, once the pack exists (made here when it does
+    not, before any process group is joined): see the module's doc."""
+    _LOCATIONS.clear()  # the folder is listed again for each run: it may have changed since the last one
+    reason = why_not(cfg)
+    if reason == "not a folder here":  # a node of a multi-node job without its data: the ranks' agreement says so
+        return cfg
+    if reason is not None:
+        if reason.startswith(("--random", "--val")):
+            log(f"reading the files of {cfg.data} every epoch, not packing them: {reason}")
+        return replace(cfg, pack="no")
+    folder = Path(cfg.data)
+    choices = [cfg.pack] if cfg.pack != "auto" else ["raw", "jpeg"]
+    try:
+        made = [e for e in choices if packed.is_packed(_where(cfg, e)[0])]
+    except DataError:  # a folder without its splits: the loaders say what is wrong, as for --pack no
+        return cfg
+    if made:  # a pack made before is used first
+        return _use(cfg, made[0], log)
+    out, files = _where(cfg, choices[0])
+    if not files:
+        return cfg  # no images: the loaders say what is wrong
+    raw, jpeg = estimate(folder.resolve(), files, cfg.resize)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free, memory = shutil.disk_usage(out.parent).free, _memory()
+    sizes = {"raw": raw, "jpeg": jpeg}
+    fits = {"raw": raw <= free / 2 and (not memory or raw <= memory / 2), "jpeg": jpeg <= free / 2}
+    chosen = next((e for e in choices if fits[e]), None)
+    if chosen is None:
+        why = (f"about {_size(raw)} as raw pixels and {_size(jpeg)} as JPEG, against half the {_size(free)} free "
+               f"in {out.parent}" + (f" and half the {_size(memory)} of memory" if cfg.pack == "auto" else ""))
+        if cfg.pack != "auto":
+            raise DataError(f"--pack {cfg.pack}: {folder} would take {why}; free some space, put the cache "
+                            f"elsewhere (--cache-dir or ALEXNET_CACHE), or use --pack auto or no")
+        log(f"not packing {folder}: it would take {why}; decoding its files every epoch (--pack no to say so)")
+        return replace(cfg, pack="no")
+    out = _where(cfg, chosen)[0]
+    log(f"packing {folder} once, for this and later runs, into {out} ({'raw pixels' if chosen == 'raw' else 'JPEG'},"
+        f" about {_size(sizes[chosen])} of the {_size(free)} free; --pack no trains from the files)")
+    cores = len(os.sched_getaffinity(0)) if len(files) >= SMALL else 0  # a pool's start costs more than a few images
+    packed.pack(folder, out, cfg.resize, workers=cores, log=log, val_dir=cfg.val_dir, encoding=chosen,
+                quality=QUALITY)
+    return _use(cfg, chosen, log)
+
+
+def _use(cfg, encoding: str, log):
+    out = _where(cfg, encoding)[0]
+    meta = packed.read_meta(out)
+    skipped = sum(len(s["skipped"]) for s in meta["splits"].values())
+    if skipped and cfg.on_bad_image == "error":
+        first = next(s["skipped"][0] for s in meta["splits"].values() if s["skipped"])
+        raise DataError(f"unreadable image {first} (--on-bad-image skip skips such files)")
+    log(f"training from the pack of {cfg.data} in {out} ({'raw pixels' if encoding == 'raw' else 'JPEG'}"
+        + (f"; {skipped} unreadable file(s) left out, listed in {out / packed.META}" if skipped else "") + ")")
+    return replace(cfg, pack=encoding)
+
+
+def unreadable(root: Path) -> tuple[int, int]:
+    """(training, validation) files a pack left out as unreadable: counted in every epoch's metrics as the
+    files would have been."""
+    splits = packed.read_meta(root)["splits"]
+    return len(splits["train"]["skipped"]), len(splits["val"]["skipped"])

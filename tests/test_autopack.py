@@ -1,0 +1,106 @@
+"""An image folder given to `alexnet train` is packed once on first use and trained from the pack (data.autopack)."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from alexnet.data import autopack, packed
+
+from conftest import EXACT, TINY, final_weights, max_diff, run_cli, run_here, write_folder
+
+
+def config_of(out) -> dict:
+    return yaml.safe_load((out / "config.yaml").read_text())
+
+
+def packs_in(cache) -> list:
+    return sorted(p.name for p in (cache / "packed").iterdir() if packed.is_packed(p)) if (cache / "packed").exists() else []
+
+
+def test_a_folder_is_packed_once_and_trains_as_its_files_do(tmp_path):
+    src = write_folder(tmp_path / "src")
+    cache = tmp_path / "cache"
+    a = run_here("train", "--data", src, *EXACT, "--cache-dir", cache, "--out", tmp_path / "a")
+    assert f"packing {src.resolve()} once, for this and later runs, into {cache / 'packed'}" in a.stdout
+    assert "(raw pixels, about 0.5 MiB of the" in a.stdout and "training from the pack of" in a.stdout
+    assert config_of(tmp_path / "a")["pack"] == "raw" and len(packs_in(cache)) == 1
+    b = run_here("train", "--data", src, *EXACT, "--cache-dir", cache, "--out", tmp_path / "b")
+    assert "packing" not in b.stdout and "training from the pack of" in b.stdout  # found again, not packed again
+    files = run_here("train", "--data", src, *EXACT, "--cache-dir", cache, "--out", tmp_path / "files", "--pack", "no")
+    assert "training from the pack" not in files.stdout and config_of(tmp_path / "files")["pack"] == "no"
+    # the pack's batch path against the files' per-image transforms: the same pixels and draws, float
+    # arithmetic in another order (as tests/test_packed.py's equivalence)
+    a_w, files_w = final_weights(tmp_path / "a"), final_weights(tmp_path / "files")
+    assert max_diff(a_w, files_w) <= 1e-6 and max_diff(a_w, final_weights(tmp_path / "b")) == 0.0
+    (src / "train" / "circle" / "new.jpg").write_bytes((src / "train" / "circle" / "00000.jpg").read_bytes())
+    c = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "c")
+    assert "packing" in c.stdout and len(packs_in(cache)) == 2  # another file list: another pack
+
+
+def test_jpeg_choice_is_kept_on_resume_and_unreadable_files_are_still_counted(tmp_path):
+    src = write_folder(tmp_path / "src")
+    (src / "train" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", out, "--pack", "jpeg")
+    assert "(JPEG, about" in p.stdout and "1 unreadable file(s) left out" in p.stdout
+    assert config_of(out)["pack"] == "jpeg"
+    assert "1 training and 0 validation images were unreadable" in (out / "train.log").read_text()
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", out, "--resume", "auto", "--epochs", "2")
+    assert config_of(out)["pack"] == "jpeg" and "training from the pack" in p.stdout and "packing" not in p.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_images"] for r in rows] == [1, 1]
+    meta = packed.read_meta(autopack.location(autopack_cfg(src, cache, "jpeg")))
+    assert meta["encoding"] == "jpeg"
+
+
+def autopack_cfg(src, cache, pack):
+    from alexnet.config import TrainConfig
+    return TrainConfig(data=str(src), resize="72", crop=64, cache_dir=str(cache), pack=pack)
+
+
+@pytest.mark.parametrize("free, chosen", [(10**12, "raw"), (400_000, "jpeg"), (1_000, "no")])
+def test_the_encoding_is_chosen_by_the_free_disk(tmp_path, monkeypatch, free, chosen):
+    """48 images of 72x72: 746 kB raw and about 100 kB as JPEG; half the free disk decides."""
+    src = write_folder(tmp_path / "src", train_per_class=8, val_per_class=0, classes=3)
+    shutil.copytree(src / "train", src / "val", dirs_exist_ok=True)
+    real = shutil.disk_usage
+    monkeypatch.setattr(autopack.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+    said = []
+    cfg = autopack.prepare(autopack_cfg(src, tmp_path / "cache", "auto"), said.append)
+    assert cfg.pack == chosen, said
+    if chosen == "no":
+        assert "not packing" in said[0] and "decoding its files every epoch" in said[0] and not packs_in(tmp_path / "cache")
+    else:
+        assert packed.read_meta(autopack.location(cfg))["encoding"] == chosen
+    with pytest.raises(Exception, match="--pack raw: .* would take about") if chosen != "raw" else _nothing():
+        autopack.prepare(autopack_cfg(src, tmp_path / "cache2", "raw"), said.append)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_random_resized_crops_and_held_out_files_are_not_packed(tmp_path):
+    src = write_folder(tmp_path / "src")
+    for flags in (["--random-resized-crop"], ["--val-fraction", "0.25"]):
+        out = tmp_path / flags[0].strip("-")
+        p = run_here("train", "--data", src, *TINY, *flags, "--cache-dir", tmp_path / "cache", "--out", out)
+        assert f"reading the files of {src} every epoch, not packing them: {flags[0]}" in p.stdout
+        assert config_of(out)["pack"] == "no"
+    assert not packs_in(tmp_path / "cache")
+
+
+def test_two_processes_pack_once_before_they_join(tmp_path):
+    src = write_folder(tmp_path / "src")
+    out = tmp_path / "run"
+    p = run_cli("train", "--data", src, *TINY, "--cache-dir", tmp_path / "cache", "--out", out,
+                "--nproc-per-node", "2", "--batch-size", "4")
+    assert p.stdout.count("once, for this and later runs") == 1 and config_of(out)["pack"] == "raw", p.stdout
+    log = (out / "train.log").read_text()
+    assert "training from the pack of" in log and "(packed;" in log
