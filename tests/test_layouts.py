@@ -158,3 +158,17 @@ def test_val_fraction_in_pack_and_check_and_its_errors(tmp_path, capsys):
     one = flat(tmp_path / "one", per_class=1)
     assert main(["train", "--data", str(one), "--val-fraction", "0.2", "--out", str(tmp_path / "r"), *SMALL]) == 2
     assert "holds out no image" in capsys.readouterr().err
+
+
+def test_pack_and_check_refuse_bad_split_settings_as_train_does(tmp_path, capsys):
+    root = flat(tmp_path)
+    for command in (["data", "check", str(root)], ["data", "pack", str(root), str(tmp_path / "p"), "--workers", "0"]):
+        for flags, said in ((["--val-fraction", "1.5"], "--val-fraction: must be in [0, 1)"),
+                            (["--val-fraction", "0.2", "--val-dir", "test"], "and --val-dir: give one")):
+            capsys.readouterr()
+            assert main([*command, *flags]) == 2
+            err = capsys.readouterr().err
+            assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()
+    # --split-seed goes on to the layout check (which shares it holds out cannot change what it finds)
+    assert main(["data", "check", str(root), "--val-fraction", "0.2", "--split-seed", "7"]) == 0

@@ -8,8 +8,8 @@ import os
 import sys
 
 from . import __version__, distributed, launch, logs
-from .config import (BenchConfig, EvalConfig, PredictConfig, TrainConfig, build, fields, resolve_train,
-                     validate_eval, validate_predict)
+from .config import (BenchConfig, EvalConfig, PredictConfig, TrainConfig, build, check_split, fields,
+                     resolve_train, validate_eval, validate_predict)
 from .errors import (BenchError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
                      NonFiniteLoss, WriteError, message)
 from .export import FORMATS
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_check(folder: str, val_dir: str | None, val_fraction: float) -> int:
+def _data_check(folder: str, val_dir: str | None, val_fraction: float, split_seed: int) -> int:
     from pathlib import Path
     from .data import packed
     from .data.check import image_files, problems_of_layout, unreadable
@@ -122,7 +122,7 @@ def _data_check(folder: str, val_dir: str | None, val_fraction: float) -> int:
             print(f"damaged: {problem}")
         print(f"{images} packed images, {'damaged' if damage else 'every one as packed'}")
         return 1 if damage else 0
-    layout = problems_of_layout(root, val_dir, val_fraction)
+    layout = problems_of_layout(root, val_dir, val_fraction, split_seed)
     files = image_files(root)
     # in a pipe or a log: a line every tenth of the files (at least 100) and at the end, never one an image
     bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 10, 100)))
@@ -212,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
-            if not 0 <= args.val_fraction < 1:
-                raise ConfigError("--val-fraction: must be in [0, 1): the share of each class held out")
+            check_split(args.val_fraction, args.val_dir)
             pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir,
                  val_fraction=args.val_fraction, split_seed=args.split_seed, encoding=args.encoding,
                  quality=args.quality)
         elif args.command == "data" and args.data_command == "check":
-            return _data_check(args.dir, args.val_dir, args.val_fraction)
+            check_split(args.val_fraction, args.val_dir)
+            return _data_check(args.dir, args.val_dir, args.val_fraction, args.split_seed)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"alexnet {args.command}{who}: error: {message(e)}", file=sys.stderr)
         return 2

@@ -367,6 +367,15 @@ def check_choices(cfg) -> None:
                               f"{', '.join(choices)}")
 
 
+def check_split(val_fraction: float, val_dir: str | None) -> None:
+    """--val-fraction and --val-dir, as alexnet train, data pack and data check take them."""
+    if not 0 <= val_fraction < 1:
+        raise ConfigError("--val-fraction: must be in [0, 1): the share of each class held out")
+    if val_fraction and val_dir:
+        raise ConfigError("--val-fraction: and --val-dir: give one (a held-out share of train/, or a validation "
+                          "folder)")
+
+
 def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
     """Refuse settings that cannot work, before any work. `check_data` False: a missing --data is left to
     the workers of a multi-node job, which agree on it with their peers (train.open_data), so that every
@@ -380,9 +389,7 @@ def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
     # --random-resized-crop.
     check_crop(cfg.resize, cfg.crop)
     need(cfg.val_crop >= 0, "val-crop", "must be 0 (the --crop) or a crop size")
-    need(0 <= cfg.val_fraction < 1, "val-fraction", "must be in [0, 1): the share of each class held out")
-    need(not (cfg.val_fraction and cfg.val_dir), "val-fraction", "and --val-dir: give one (a held-out share of "
-                                                                   "train/, or a validation folder)")
+    check_split(cfg.val_fraction, cfg.val_dir)
     need(math.isfinite(cfg.init_bias), "init-bias", "must be a finite number")
     if cfg.val_crop:
         check_crop(cfg.resize, cfg.val_crop, "val-crop")

@@ -10,14 +10,16 @@ from .folder import check_val_classes, find_classes, held_out, scan, val_dir_of
 from .images import DECODE_ERRORS, is_image_name, load_rgb
 
 
-def problems_of_layout(root: Path, val_dir: str | None = None, val_fraction: float = 0.0) -> list[str]:
+def problems_of_layout(root: Path, val_dir: str | None = None, val_fraction: float = 0.0,
+                       split_seed: int = 0) -> list[str]:
     """What would stop training at start: missing splits, empty class folders, classes only in the validation
-    split (folder.val_dir_of's; with `val_fraction`, the held-out share of folder.pool_dir's classes)."""
+    split (folder.val_dir_of's; with `val_fraction`, the share of folder.pool_dir's classes that
+    `split_seed` holds out)."""
     found = []
     classes = {}
     if val_fraction:
         try:
-            held_out(root, val_fraction, 0)
+            held_out(root, val_fraction, split_seed)
         except DataError as e:
             found.append(str(e))
         return found
