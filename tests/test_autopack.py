@@ -10,6 +10,8 @@ from alexnet.data import autopack, packed
 
 from conftest import EXACT, TINY, final_weights, max_diff, run_cli, run_here, write_folder
 
+QUIET = dict(workers=0, log=lambda *_: None)
+
 
 def config_of(out) -> dict:
     return yaml.safe_load((out / "config.yaml").read_text())
@@ -47,8 +49,17 @@ def test_jpeg_choice_is_kept_on_resume_and_unreadable_files_are_still_counted(tm
     assert "(JPEG, about" in p.stdout and "1 unreadable file(s) left out" in p.stdout
     assert config_of(out)["pack"] == "jpeg"
     assert "1 training and 0 validation images were unreadable" in (out / "train.log").read_text()
+    # a raw pack of the folder now in the cache too: auto would take it, the resumed run keeps its JPEG one
+    packed.pack(src, autopack._where(autopack_cfg(src, cache, "raw"), "raw")[0], "72", workers=0, log=lambda *_: None)
     p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", out, "--resume", "auto", "--epochs", "2")
-    assert config_of(out)["pack"] == "jpeg" and "training from the pack" in p.stdout and "packing" not in p.stdout
+    assert config_of(out)["pack"] == "jpeg" and "training from the pack" in p.stdout and "(JPEG" in p.stdout
+    assert "packing" not in p.stdout
+    fresh = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "fresh")
+    assert "(raw pixels" in fresh.stdout and config_of(tmp_path / "fresh")["pack"] == "raw"  # the control
+    files = tmp_path / "files"  # and a run from the files goes on from the files
+    run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", files, "--pack", "no")
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", files, "--resume", "auto", "--epochs", "2")
+    assert "pack" not in p.stdout.replace(str(src), "") and config_of(files)["pack"] == "no"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_images"] for r in rows] == [1, 1]
     meta = packed.read_meta(autopack.location(autopack_cfg(src, cache, "jpeg")))
@@ -104,3 +115,29 @@ def test_two_processes_pack_once_before_they_join(tmp_path):
     assert p.stdout.count("once, for this and later runs") == 1 and config_of(out)["pack"] == "raw", p.stdout
     log = (out / "train.log").read_text()
     assert "training from the pack of" in log and "(packed;" in log
+
+
+def test_the_size_estimate_is_of_the_resized_images_and_memory_counts_for_raw(tmp_path, monkeypatch):
+    src = write_folder(tmp_path / "src", classes=3, train_per_class=10, val_per_class=2, size=200)
+    cfg = autopack_cfg(src, tmp_path / "cache", "auto")
+    files = autopack._where(cfg, "raw")[1]
+    raw, jpeg = autopack.estimate(src.resolve(), files, "72")
+    real_raw = packed.read_meta(packed.pack(src, tmp_path / "raw", "72", **QUIET))
+    real_jpeg = packed.read_meta(packed.pack(src, tmp_path / "jpeg", "72", encoding="jpeg", **QUIET))
+    size = lambda meta: sum(s["bytes"] for s in meta["splits"].values())
+    assert abs(raw / size(real_raw) - 1) < 0.02  # every source is 200x200: the headers say it all
+    assert abs(jpeg / size(real_jpeg) - 1) < 0.3, (jpeg, size(real_jpeg))  # from a sample of 12
+    monkeypatch.setattr(autopack, "_memory", lambda: int(1.9 * raw))  # raw would take over half the memory
+    assert autopack.prepare(cfg, lambda *_: None).pack == "jpeg"
+
+
+def test_a_damaged_pack_in_the_cache_is_made_again(tmp_path):
+    src = write_folder(tmp_path / "src")
+    cache = tmp_path / "cache"
+    run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "a")
+    pixels = cache / "packed" / packs_in(cache)[0] / "train.u8"
+    pixels.write_bytes(pixels.read_bytes()[:1000])  # cut short
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "b")
+    assert "the pack in the cache folder is damaged" in p.stdout and "holds 1,000 bytes" in p.stdout
+    assert "packing" in p.stdout and config_of(tmp_path / "b")["pack"] == "raw"
+    packed.check_sizes(cache / "packed" / packs_in(cache)[0])

@@ -15,7 +15,7 @@ from alexnet.data.jpeg import JpegBatch
 from alexnet.data.transforms import Resize, train_transform
 from alexnet.train.plan import augmentation
 
-from conftest import TINY, cli, run_cli, run_here, write_folder
+from conftest import TINY, cli, final_weights, max_diff, run_cli, run_here, write_folder
 
 QUIET = dict(workers=0, log=lambda *_: None)
 
@@ -91,6 +91,25 @@ def test_jpeg_pack_left_to_the_gpu_decoder_gives_the_workers_crops(shapes):
         assert bad == 0 and torch.equal(ta, tb) and torch.equal(xa, ya)
 
 
+def test_an_image_of_a_jpeg_pack_that_no_longer_decodes_stops_the_gpu_path_too(shapes, tmp_path):
+    """Left to the device's decoder (the CPU standing in for the GPU), a damaged image is an error, as in the
+    workers, not an unreadable file skipped and counted."""
+    from alexnet.errors import DataError
+    _, out = shapes
+    copy = tmp_path / "p"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "train.u8").read_bytes())
+    data[int(np.load(copy / "train.idx.npy")[2, 0]):int(np.load(copy / "train.idx.npy")[3, 0])] = b"\0" * (
+        int(np.load(copy / "train.idx.npy")[3, 0]) - int(np.load(copy / "train.idx.npy")[2, 0]))
+    (copy / "train.u8").write_bytes(bytes(data))
+    transform = train_transform(**augmentation(TrainConfig(resize="72", crop=64)))
+    ds = packed.PackedSplit(copy, "train", transform, seed=2, batch=BatchAugment(transform))
+    ds.decode_on_device = True
+    batch = next(iter(make_loader(ds, 5, 0, train=False, device_type="cuda")))
+    with pytest.raises(DataError, match=r"train.u8 \(image 2\)"):
+        on_device(batch, torch.device("cpu"), False, ds.batch)
+
+
 def test_the_recorded_fingerprint_ignores_where_when_and_how_and_sees_one_changed_image(shapes, tmp_path):
     src, out = shapes
     copy = tmp_path / "elsewhere"
@@ -141,3 +160,22 @@ def test_training_from_a_jpeg_pack_and_an_image_that_no_longer_decodes(tmp_path,
     error = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and f"image 2 of {pixels} cannot be decoded" in error[0], p.stderr
     assert f"alexnet data check {out}" in error[0]
+
+
+def test_a_run_from_a_jpeg_pack_resumes_inside_an_epoch_to_the_same_weights(tmp_path):
+    """Same sampler, same per-sample draws as the raw pack: a run resumed from a step checkpoint in the
+    middle of an epoch ends with the weights of a run never stopped (dropout on, so the random state counts)."""
+    src = write_folder(tmp_path / "src", classes=3, train_per_class=8, val_per_class=2, size=72)
+    data = packed.pack(src, tmp_path / "p", "72", encoding="jpeg", **QUIET)
+    flags = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "4", "--workers", "0", "--quiet",
+             "--deterministic", "--dropout", "0.5", "--lr", "0.03", "--keep-last", "100", "--epochs", "2",
+             "--checkpoint-every", "2"]
+    straight = tmp_path / "straight"
+    run_here("train", "--data", data, "--out", straight, *flags)
+    step = straight / "checkpoints" / "step-000000008.pt"  # epoch 2, after 2 of its 6 steps
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(step, resumed / "checkpoints" / step.name)
+    p = run_here("train", "--data", data, "--out", resumed, *flags, "--resume", "auto")
+    assert "at epoch 2, step 2 of it" in p.stdout
+    assert max_diff(final_weights(resumed), final_weights(straight)) == 0.0

@@ -147,8 +147,14 @@ def prepare(cfg, log):
         made = [e for e in choices if packed.is_packed(_where(cfg, e)[0])]
     except DataError:  # a folder without its splits: the loaders say what is wrong, as for --pack no
         return cfg
-    if made:  # a pack made before is used first
-        return _use(cfg, made[0], log)
+    for encoding in made:  # a pack made before is used first, unless it is damaged (then it is made again)
+        try:
+            packed.check_sizes(_where(cfg, encoding)[0])
+        except DataError as e:
+            log(f"WARNING: the pack in the cache folder is damaged ({e}); removing it and packing again")
+            shutil.rmtree(_where(cfg, encoding)[0])
+            continue
+        return _use(cfg, encoding, log)
     out, files = _where(cfg, choices[0])
     if not files:
         return cfg  # no images: the loaders say what is wrong

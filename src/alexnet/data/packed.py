@@ -357,6 +357,14 @@ def _checked_index(root: Path, split: str, meta: dict, pixels_file: Path, raw: b
     return index
 
 
+def check_sizes(root: str | Path) -> None:
+    """The checks every start makes (`_checked_index`), on every split of the pack: a DataError when one fails."""
+    root = Path(root)
+    meta = read_meta(root)
+    for split, info in meta["splits"].items():
+        _checked_index(root, split, info, root / f"{split}.u8", encoding_of(meta) == "raw")
+
+
 class PackedSplit(Dataset):
     """One split of a packed dataset. Items by index or by (epoch, index), as ImageFolder's. With a
     BatchAugment (`batch`), an item is ((crop, parameters), label) for the batch path, or with `held`
@@ -364,6 +372,10 @@ class PackedSplit(Dataset):
     per-image transform runs on the stored pixels (its resize is then a no-op). The images of a JPEG pack
     are decoded by whoever reads them, or with `decode_on_device` left to the GPU as data.jpeg's Encoded
     files (their resize is then a no-op too)."""
+
+    # Every image was readable when packed: one that no longer decodes is damage, an error on every path
+    # (the loader's collate reads this for images left to the GPU's decoder).
+    on_bad_image = "error"
 
     def __init__(self, root: str | Path, split: str, transform: Compose, seed: int = 0,
                  batch: BatchAugment | None = None) -> None:
