@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# for --pca-lighting 0.1: --pca-eigval={','.join(map(str, s['eigval']))} "
                   f"--pca-eigvec={','.join(map(str, s['eigvec']))}")
         elif args.command == "data" and args.data_command == "pack":
-            from .data.packed import pack
+            from .data.packed import available_cores, pack
             if args.workers is None:
-                args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+                args.workers = available_cores()
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
             check_split(args.val_fraction, args.val_dir)

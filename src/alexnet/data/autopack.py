@@ -28,11 +28,10 @@ from PIL import Image
 from ..errors import DataError
 from . import packed
 from .folder import pool_dir, val_dir_of
-from .images import DECODE_ERRORS, is_image_name, load_rgb
+from .images import DECODE_ERRORS, is_image_name
 from .synthetic import default_cache_dir
 from .transforms import Resize, parse_resize
 
-CHOICES = ("auto", "raw", "jpeg", "no")
 QUALITY = 90
 HEADERS, ENCODED = 64, 12  # files sampled for the pack's size: headers read, images resized and encoded
 SMALL = 1000  # folders of fewer images are packed by this process alone
@@ -71,22 +70,24 @@ def _files(folder: Path, val_dir: str | None) -> list[tuple[str, int, int]]:
     return sorted(found)
 
 
-_LOCATIONS: dict[tuple, tuple[Path, list]] = {}  # the folder listed once a run: by prepare, then found here
+# The folder listed (and its list hashed) once a run, whatever the encodings asked about: by prepare, then
+# found here by the run's later questions.
+_LISTED: dict[tuple, tuple[list, str]] = {}
 
 
 def _where(cfg, encoding: str) -> tuple[Path, list]:
     """(the pack's folder for this encoding, the file list it is keyed by)."""
     folder = Path(cfg.data).resolve()
-    asked = (folder, cfg.resize, cfg.val_dir, encoding, cfg.cache_dir)
-    if asked not in _LOCATIONS:
+    if (folder, cfg.val_dir) not in _LISTED:
         files = _files(folder, cfg.val_dir)
-        h = hashlib.sha256(f"{cfg.resize}|{cfg.val_dir}|{encoding}|{QUALITY}\n".encode())
+        h = hashlib.sha256()
         for rel, size, mtime in files:
             h.update(f"{rel}\t{size}\t{mtime}\n".encode())
-        size = cfg.resize.replace("x", "-")
-        name = f"{folder.name}-{size}-{encoding}-{h.hexdigest()[:16]}"
-        _LOCATIONS[asked] = (Path(cfg.cache_dir or default_cache_dir()) / "packed" / name, files)
-    return _LOCATIONS[asked]
+        _LISTED[folder, cfg.val_dir] = files, h.hexdigest()
+    files, listed = _LISTED[folder, cfg.val_dir]
+    key = hashlib.sha256(f"{cfg.resize}|{cfg.val_dir}|{encoding}|{QUALITY}|{listed}".encode()).hexdigest()
+    name = f"{folder.name}-{cfg.resize.replace('x', '-')}-{encoding}-{key[:16]}"
+    return Path(cfg.cache_dir or default_cache_dir()) / "packed" / name, files
 
 
 def location(cfg) -> Path | None:
@@ -106,12 +107,13 @@ def estimate(folder: Path, files: list, resize: str) -> tuple[float, float]:
         try:
             with Image.open(folder / rel) as img:
                 w, h = resizer.target(*img.size)
-            raw.append(w * h * 3)
-            if k % max(len(picks) // ENCODED, 1) == 0:
-                pixels = np.asarray(resizer(load_rgb(folder / rel)), dtype=np.uint8)
-                ratios.append(len(packed.encode_jpeg(pixels, QUALITY)) / pixels.size)
         except DECODE_ERRORS:
             continue
+        raw.append(w * h * 3)
+        if k % max(len(picks) // ENCODED, 1) == 0:  # stored as packing stores it
+            data, h, w, error, _ = packed.stored_image(str(folder / rel), resize, "jpeg", QUALITY)
+            if error is None:
+                ratios.append(len(data) / (h * w * 3))
     if not raw:
         raise DataError(f"{folder}: none of {len(picks)} image files sampled could be read; `alexnet data check "
                         f"{folder}` lists the unreadable ones")
@@ -133,7 +135,7 @@ def _size(n: float) -> str:
 def prepare(cfg, log):
     """The settings with `pack` resolved to raw, jpeg or no, once the pack exists (made here when it does
     not, before any process group is joined): see the module's doc."""
-    _LOCATIONS.clear()  # the folder is listed again for each run: it may have changed since the last one
+    _LISTED.clear()  # the folder is listed again for each run: it may have changed since the last one
     reason = why_not(cfg)
     if reason == "not a folder here":  # a node of a multi-node job without its data: the ranks' agreement says so
         return cfg
@@ -175,7 +177,7 @@ def prepare(cfg, log):
     out = _where(cfg, chosen)[0]
     log(f"packing {folder} once, for this and later runs, into {out} ({'raw pixels' if chosen == 'raw' else 'JPEG'},"
         f" about {_size(sizes[chosen])} of the {_size(free)} free; --pack no trains from the files)")
-    cores = len(os.sched_getaffinity(0)) if len(files) >= SMALL else 0  # a pool's start costs more than a few images
+    cores = packed.available_cores() if len(files) >= SMALL else 0  # a pool's start costs more than a few images
     packed.pack(folder, out, cfg.resize, workers=cores, log=log, val_dir=cfg.val_dir, encoding=chosen,
                 quality=QUALITY)
     return _use(cfg, chosen, log)

@@ -85,10 +85,19 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def available_cores() -> int:
+    """The cores this process may run on: how many processes pack by default."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _decode(job: tuple[str, str, str, int]):
-    """(the bytes to store, height, width, error, whether the stored image has fewer pixels than the
-    source's)."""
-    path, resize, encoding, quality = job
+    return stored_image(*job)
+
+
+def stored_image(path: str, resize: str, encoding: str, quality: int):
+    """The image file at `path` as a pack stores it: (the bytes to store, height, width, error, whether the
+    stored image has fewer pixels than the source's); the bytes None and the error's text when it cannot
+    be read."""
     try:
         img = load_rgb(path)
         pixels = np.asarray(Resize(parse_resize(resize))(img), dtype=np.uint8)
