@@ -35,7 +35,7 @@ from .data.build import build_loaders
 from .data.folder import find_classes
 from .data.batch import on_device
 from .data.synthetic import default_cache_dir, ensure_dataset
-from .errors import BenchError, ConfigError
+from .errors import BenchError, ConfigError, message
 from .models import create_model
 from .parallel import DataParallel
 from .progress import Progress
@@ -190,12 +190,11 @@ def _serve_reference(conn, root: str, cfg: BenchConfig, device: str, classes: in
 
 
 def _one_line(e: Exception) -> str:
-    """An exception as one line; one re-raised from a DataLoader worker ("Caught X in DataLoader worker
-    process 0. Original Traceback ...") as the original's last line."""
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    if len(lines) > 1 and "Traceback" in str(e):
-        return lines[-1].strip()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+    """An exception as one line, its type first as a traceback names it; one re-raised from a DataLoader
+    worker as the original's."""
+    kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    lines = [line for line in message(e).splitlines() if line.strip()]
+    return f"{kind}: {lines[0].strip() if lines else ''}"
 
 
 class Ours(Pipeline):
