@@ -1,7 +1,11 @@
 """An image folder given to `alexnet train` is packed once on first use and trained from the pack (data.autopack)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -115,6 +119,29 @@ def test_two_processes_pack_once_before_they_join(tmp_path):
     assert p.stdout.count("once, for this and later runs") == 1 and config_of(out)["pack"] == "raw", p.stdout
     log = (out / "train.log").read_text()
     assert "training from the pack of" in log and "(packed;" in log
+
+
+def test_runs_started_together_on_one_folder_make_one_pack(tmp_path):
+    """While another process holds the folder's lock and packs (here this test, with the code a run uses), a
+    run on the same folder and cache waits, says so, then trains from that pack rather than making its own."""
+    src, cache, out = write_folder(tmp_path / "src"), tmp_path / "cache", tmp_path / "run"
+    cfg = autopack_cfg(src, cache, "auto")
+    cmd = [sys.executable, "-m", "alexnet", "train", "--data", src, *TINY, "--cache-dir", cache, "--out", out]
+    with autopack._one_at_a_time(cfg, lambda *_: None):
+        p = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seen = []
+        while not seen or "waiting for it to finish" not in seen[-1]:
+            seen.append(p.stdout.readline())
+            assert seen[-1], "".join(seen)  # the run ended (or packed) without waiting
+        assert f"another process is packing {src} into {cache / 'packed'}" in seen[-1]
+        time.sleep(1)
+        assert p.poll() is None and not packs_in(cache)
+        made = autopack._found_or_made(cfg, lambda *_: None)  # the other process's packing
+    rest, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, "".join(seen) + rest
+    assert "once, for this and later runs" not in rest and "training from the pack of" in rest, rest
+    assert packs_in(cache) == [autopack.location(made).name] and config_of(out)["pack"] == made.pack == "raw"
 
 
 def test_the_size_estimate_is_of_the_resized_images_and_memory_counts_for_raw(tmp_path, monkeypatch):

@@ -11,11 +11,14 @@ the encoding, so that a changed folder is packed again and an unchanged one is f
 later run and every process of this machine. `auto` takes raw pixels where they take at most half the
 free disk of the cache folder and half the memory, JPEG where that takes at most half the free disk, and
 otherwise decodes the files every epoch; the sizes come from a sample of the files. An existing pack of
-the folder is used first. The choice is recorded in config.yaml (`pack: raw`, `jpeg` or `no`), so that a
+the folder is used first; runs that start together on one folder and cache folder wait for each other
+(a lock file beside the packs), so that one of them packs and the others use its pack. The choice is recorded in config.yaml (`pack: raw`, `jpeg` or `no`), so that a
 resumed run reads the same pixels."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -143,12 +146,39 @@ def prepare(cfg, log):
         if reason.startswith(("--random", "--val")):
             log(f"reading the files of {cfg.data} every epoch, not packing them: {reason}")
         return replace(cfg, pack="no")
-    folder = Path(cfg.data)
-    choices = [cfg.pack] if cfg.pack != "auto" else ["raw", "jpeg"]
     try:
-        made = [e for e in choices if packed.is_packed(_where(cfg, e)[0])]
+        _where(cfg, "raw")
     except DataError:  # a folder without its splits: the loaders say what is wrong, as for --pack no
         return cfg
+    with _one_at_a_time(cfg, log):
+        return _found_or_made(cfg, log)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(cfg, log):
+    """Held while this process looks for the folder's pack and makes it, so that runs started together on one
+    folder (a sweep of seeds, or the nodes of a job whose cache folder is shared) make one pack: the others
+    wait, then train from it."""
+    out, _ = _where(cfg, "raw")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    listed = _LISTED[Path(cfg.data).resolve(), cfg.val_dir][1]
+    lock = out.parent / f".{Path(cfg.data).resolve().name}-{listed[:16]}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another process is packing {cfg.data} into {out.parent}; waiting for it to finish (lock {lock})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _found_or_made(cfg, log):
+    folder = Path(cfg.data)
+    choices = [cfg.pack] if cfg.pack != "auto" else ["raw", "jpeg"]
+    made = [e for e in choices if packed.is_packed(_where(cfg, e)[0])]
     for encoding in made:  # a pack made before is used first, unless it is damaged (then it is made again)
         try:
             packed.check_sizes(_where(cfg, encoding)[0])
@@ -161,7 +191,6 @@ def prepare(cfg, log):
     if not files:
         return cfg  # no images: the loaders say what is wrong
     raw, jpeg = estimate(folder.resolve(), files, cfg.resize)
-    out.parent.mkdir(parents=True, exist_ok=True)
     free, memory = shutil.disk_usage(out.parent).free, _memory()
     sizes = {"raw": raw, "jpeg": jpeg}
     fits = {"raw": raw <= free / 2 and (not memory or raw <= memory / 2), "jpeg": jpeg <= free / 2}
