@@ -1,6 +1,8 @@
 """Each node of a multi-node job reads its own copy of the data. Copies that differ (one image fewer), or a
 node whose copy is missing, stop every node at once with one message; equal copies at other paths, with
-other modification times, train. Two hosts in network namespaces (tests/conftest.py's `hosts`)."""
+other modification times, train. Two hosts in network namespaces (tests/conftest.py's `hosts`), each with a
+cache folder of its own, so that each packs its image folder on first use (autopack) before the process
+group is joined, as the nodes of a job without shared storage do."""
 
 import os
 import shutil
@@ -26,12 +28,14 @@ def copies(tmp_path, drop_one: bool):
 
 
 def run_two(hosts, tmp_path, data: dict, port: int, timeout: int = 60) -> dict:
-    """Both hosts train from their own --data; {host: (exit code, output, seconds from start to exit)}."""
+    """Both hosts train from their own --data, with their own cache folder (tmp_path/cache-<host>);
+    {host: (exit code, output, seconds from start to exit)}."""
     out = tmp_path / "run"
     t0 = time.monotonic()
     procs = {h: start(hosts, h, ["--data", data[h], *EXACT, "--batch-size", "4", "--epochs", "1", "--nnodes", "2",
                                  "--nproc-per-node", "1", "--rdzv-endpoint", f"{hosts['addrs']['a']}:{port}",
-                                 "--dist-timeout", timeout, "--out", out], {}) for h in ("a", "b")}
+                                 "--dist-timeout", timeout, "--out", out],
+                      {"ALEXNET_CACHE": str(tmp_path / f"cache-{h}")}) for h in ("a", "b")}
     found = {}
     for h, p in procs.items():
         stdout, stderr = p.communicate(timeout=120)
@@ -65,4 +69,9 @@ def test_equal_copies_at_other_paths_with_other_times_train(hosts, tmp_path):
     found = run_two(hosts, tmp_path, {"a": a, "b": b}, 29550)
     for h, (code, text, _) in found.items():
         assert code == 0, (h, text[-3000:])
+        # each node packed its own copy into its own cache folder, then trained from that pack
+        made = [p.parent for p in (tmp_path / f"cache-{h}" / "packed").glob("*/packed.json")]
+        assert len(made) == 1, (h, made)
+        assert f"packing {a if h == 'a' else b} once" in text and f"training from the pack of " in text, text[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert "pack: raw" in (tmp_path / "run" / "config.yaml").read_text()
