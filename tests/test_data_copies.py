@@ -72,6 +72,6 @@ def test_equal_copies_at_other_paths_with_other_times_train(hosts, tmp_path):
         # each node packed its own copy into its own cache folder, then trained from that pack
         made = [p.parent for p in (tmp_path / f"cache-{h}" / "packed").glob("*/packed.json")]
         assert len(made) == 1, (h, made)
-        assert f"packing {a if h == 'a' else b} once" in text and f"training from the pack of " in text, text[-3000:]
+        assert f"packing {a if h == 'a' else b} once" in text and "training from the pack of " in text, text[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert "pack: raw" in (tmp_path / "run" / "config.yaml").read_text()
