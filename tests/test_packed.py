@@ -62,6 +62,30 @@ def test_pack_round_trips(tmp_path, resize):
             assert int(ds.index[i][3]) == ["a", "b"].index(path.parent.name)
 
 
+def test_pack_pool_forked_or_spawned_gives_the_same_bytes(tmp_path, monkeypatch):
+    """The packing pool forks when this process runs no other thread and spawns when one runs; both give
+    the bytes of the in-process path."""
+    import threading
+    src = odd_folder(tmp_path / "src")
+    methods = []
+    real = packed.multiprocessing.get_context
+    monkeypatch.setattr(packed.multiprocessing, "get_context", lambda method: methods.append(method) or real(method))
+    reference = packed.pack(src, tmp_path / "in-process", "40", workers=0, log=lambda *_: None)
+    forked = packed.pack(src, tmp_path / "forked", "40", workers=2, log=lambda *_: None)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        spawned = packed.pack(src, tmp_path / "spawned", "40", workers=2, log=lambda *_: None)
+    finally:
+        stop.set()
+        other.join()
+    assert methods == ["fork", "spawn"]
+    for split in ("train", "val"):
+        for name in (f"{split}.u8", f"{split}.idx.npy", f"{split}.sum.npy"):
+            assert (forked / name).read_bytes() == (reference / name).read_bytes() == (spawned / name).read_bytes()
+
+
 def check_same_draws(cfg: TrainConfig, data, atol: float, mean_atol: float = 1e-6, n: int = 24):
     """The batch path's output for the packed images against the per-image transform's output for the
     same images and the same per-sample generators."""

@@ -77,10 +77,9 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 _jpeg = None
 
 
-def _decode_jpeg(data: bytes) -> Image.Image | None:
-    """torchvision's libjpeg-turbo decoder (about twice PIL's speed here), straight to RGB; None when it
-    cannot decode the file (not a JPEG, truncated, an unusual colour space) or is not there: PIL then
-    decodes it, or gives the error."""
+def jpeg_decoder() -> tuple:
+    """(torch, torchvision's decode_jpeg, its RGB mode), imported on first use (seconds); () where
+    torchvision cannot be imported."""
     global _jpeg
     if _jpeg is None:
         try:
@@ -89,9 +88,16 @@ def _decode_jpeg(data: bytes) -> Image.Image | None:
             _jpeg = (torch, decode_jpeg, ImageReadMode.RGB)
         except ImportError:
             _jpeg = ()
-    if not _jpeg:
+    return _jpeg
+
+
+def _decode_jpeg(data: bytes) -> Image.Image | None:
+    """torchvision's libjpeg-turbo decoder (about twice PIL's speed here), straight to RGB; None when it
+    cannot decode the file (not a JPEG, truncated, an unusual colour space) or is not there: PIL then
+    decodes it, or gives the error."""
+    if not jpeg_decoder():
         return None
-    torch, decode_jpeg, rgb = _jpeg
+    torch, decode_jpeg, rgb = jpeg_decoder()
     try:
         pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb)
     except RuntimeError:

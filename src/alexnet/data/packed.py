@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import zlib
 from contextlib import nullcontext
@@ -39,7 +40,7 @@ from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
 from .folder import check_val_classes, find_classes, held_out, pool_dir, scan, val_dir_of
-from .images import DECODE_ERRORS, decode_rgb, load_rgb
+from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch
 from .transforms import Compose, Resize, parse_resize, sample_generator
@@ -88,6 +89,16 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
 def available_cores() -> int:
     """The cores this process may run on: how many processes pack by default."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pool(workers: int):
+    """The packing processes. Forked where this process runs no other thread: they start at once, with the
+    modules (torch, torchvision's decoder) already imported here, where spawned ones would each import them
+    again, seconds of a first run's packing. Spawned otherwise (a thread may hold a lock at the fork)."""
+    fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    if fork:
+        jpeg_decoder()  # imported once here rather than in each process
+    return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers)
 
 
 def _decode(job: tuple[str, str, str, int]):
@@ -297,7 +308,7 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
             started.write_text(json.dumps(plan))
         log(f"packing {total} images of {source} at --resize {resize} ({_coding_text(coding)}) into {out} with "
             f"{workers} worker(s)")
-        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+        pool = _pool(workers) if workers > 0 else None
         with pool or nullcontext():
             for split, samples in splits.items():
                 how = (source, resize, encoding, quality)
