@@ -11,9 +11,11 @@ For SRC (an ImageFolder with train/ and a validation folder) it
    images per second per core, with the JPEG pack's mean absolute error against the raw pack's pixels
    (the raw pack holds the source images resized, exactly);
 3. runs `alexnet bench --pipelines ours` on each pack, alternating raw and JPEG, --rounds times (one round
-   per command), each at its defaults (the raw pack held in memory as training holds it, the JPEG pack
-   decoded by the loader workers), and prints the median images/s of the data path, the model step and
-   end to end, end to end as a ratio to the model step, and the JPEG pack's end to end over the raw one's.
+   per command), each at its defaults (the raw pack held in memory as training holds it, the JPEG pack on
+   a CPU decoded by the main process where the loader workers would share the model's cores), and the
+   JPEG pack again under `--jpeg-decode workers` (decoded by the loader workers); prints the median
+   images/s of the data path, the model step and end to end, end to end as a ratio to the model step, and
+   each JPEG run's end to end over the raw pack's.
 
 --make-imagenet-like writes an ImageNet-like folder of JPEGs of 500x375 (ImageNet's most common size),
 quality 90, from the photos of SRC (each enlarged and centre-cropped to 4:3), --images of them split
@@ -83,9 +85,12 @@ def decode_rate(pack_dir: Path, n: int) -> tuple[float, list[np.ndarray]]:
     return len(picks) / (time.perf_counter() - start), pixels
 
 
-def bench(src: Path, pack_dir: Path) -> dict:
+RUNS = {"raw": ("raw", "auto"), "jpeg": ("jpeg", "auto"), "jpeg, workers": ("jpeg", "workers")}
+
+
+def bench(src: Path, pack_dir: Path, jpeg_decode: str) -> dict:
     cmd = [sys.executable, "-m", "alexnet", "bench", "--data", str(src), "--packed", str(pack_dir),
-           "--pipelines", "ours", "--rounds", "1", "--json"]
+           "--pipelines", "ours", "--rounds", "1", "--jpeg-decode", jpeg_decode, "--json"]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["median"]
 
@@ -123,20 +128,22 @@ def main() -> None:
     print(f"JPEG pack against the raw pack's pixels: mean absolute error {np.mean(errors):.2f} levels "
           f"(per image: median {np.median(errors):.2f}, 99th percentile {np.percentile(errors, 99):.2f}, "
           f"largest {max(errors):.2f})")
-    runs = {"raw": [], "jpeg": []}
+    runs = {name: [] for name in RUNS}
     for r in range(args.rounds):
-        for encoding in (("raw", "jpeg") if r % 2 == 0 else ("jpeg", "raw")):
-            runs[encoding].append(bench(src, work / encoding))
-            m = runs[encoding][-1]
-            print(f"round {r + 1}/{args.rounds} {encoding:5s}: data {m['ours/data']:.1f}, model "
+        for name in (list(RUNS) if r % 2 == 0 else list(RUNS)[::-1]):
+            encoding, decode = RUNS[name]
+            runs[name].append(bench(src, work / encoding, decode))
+            m = runs[name][-1]
+            print(f"round {r + 1}/{args.rounds} {name:13s}: data {m['ours/data']:.1f}, model "
                   f"{m['ours/model']:.1f}, end to end {m['ours/end-to-end']:.1f} img/s", flush=True)
     med = {e: {k: statistics.median(m[k] for m in runs[e]) for k in runs[e][0]} for e in runs}
     print(f"{'median img/s':14s}{'data':>10s}{'model':>10s}{'end to end':>12s}{'e2e / model':>13s}")
-    for e in ("raw", "jpeg"):
+    for e in RUNS:
         m = med[e]
         print(f"{e:14s}{m['ours/data']:10.1f}{m['ours/model']:10.1f}{m['ours/end-to-end']:12.1f}"
               f"{m['ours/end-to-end'] / m['ours/model']:13.2f}")
-    print(f"end to end, JPEG pack / raw pack: {med['jpeg']['ours/end-to-end'] / med['raw']['ours/end-to-end']:.2f}")
+    for e in ("jpeg", "jpeg, workers"):
+        print(f"end to end, {e} / raw: {med[e]['ours/end-to-end'] / med['raw']['ours/end-to-end']:.2f}")
 
 
 if __name__ == "__main__":

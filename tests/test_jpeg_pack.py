@@ -106,8 +106,45 @@ def test_an_image_of_a_jpeg_pack_that_no_longer_decodes_stops_the_gpu_path_too(s
     ds = packed.PackedSplit(copy, "train", transform, seed=2, batch=BatchAugment(transform))
     ds.decode_on_device = True
     batch = next(iter(make_loader(ds, 5, 0, train=False, device_type="cuda")))
-    with pytest.raises(DataError, match=r"train.u8 \(image 2\)"):
+    with pytest.raises(DataError, match=r"image 2 of .*train.u8 cannot be decoded \(not an image file\): the pack is "
+                                        r"damaged; `alexnet data check "):
         on_device(batch, torch.device("cpu"), False, ds.batch)
+
+
+def test_on_a_cpu_the_main_process_decodes_a_jpeg_pack_where_workers_would_take_the_models_cores(shapes, monkeypatch):
+    """--jpeg-decode auto on a CPU: a JPEG pack's images are decoded by the main process when the model's
+    threads and the loader workers together want more cores than there are, or when there is no worker;
+    by the workers when they have cores of their own, under --jpeg-decode workers, and never for a raw pack
+    or a GPU."""
+    _, out = shapes
+    transform = train_transform(**augmentation(TrainConfig(resize="72", crop=64)))
+    threads, cpu = torch.get_num_threads(), torch.device("cpu")
+
+    def main_decodes(cores, workers, decode="auto", device=cpu):
+        monkeypatch.setattr(packed, "available_cores", lambda: cores)
+        split = packed.PackedSplit(out, "train", transform, batch=BatchAugment(transform))
+        packed.decode_in_main_process([split], device, workers, decode)
+        return split.decode_on_device
+
+    assert main_decodes(cores=threads + 1, workers=2) and main_decodes(cores=threads, workers=1)
+    assert main_decodes(cores=threads + 2, workers=0)
+    assert not main_decodes(cores=threads + 2, workers=2)
+    assert not main_decodes(cores=threads, workers=2, decode="workers")
+    assert not main_decodes(cores=threads, workers=2, device=torch.device("cuda"))
+
+
+def test_a_jpeg_pack_decoded_by_the_main_process_trains_to_the_workers_weights(tmp_path):
+    """The main process's batch decoding (--workers 0, --jpeg-decode auto) and a loader worker's
+    (--jpeg-decode workers) give a run the same crops, so the same weights to the bit."""
+    src = write_folder(tmp_path / "src", classes=3, train_per_class=8, val_per_class=2, size=90)
+    data = packed.pack(src, tmp_path / "p", "72", encoding="jpeg", **QUIET)
+    flags = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "4", "--quiet", "--deterministic",
+             "--epochs", "1", "--brightness", "0.4", "--saturation", "0.4"]
+    run_here("train", "--data", data, "--out", tmp_path / "main", "--workers", "0", *flags)
+    run_cli("train", "--data", data, "--out", tmp_path / "workers", "--workers", "1", "--jpeg-decode", "workers", *flags)
+    assert "decoded by the main process" in (tmp_path / "main" / "train.log").read_text()
+    assert "batch augmentation in the loader workers" in (tmp_path / "workers" / "train.log").read_text()
+    assert max_diff(final_weights(tmp_path / "main"), final_weights(tmp_path / "workers")) == 0
 
 
 def test_the_recorded_fingerprint_ignores_where_when_and_how_and_sees_one_changed_image(shapes, tmp_path):
@@ -141,21 +178,26 @@ def test_pack_encoding_errors_and_a_repack_in_another_encoding(tmp_path, capsys,
     assert "is already packed from" in caplog.messages[-1] and "(raw pixels)" in caplog.messages[-1]
 
 
-@pytest.mark.parametrize("workers", ["0", "1"])
-def test_training_from_a_jpeg_pack_and_an_image_that_no_longer_decodes(tmp_path, workers):
+@pytest.mark.parametrize("workers,decode", [("0", "auto"), ("1", "auto"), ("1", "workers")])
+def test_training_from_a_jpeg_pack_and_an_image_that_no_longer_decodes(tmp_path, workers, decode):
     """A run from a JPEG pack says so and trains; an image damaged after packing so that it no longer decodes
-    stops the run with one message that names it and `alexnet data check` (decoded in the main process or
-    in a loader worker), not a traceback."""
+    stops the run with one message that names it and `alexnet data check` (decoded by the main process, a
+    batch at a time or, with no loader worker, image by image, or by a loader worker), not a traceback."""
     src = write_folder(tmp_path / "src", classes=2, train_per_class=4, val_per_class=2, size=72)
     out = packed.pack(src, tmp_path / "p", "72", encoding="jpeg", **QUIET)
     run = run_here if workers == "0" else run_cli  # loader workers are not forked from the test runner
-    p = run("train", "--data", out, *TINY, "--workers", workers, "--out", tmp_path / "run")
+    # the model's threads on every core: the workers would take cores from them, so auto decodes in the main process
+    flags = [*TINY, "--workers", workers, "--jpeg-decode", decode, "--threads", str(packed.available_cores())]
+    p = run("train", "--data", out, *flags, "--out", tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    how = {"auto": "decoded by the main process; batch augmentation on cpu",
+           "workers": "batch augmentation in the loader workers"}[decode]
+    assert f"(packed as JPEG; {how})" in (tmp_path / "run" / "train.log").read_text()
     pixels = out / "train.u8"
     data = bytearray(pixels.read_bytes())
     data[int(np.load(out / "train.idx.npy")[2, 0])] = 0  # image 2 no longer starts as a JPEG
     pixels.write_bytes(bytes(data))
-    p = run("train", "--data", out, *TINY, "--workers", workers, "--out", tmp_path / "run2", check=False)
+    p = run("train", "--data", out, *flags, "--out", tmp_path / "run2", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     error = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and f"image 2 of {pixels} cannot be decoded" in error[0], p.stderr

@@ -207,6 +207,7 @@ class Ours(Pipeline):
         data = build_loaders(root, device, train=dict(resize=resize, crop=cfg.image_size, mean=IMAGENET_MEAN,
                                                       std=IMAGENET_STD), val=None, batch_size=cfg.batch_size,
                              eval_batch=cfg.batch_size, workers=cfg.workers, data_on_device="auto",
+                             jpeg_decode=cfg.jpeg_decode,
                              persistent=False, say=log)  # held in memory as alexnet train holds it
         self.held, self.loader, self.augment = data.train_set.held, data.train, data.train_augment
         self.cfg, self.device = cfg, device

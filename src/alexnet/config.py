@@ -51,7 +51,9 @@ def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True
 def jpeg_decode_opt():
     """--jpeg-decode, the same for alexnet train and alexnet eval."""
     return opt("auto", "JPEG files on a GPU: decoded there a batch at a time with nvJPEG (device) or in the loader "
-                       "workers (workers); auto: device where torchvision can, else workers", ("auto", "device", "workers"))
+                       "workers (workers); auto: device where torchvision can, else workers. A JPEG pack on a CPU: "
+                       "auto decodes it in the main process a batch at a time where the workers would take cores "
+                       "from the model's threads", ("auto", "device", "workers"))
 
 
 @dataclass(frozen=True)  # resolved once, never changed: derived values live in train.plan
@@ -262,6 +264,7 @@ class BenchConfig:
     warmup: int = opt(3, "untimed steps before each measurement")
     rounds: int = opt(3, "measurements of each kind; the median is reported")
     workers: int = opt(2, "loader worker processes, for both pipelines")
+    jpeg_decode: str = jpeg_decode_opt()
     threads: int = opt(0, "CPU threads for the model (0: torch's default)")
     precision: str = opt("auto", "our pipeline's precision (the reference is fp32)", ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile our model")

@@ -226,7 +226,8 @@ def main_process_augment(dataset, device: torch.device) -> BatchAugment | None:
     GPU always (the workers send uint8 crops), on a CPU for a held split (data.held: the workers send only
     where its crops lie); None where the workers finish them (a CPU reading the memory map or JPEGs)."""
     batch = getattr(dataset, "batch", None)
-    return batch if device.type != "cpu" or getattr(dataset, "held", False) else None
+    return batch if device.type != "cpu" or getattr(dataset, "held", False) or getattr(dataset, "decode_on_device",
+                                                                                      False) else None
 
 
 def on_device(batch, device: torch.device, channels_last: bool, augment: BatchAugment | None = None):

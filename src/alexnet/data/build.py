@@ -50,6 +50,7 @@ def build_loaders(root: str | Path, device: torch.device, *, train: dict | None,
     held = dict(val_dir=val_dir, val_fraction=val_fraction, split_seed=split_seed, val_files=val_files)
     splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, held, say)
     packed.hold_on_device([s for s in splits if s is not None], device, data_on_device, say)
+    packed.decode_in_main_process([s for s in splits if s is not None], device, workers, jpeg_decode)
     loaders = [make_loader(s, size, workers, train=s is splits[0], seed=seed, pin_memory=device.type == "cuda",
                            rank=rank, world=world, device_type=device.type, persistent=persistent)
                if s is not None else None for s, size in zip(splits, (batch_size, eval_batch))]
@@ -147,10 +148,12 @@ def describe(dataset, device: torch.device) -> str:
         if kind == "JPEG" and device.type == "cpu":  # the plain CPU JPEG path
             return ""
         return f" ({kind}; per-image augmentation: rotation has no batch path)"
-    decoded = "; decoded on the device" if getattr(dataset, "decode_on_device", False) else ""
+    decoded = ("" if not getattr(dataset, "decode_on_device", False) else
+               "; decoded by the main process" if device.type == "cpu" else "; decoded on the device")
     held = getattr(dataset, "held", False)
     if held:
         decoded += ("; crops read from the memory map by the main process" if device.type == "cpu"
                     else f"; held in {device} memory")
-    where = "in the loader workers" if device.type == "cpu" and not held else "on " + str(device)
+    where = ("in the loader workers" if device.type == "cpu" and not held and not getattr(dataset, "decode_on_device", False)
+             else "on " + str(device))
     return f" ({kind}{decoded}; batch augmentation {where})"

@@ -8,7 +8,7 @@ import sys
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
@@ -136,6 +136,11 @@ def _reduced(img: Image.Image, width: int, height: int) -> Image.Image:
         return img
     raise TooLarge(f"{width}x{height} is {width * height / 1e6:.0f} million pixels, more than the "
                    f"{MAX_PIXELS / 1e6:.0f} million one image may have (ALEXNET_MAX_IMAGE_PIXELS raises the limit)")
+
+
+def reason(error: Exception) -> str:
+    """A decoding error in words (PIL names the in-memory file it could not identify by its address)."""
+    return "not an image file" if isinstance(error, UnidentifiedImageError) else str(error) or type(error).__name__
 
 
 def unreadable(path, error: Exception, strict: bool) -> None:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DECODE_ERRORS, MAX_PIXELS, decode_rgb, unreadable
+from ..errors import DataError
+from .images import DECODE_ERRORS, MAX_PIXELS, decode_rgb, reason, unreadable
 
 
 def decodes_lists() -> bool:
@@ -68,10 +69,19 @@ def device_decoding_works(device: torch.device) -> str | None:
 
 class Encoded(NamedTuple):
     """One JPEG file as a worker hands it over: its bytes, and (resized height, resized width, top,
-    left, flip) of its crop."""
+    left, flip) of its crop. An image of a JPEG pack carries (the pack's folder, its pixel file, the
+    image's number): stored at its size and decoded once before, it is damage when it no longer decodes
+    to that size."""
     data: torch.Tensor
     geometry: torch.Tensor
     path: str
+    pack: tuple | None = None
+
+
+def damaged_pack(root, pixels_file, i: int, what: str) -> DataError:
+    """The error for image `i` of a JPEG pack that no longer decodes as it did when packed."""
+    return DataError(f"image {i} of {pixels_file} {what}: the pack is damaged; `alexnet data check {root}` checks "
+                     f"every image; copy the pack again, or pack again")
 
 
 def read_encoded(path: str, augment, g: torch.Generator) -> tuple[Encoded, torch.Tensor] | None:
@@ -121,6 +131,7 @@ class JpegBatch:
         self.data = torch.cat([e.data for _, e in encoded]) if encoded else torch.empty(0, dtype=torch.uint8)
         self.geometry = torch.stack([e.geometry for _, e in encoded]) if encoded else torch.empty(0, 5, dtype=torch.long)
         self.paths = [e.path for _, e in encoded]
+        self.packs = [e.pack for _, e in encoded]
         self.crop_where = torch.tensor([i for i, _ in decoded], dtype=torch.long)
         self.crops = torch.stack([c for _, c in decoded]) if decoded else None
         self.on_cpu: list[str] = []  # files the device could not decode, tried on the CPU instead
@@ -143,6 +154,9 @@ class JpegBatch:
             for k, img in enumerate(images):
                 if img is None:
                     keep[self.where[k]] = False
+                elif self.packs[k] is not None and tuple(img.shape[-2:]) != tuple(self.geometry[k, :2].tolist()):
+                    raise damaged_pack(*self.packs[k], f"decodes to {tuple(img.shape[-2:])}, not "
+                                                       f"{tuple(self.geometry[k, :2].tolist())}")
             good = [k for k, img in enumerate(images) if img is not None]
             if good:
                 crops = resize_crop_flip([images[k] for k in good], self.geometry[good], s)
@@ -163,7 +177,7 @@ class JpegBatch:
         for k, path in enumerate(self.paths):
             if path in _REFUSED:  # refused before: to the CPU without another failed batch call
                 self.on_cpu.append(path)
-                images[k] = self._on_cpu(path, files[k], device)
+                images[k] = self._on_cpu(path, files[k], device, self.packs[k])
             else:
                 rest.append(k)
         if not rest:
@@ -185,17 +199,20 @@ class JpegBatch:
             except RuntimeError as e:
                 _REFUSED.add(path)
                 self.on_cpu.append(path)
-                print(f"WARNING: {device} could not decode {path} ({str(e).splitlines()[0] if str(e) else e!r}); "
-                      f"trying the CPU", file=sys.stderr, flush=True)
-                images[k] = self._on_cpu(path, files[k], device)
+                if device.type != "cpu":
+                    print(f"WARNING: {device} could not decode {path} ({str(e).splitlines()[0] if str(e) else e!r}); "
+                          f"trying the CPU", file=sys.stderr, flush=True)
+                images[k] = self._on_cpu(path, files[k], device, self.packs[k])
         return images
 
-    def _on_cpu(self, path: str, data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    def _on_cpu(self, path: str, data: torch.Tensor, device: torch.device, pack: tuple | None = None) -> torch.Tensor | None:
         """The file's bytes decoded as the workers decode the file (data.images.load_rgb), or None (with a
-        warning, or under strict a DataError) when they cannot be."""
+        warning, or under strict a DataError) when they cannot be; a pack's image that cannot be is damage."""
         try:
             pixels = torch.from_numpy(np.array(decode_rgb(data.numpy().tobytes()), dtype=np.uint8))
         except DECODE_ERRORS as e:
+            if pack is not None:
+                raise damaged_pack(*pack, f"cannot be decoded ({reason(e)})") from None
             unreadable(path, e, self.strict)
             return None
         return pixels.permute(2, 0, 1).to(device)
@@ -220,15 +237,24 @@ def resize_crop_flip(images: list[torch.Tensor], geometry: torch.Tensor, size: i
     for k, img in enumerate(images):
         groups.setdefault(tuple(img.shape[-2:]), []).append(k)
     for (h0, w0), idx in groups.items():
-        x = torch.stack([images[k] for k in idx]).float()
         h, w = rows[idx[0]][0], rows[idx[0]][1]
-        if w != w0:
-            x = _resize(x, (h0, w))
-        x = torch.stack([x[j, :, :, rows[k][3]:rows[k][3] + size] for j, k in enumerate(idx)])
-        if h != h0:
-            x = _resize(x, (h, size))
-        x = torch.stack([x[j, :, rows[k][2]:rows[k][2] + size] for j, k in enumerate(idx)])
+        if (h, w) == (h0, w0):  # stored at its size (a pack): cropped as it is
+            x = torch.stack([images[k][:, rows[k][2]:rows[k][2] + size, rows[k][3]:rows[k][3] + size] for k in idx])
+        else:
+            x = _resized_crops([images[k] for k in idx], [rows[k] for k in idx], (h0, w0), size)
         flip = torch.tensor([rows[k][4] for k in idx], dtype=torch.bool, device=device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         out[torch.tensor(idx, device=device)] = x.to(torch.uint8)
     return out
+
+
+def _resized_crops(images: list[torch.Tensor], rows: list, shape: tuple[int, int], size: int) -> torch.Tensor:
+    """The crops of images of one size, resized as resize_crop_flip says, in 8-bit values held in floats."""
+    (h0, w0), (h, w) = shape, rows[0][:2]
+    x = torch.stack(images).float()
+    if w != w0:
+        x = _resize(x, (h0, w))
+    x = torch.stack([x[j, :, :, row[3]:row[3] + size] for j, row in enumerate(rows)])
+    if h != h0:
+        x = _resize(x, (h, size))
+    return torch.stack([x[j, :, row[2]:row[2] + size] for j, row in enumerate(rows)])

@@ -13,8 +13,8 @@ per-image path) and writes, per split:
 
 Reading a raw image is a slice of a memory map: no decoding and no resizing, and the operating system's
 page cache keeps the hot pages in memory for every loader worker at once. A JPEG image is a slice too,
-about a tenth of the bytes, decoded by the loader worker (libjpeg-turbo through torchvision.io) or, on a
-GPU, a batch at a time by nvJPEG (data.jpeg).
+about a tenth of the bytes, decoded by the loader worker (libjpeg-turbo through torchvision.io) or a batch
+at a time, on a GPU by nvJPEG and on a CPU by the main process (data.jpeg, `decode_in_main_process`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
 from .folder import check_val_classes, find_classes, held_out, pool_dir, scan, val_dir_of
-from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb
+from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb, reason
 from .held import HeldCrops, Slot, hold
-from .jpeg import Encoded, JpegBatch
+from .jpeg import Encoded, JpegBatch, damaged_pack
 from .transforms import Compose, Resize, parse_resize, sample_generator
 
 FORMAT_VERSION = 1
@@ -438,9 +438,8 @@ class PackedSplit(Dataset):
         except DECODE_ERRORS as e:
             error = e
         if pixels is None or pixels.shape != (h, w, 3):
-            what = f"cannot be decoded ({error})" if pixels is None else f"decodes to {pixels.shape[:2]}, not {(h, w)}"
-            raise DataError(f"image {i} of {self.pixels_file} {what}: the pack is damaged; `alexnet data check "
-                            f"{self.root}` checks every image; copy the pack again, or pack again")
+            what = f"cannot be decoded ({reason(error)})" if pixels is None else f"decodes to {pixels.shape[:2]}, not {(h, w)}"
+            raise damaged_pack(self.root, self.pixels_file, i, what)
         return pixels
 
     def __getstate__(self):
@@ -456,7 +455,8 @@ class PackedSplit(Dataset):
             top, left, params = self.batch.draw(h, w, g)
             data = torch.from_numpy(np.array(self.stored(i)))
             geometry = torch.tensor([h, w, top, left, int(params[0])])
-            return (Encoded(data, geometry, f"{self.pixels_file} (image {i})"), params), label
+            where = (self.root, self.pixels_file, i)
+            return (Encoded(data, geometry, f"{self.pixels_file} (image {i})", where), params), label
         if self.batch is not None and self.held:
             offset, h, w, _ = (int(v) for v in self.index[i])
             top, left, params = self.batch.draw(h, w, g)
@@ -517,6 +517,23 @@ def hold_on_device(splits, device: torch.device, mode: str, say) -> None:
     for split in candidates:
         hold(split.pixels_file, device)
         split.held = True
+
+
+def decode_in_main_process(splits, device: torch.device, workers: int, jpeg_decode: str) -> None:
+    """On a CPU, let the main process decode a JPEG pack's images, a batch at a time between two steps, as
+    a GPU does (data.jpeg: the workers only read each image's bytes and draw its crop), where loader
+    workers decoding them would run on the cores of the model's threads (`jpeg_decode` auto). A worker
+    that takes a core from one of those threads holds up the whole step, which then costs more than the
+    decoding itself: on 2 cores the workers' decoding cost the step 2.6 times the main process's. With
+    `jpeg_decode` workers, or workers with cores of their own, the workers decode."""
+    if device.type != "cpu" or jpeg_decode != "auto":
+        return
+    if workers and torch.get_num_threads() + workers <= available_cores():
+        return
+    for split in splits:
+        if isinstance(split, PackedSplit) and split.encoding == "jpeg" and split.batch is not None \
+                and split.batch.window:
+            split.decode_on_device = True
 
 
 def collate_batch(augment: BatchAugment, finish: bool, strict: bool = False):
