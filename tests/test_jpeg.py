@@ -181,8 +181,42 @@ def test_unreadable_file_on_the_device_path(tmp_path):
         on_device(next(iter(strict)), CPU, False, strict.dataset.batch)
 
 
+@pytest.fixture
+def one_thread():
+    """One model thread: the CPU standing in for the GPU decodes a batch in one call, as the GPU does
+    (with more threads it decodes a share of the batch in each, see the test below)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @batched_decoding
-def test_a_refused_file_goes_to_the_cpu_at_once_next_time(tmp_path, monkeypatch):
+def test_the_cpu_decodes_a_batch_in_the_models_threads_in_order(tmp_path):
+    """On a CPU the batch is shared among as many threads as the model's: the images come back in the
+    batch's order, as one call decodes them, and a file that cannot be decoded fails the batch."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from alexnet.data import jpeg
+    files = []
+    for i in range(7):
+        photo(40 + i, 30 + 2 * i, i).save(tmp_path / f"{i}.jpg", quality=90)
+        files.append(torch.frombuffer(bytearray((tmp_path / f"{i}.jpg").read_bytes()), dtype=torch.uint8))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = jpeg._decode_on_cpu_threads(files)
+            assert [tuple(g.shape) for g in got] == [(3, 30 + 2 * i, 40 + i) for i in range(7)]
+            assert all(torch.equal(g, e) for g, e in zip(got, decode_jpeg(files, mode=ImageReadMode.RGB)))
+            with pytest.raises(RuntimeError):
+                bad = torch.frombuffer(bytearray(bad_huffman(bytes(files[0].numpy()))), dtype=torch.uint8)
+                jpeg._decode_on_cpu_threads(files[:3] + [bad] + files[3:])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@batched_decoding
+def test_a_refused_file_goes_to_the_cpu_at_once_next_time(tmp_path, monkeypatch, one_thread):
     """The first batch with a file the decoder refuses costs a failed batch call and one call a file; the
     next time that file goes straight to the CPU and the others are decoded in one call."""
     import torchvision.io

@@ -145,22 +145,23 @@ class JpegBatch:
         """(crops (B, S, S, 3) uint8 on `device`, mask of the images kept or None when all were): an image
         that cannot be decoded is dropped (its slot left blank) or, when strict, raises DataError."""
         s = self.size
+        keep = torch.ones(self.count, dtype=torch.bool)
+        images = self._decode_all(device) if self.paths else []
+        for k, img in enumerate(images):
+            if img is None:
+                keep[self.where[k]] = False
+            elif self.packs[k] is not None and tuple(img.shape[-2:]) != tuple(self.geometry[k, :2].tolist()):
+                raise damaged_pack(*self.packs[k], f"decodes to {tuple(img.shape[-2:])}, not "
+                                                   f"{tuple(self.geometry[k, :2].tolist())}")
+        good = [k for k, img in enumerate(images) if img is not None]
+        crops = resize_crop_flip([images[k] for k in good], self.geometry[good], s) if good else None
+        if len(good) == self.count:  # every image of the batch decoded here, in its order
+            return crops.permute(0, 2, 3, 1), None
         out = torch.empty(self.count, s, s, 3, dtype=torch.uint8, device=device)
         if self.crops is not None:
             out[self.crop_where.to(device)] = self.crops.to(device, non_blocking=True)
-        keep = torch.ones(self.count, dtype=torch.bool)
-        if self.paths:
-            images = self._decode_all(device)
-            for k, img in enumerate(images):
-                if img is None:
-                    keep[self.where[k]] = False
-                elif self.packs[k] is not None and tuple(img.shape[-2:]) != tuple(self.geometry[k, :2].tolist()):
-                    raise damaged_pack(*self.packs[k], f"decodes to {tuple(img.shape[-2:])}, not "
-                                                       f"{tuple(self.geometry[k, :2].tolist())}")
-            good = [k for k, img in enumerate(images) if img is not None]
-            if good:
-                crops = resize_crop_flip([images[k] for k in good], self.geometry[good], s)
-                out[self.where[good].to(device)] = crops.permute(0, 2, 3, 1)
+        if crops is not None:
+            out[self.where[good].to(device)] = crops.permute(0, 2, 3, 1)
         return out, (None if bool(keep.all()) else keep)
 
     def _decode_all(self, device: torch.device) -> list[torch.Tensor | None]:
@@ -183,7 +184,10 @@ class JpegBatch:
         if not rest:
             return images
         try:
-            for k, img in zip(rest, decode_jpeg([files[k] for k in rest], mode=ImageReadMode.RGB, device=device)):
+            listed = [files[k] for k in rest]
+            decoded = (decode_jpeg(listed, mode=ImageReadMode.RGB, device=device) if device.type != "cpu"
+                       else _decode_on_cpu_threads(listed))
+            for k, img in zip(rest, decoded):
                 images[k] = img
             return images
         except torch.cuda.OutOfMemoryError:
@@ -218,6 +222,29 @@ class JpegBatch:
         return pixels.permute(2, 0, 1).to(device)
 
 
+_THREADS: list = []  # (thread count, pool): the main process's decoding threads on a CPU, made on first use
+
+
+def _decode_on_cpu_threads(files: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The files decoded on the CPU between two steps, in as many threads as the model's (libjpeg-turbo
+    through torchvision, which lets go of the GIL while it decodes): the cores the step uses, idle meanwhile.
+    A RuntimeError when one of them cannot be decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torchvision.io
+    cpu = torch.device("cpu")
+
+    def decode(chunk):
+        return torchvision.io.decode_jpeg(chunk, mode=torchvision.io.ImageReadMode.RGB, device=cpu)
+    n = max(min(torch.get_num_threads(), len(files)), 1)
+    if n == 1:
+        return decode(files)
+    if not _THREADS or _THREADS[0][0] != n:
+        _THREADS[:] = [(n, ThreadPoolExecutor(n, thread_name_prefix="jpeg-decode"))]
+    parts = list(_THREADS[0][1].map(decode, [files[i::n] for i in range(n)]))
+    return [parts[k % n][k // n] for k in range(len(files))]
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear with antialiasing on 8-bit values held in floats, rounded back to 8-bit values."""
     x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -229,19 +256,20 @@ def resize_crop_flip(images: list[torch.Tensor], geometry: torch.Tensor, size: i
     cropped at (top, left) and mirrored when flip is set (geometry rows: height, width, top, left, flip).
     Images of one original size are resized together; as in PIL, the horizontal pass comes first and is
     rounded to 8 bits. Only the crop's columns go through the vertical pass (it treats columns
-    independently, so the result is the same)."""
+    independently, so the result is the same). Images already at their size (a pack's) are only cropped,
+    in (H, W, 3) order, which is how the CPU's decoder lays them out and the batch augmentation reads
+    them: the crops are then a (N, 3, S, S) view of (N, S, S, 3) memory."""
     device = images[0].device
-    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     rows = geometry.tolist()
+    if all(tuple(img.shape[-2:]) == (row[0], row[1]) for img, row in zip(images, rows)):
+        cuts = [img.permute(1, 2, 0)[top:top + size, left:left + size] for img, (_, _, top, left, _) in zip(images, rows)]
+        return torch.stack([cut.flip(1) if row[4] else cut for cut, row in zip(cuts, rows)]).permute(0, 3, 1, 2)
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     groups: dict[tuple[int, int], list[int]] = {}
     for k, img in enumerate(images):
         groups.setdefault(tuple(img.shape[-2:]), []).append(k)
     for (h0, w0), idx in groups.items():
-        h, w = rows[idx[0]][0], rows[idx[0]][1]
-        if (h, w) == (h0, w0):  # stored at its size (a pack): cropped as it is
-            x = torch.stack([images[k][:, rows[k][2]:rows[k][2] + size, rows[k][3]:rows[k][3] + size] for k in idx])
-        else:
-            x = _resized_crops([images[k] for k in idx], [rows[k] for k in idx], (h0, w0), size)
+        x = _resized_crops([images[k] for k in idx], [rows[k] for k in idx], (h0, w0), size)
         flip = torch.tensor([rows[k][4] for k in idx], dtype=torch.bool, device=device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         out[torch.tensor(idx, device=device)] = x.to(torch.uint8)
