@@ -111,12 +111,14 @@ def test_an_image_of_a_jpeg_pack_that_no_longer_decodes_stops_the_gpu_path_too(s
         on_device(batch, torch.device("cpu"), False, ds.batch)
 
 
-def test_on_a_cpu_the_main_process_decodes_a_jpeg_pack_where_workers_would_take_the_models_cores(shapes, monkeypatch):
+def test_on_a_cpu_the_main_process_decodes_a_jpeg_pack_where_workers_would_take_the_models_cores(shapes, monkeypatch,
+                                                                                              tmp_path):
     """--jpeg-decode auto on a CPU: a JPEG pack's images are decoded by the main process when the model's
     threads and the loader workers together want more cores than there are, or when there is no worker;
     by the workers when they have cores of their own, under --jpeg-decode workers, and never for a raw pack
     or a GPU."""
-    _, out = shapes
+    src, out = shapes
+    raw_pack = packed.pack(src, tmp_path / "raw", "72", **QUIET)
     transform = train_transform(**augmentation(TrainConfig(resize="72", crop=64)))
     threads, cpu = torch.get_num_threads(), torch.device("cpu")
 
@@ -131,6 +133,12 @@ def test_on_a_cpu_the_main_process_decodes_a_jpeg_pack_where_workers_would_take_
     assert not main_decodes(cores=threads + 2, workers=2)
     assert not main_decodes(cores=threads, workers=2, decode="workers")
     assert not main_decodes(cores=threads, workers=2, device=torch.device("cuda"))
+    monkeypatch.setattr(packed, "available_cores", lambda: 1)
+    raw = packed.PackedSplit(raw_pack, "train", transform, batch=BatchAugment(transform))
+    resized = train_transform(**augmentation(TrainConfig(resize="72", crop=64, random_resized_crop=True)))
+    no_window = packed.PackedSplit(out, "train", resized, batch=BatchAugment(resized))
+    packed.decode_in_main_process([raw, no_window], cpu, 2, "auto")
+    assert not raw.decode_on_device and not no_window.decode_on_device  # cut from the map; crops the batch path cannot
 
 
 def test_a_jpeg_pack_decoded_by_the_main_process_trains_to_the_workers_weights(tmp_path):
@@ -145,6 +153,21 @@ def test_a_jpeg_pack_decoded_by_the_main_process_trains_to_the_workers_weights(t
     assert "decoded by the main process" in (tmp_path / "main" / "train.log").read_text()
     assert "batch augmentation in the loader workers" in (tmp_path / "workers" / "train.log").read_text()
     assert max_diff(final_weights(tmp_path / "main"), final_weights(tmp_path / "workers")) == 0
+
+
+def test_an_image_of_a_jpeg_pack_that_decodes_to_another_size_stops_the_batch_decoding(shapes):
+    """An image that decodes, but not to the size its index records, is damage on the batch-decoding path
+    too (as in PackedSplit.pixels), not an image resized to fit."""
+    from alexnet.errors import DataError
+    _, out = shapes
+    transform = train_transform(**augmentation(TrainConfig(resize="72", crop=64)))
+    ds = packed.PackedSplit(out, "train", transform, seed=2, batch=BatchAugment(transform))
+    ds.decode_on_device = True
+    ds.index = ds.index.copy()
+    ds.index[2, 2] += 4  # its width as the index records it
+    batch = next(iter(make_loader(ds, 5, 0, train=False, device_type="cpu")))
+    with pytest.raises(DataError, match=r"image 2 of .*train.u8 decodes to \(72, \d+\), not \(72, \d+\): the pack is damaged"):
+        on_device(batch, torch.device("cpu"), False, ds.batch)
 
 
 def test_the_recorded_fingerprint_ignores_where_when_and_how_and_sees_one_changed_image(shapes, tmp_path):
@@ -178,7 +201,7 @@ def test_pack_encoding_errors_and_a_repack_in_another_encoding(tmp_path, capsys,
     assert "is already packed from" in caplog.messages[-1] and "(raw pixels)" in caplog.messages[-1]
 
 
-@pytest.mark.parametrize("workers,decode", [("0", "auto"), ("1", "auto"), ("1", "workers")])
+@pytest.mark.parametrize("workers,decode", [("0", "auto"), ("0", "workers"), ("1", "auto"), ("1", "workers")])
 def test_training_from_a_jpeg_pack_and_an_image_that_no_longer_decodes(tmp_path, workers, decode):
     """A run from a JPEG pack says so and trains; an image damaged after packing so that it no longer decodes
     stops the run with one message that names it and `alexnet data check` (decoded by the main process, a
@@ -191,7 +214,7 @@ def test_training_from_a_jpeg_pack_and_an_image_that_no_longer_decodes(tmp_path,
     p = run("train", "--data", out, *flags, "--out", tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     how = {"auto": "decoded by the main process; batch augmentation on cpu",
-           "workers": "batch augmentation in the loader workers"}[decode]
+           "workers": "batch augmentation in the loader workers"}[decode]  # with no worker: in the main process
     assert f"(packed as JPEG; {how})" in (tmp_path / "run" / "train.log").read_text()
     pixels = out / "train.u8"
     data = bytearray(pixels.read_bytes())

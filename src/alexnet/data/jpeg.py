@@ -25,6 +25,7 @@ image, skipped and counted, or an error under --on-bad-image error, as in the wo
 from __future__ import annotations
 
 import io
+import os
 import sys
 from typing import NamedTuple
 
@@ -143,7 +144,8 @@ class JpegBatch:
 
     def decode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(crops (B, S, S, 3) uint8 on `device`, mask of the images kept or None when all were): an image
-        that cannot be decoded is dropped (its slot left blank) or, when strict, raises DataError."""
+        that cannot be decoded is dropped (its slot left blank) or, when strict, raises DataError. The crops
+        may be a view of (B, 3, S, S) memory (the batch augmentation copies them to its own layout)."""
         s = self.size
         keep = torch.ones(self.count, dtype=torch.bool)
         images = self._decode_all(device) if self.paths else []
@@ -223,6 +225,7 @@ class JpegBatch:
 
 
 _THREADS: list = []  # (thread count, pool): the main process's decoding threads on a CPU, made on first use
+os.register_at_fork(after_in_child=_THREADS.clear)  # a forked loader worker has none of them
 
 
 def _decode_on_cpu_threads(files: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -236,11 +239,14 @@ def _decode_on_cpu_threads(files: list[torch.Tensor]) -> list[torch.Tensor]:
 
     def decode(chunk):
         return torchvision.io.decode_jpeg(chunk, mode=torchvision.io.ImageReadMode.RGB, device=cpu)
-    n = max(min(torch.get_num_threads(), len(files)), 1)
+    threads = torch.get_num_threads()
+    n = max(min(threads, len(files)), 1)
     if n == 1:
         return decode(files)
-    if not _THREADS or _THREADS[0][0] != n:
-        _THREADS[:] = [(n, ThreadPoolExecutor(n, thread_name_prefix="jpeg-decode"))]
+    if not _THREADS or _THREADS[0][0] != threads:
+        if _THREADS:
+            _THREADS[0][1].shutdown(wait=False)
+        _THREADS[:] = [(threads, ThreadPoolExecutor(threads, thread_name_prefix="jpeg-decode"))]
     parts = list(_THREADS[0][1].map(decode, [files[i::n] for i in range(n)]))
     return [parts[k % n][k // n] for k in range(len(files))]
 
