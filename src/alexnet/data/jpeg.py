@@ -1,10 +1,15 @@
-"""JPEG files decoded on the GPU, a batch at a time (nvJPEG through torchvision.io.decode_jpeg).
+"""JPEG files decoded a batch at a time: on the GPU (nvJPEG through torchvision.io.decode_jpeg), and a JPEG
+pack's images on a CPU by the main process.
 
 On the JPEG path with a GPU, a loader worker then does almost nothing per image: it reads the file's
 bytes and its header (for the size, so that it draws the crop, flip and colour parameters exactly as the
 per-image path would), and the collate packs a batch's files into one byte tensor. On the device the
 whole batch is decoded at once, each image is resized, cropped and mirrored there, and the batch
 augmentation (data.batch) does the rest.
+
+The images of a JPEG pack take the same path on a CPU, where the main process decodes each batch between
+two steps in the model's threads (libjpeg-turbo through torchvision.io; packed.decode_in_main_process says
+when), and only crops them: they are stored at their size.
 
 The resize is PIL's bilinear resize with its antialiasing, done as PIL mostly does it: the horizontal
 pass, rounded to 8 bits (halves up), then the vertical one, in floating point where PIL uses fixed
