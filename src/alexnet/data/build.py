@@ -148,12 +148,12 @@ def describe(dataset, device: torch.device) -> str:
         if kind == "JPEG" and device.type == "cpu":  # the plain CPU JPEG path
             return ""
         return f" ({kind}; per-image augmentation: rotation has no batch path)"
-    decoded = ("" if not getattr(dataset, "decode_on_device", False) else
+    batch_decoded = getattr(dataset, "decode_on_device", False)
+    decoded = ("" if not batch_decoded else
                "; decoded by the main process" if device.type == "cpu" else "; decoded on the device")
     held = getattr(dataset, "held", False)
     if held:
         decoded += ("; crops read from the memory map by the main process" if device.type == "cpu"
                     else f"; held in {device} memory")
-    where = ("in the loader workers" if device.type == "cpu" and not held and not getattr(dataset, "decode_on_device", False)
-             else "on " + str(device))
+    where = "in the loader workers" if device.type == "cpu" and not held and not batch_decoded else "on " + str(device)
     return f" ({kind}{decoded}; batch augmentation {where})"

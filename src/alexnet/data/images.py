@@ -95,9 +95,10 @@ def _decode_jpeg(data: bytes) -> Image.Image | None:
     """torchvision's libjpeg-turbo decoder (about twice PIL's speed here), straight to RGB; None when it
     cannot decode the file (not a JPEG, truncated, an unusual colour space) or is not there: PIL then
     decodes it, or gives the error."""
-    if not jpeg_decoder():
+    decoder = jpeg_decoder()
+    if not decoder:
         return None
-    torch, decode_jpeg, rgb = jpeg_decoder()
+    torch, decode_jpeg, rgb = decoder
     try:
         pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb)
     except RuntimeError:
