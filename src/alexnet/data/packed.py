@@ -524,8 +524,9 @@ def decode_in_main_process(splits, device: torch.device, workers: int, jpeg_deco
     a GPU does (data.jpeg: the workers only read each image's bytes and draw its crop), where loader
     workers decoding them would run on the cores of the model's threads (`jpeg_decode` auto). A worker
     that takes a core from one of those threads holds up the whole step, which then costs more than the
-    decoding itself: on 2 cores the workers' decoding cost the step 2.6 times the main process's. With
-    `jpeg_decode` workers, or workers with cores of their own, the workers decode."""
+    decoding itself: on 2 cores, 79 ms a batch of 64 for 43 ms of decoding on one core, where the main
+    process spends 37 ms decoding, cropping and finishing the batch (BENCHMARKS.md, "Raw and JPEG packs").
+    With `jpeg_decode` workers, or workers with cores of their own, the workers decode."""
     if device.type != "cpu" or jpeg_decode != "auto":
         return
     if workers and torch.get_num_threads() + workers <= available_cores():
