@@ -36,6 +36,23 @@ def test_data_check_passes_a_clean_folder_and_reports_layout_problems(tmp_path, 
     assert "extra holds no images" in stdout and "only-in-val" in stdout
 
 
+def test_a_broken_link_is_an_unreadable_file_for_check_pack_and_train(tmp_path, capsys):
+    """A link whose target is gone is listed, skipped and counted as any unreadable file, by a run that
+    packs the folder on first use too (it lists the folder's files with their sizes); the messages say
+    what is wrong in words, without PIL's in-memory file address or the path said twice."""
+    root = write_folder(tmp_path / "data")
+    (root / "train" / "ring" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (root / "train" / "square" / "notes.jpg").write_text("this is not an image\n")
+    code, stdout, _ = cli(capsys, "data", "check", root)
+    assert code == 1
+    assert f"unreadable: {root}/train/ring/gone.jpg: No such file or directory (a broken link?)" in stdout
+    assert f"unreadable: {root}/train/square/notes.jpg: not an image file" in stdout and "BytesIO" not in stdout
+    out = tmp_path / "run"
+    p = run_here("train", "--data", root, *TINY, "--cache-dir", tmp_path / "cache", "--out", out)
+    assert "training from the pack" in p.stdout and "2 unreadable file(s) left out" in p.stdout
+    assert json.loads((out / "metrics.jsonl").read_text())["bad_images"] == 2
+
+
 @pytest.mark.slow
 def test_training_skips_and_counts_bad_images(messy, tmp_path):
     out = tmp_path / "run"

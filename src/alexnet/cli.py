@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--max-images", type=int, default=0, help="sample at most this many images (0: all)")
     pk = dsub.add_parser("pack", help="decode and resize a dataset once into a packed, memory-mapped form that "
                                       "alexnet train --data OUT reads with almost no CPU work")
-    pk.add_argument("dir", help="ImageFolder root (with train/ and val/)")
+    pk.add_argument("dir", help="ImageFolder root: train/<class>/ and val/<class>/ (or valid/, validation/, "
+                                "test/), or class folders alone with --val-fraction")
     pk.add_argument("out", help="folder to write (made once: several processes may ask for it at the same time)")
     pk.add_argument("--resize", default="256", help="resize as alexnet train's --resize (default: 256); training "
                                                     "from the packed form must use the same")
@@ -91,11 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--encoding", choices=("raw", "jpeg"), default="raw",
                     help="raw: the resized pixels (about 190 KiB an image at 256; nothing to decode, for sets that "
                          "fit in memory); jpeg: the resized images encoded again as JPEG (about a tenth of that, "
-                         "decoded by the loader workers or the GPU) (default: raw)")
+                         "decoded a batch at a time while training: on a CPU as alexnet train's --jpeg-decode "
+                         "says, or on the GPU) (default: raw)")
     pk.add_argument("--quality", type=int, default=90, help="JPEG quality of --encoding jpeg, 1 to 100 (default: 90)")
     check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems; "
                                           "for a packed dataset, check every image against its checksum")
-    check.add_argument("dir", help="ImageFolder root (with train/ and val/), or a packed dataset")
+    check.add_argument("dir", help="ImageFolder root (as alexnet data pack takes it), or a packed dataset")
     for sub in (pk, check):
         sub.add_argument("--val-dir", default=None, help="the validation split's folder under DIR (default: the first "
                                                          "of val, valid, validation and test that exists)")

@@ -68,7 +68,11 @@ def _files(folder: Path, val_dir: str | None) -> list[tuple[str, int, int]]:
             for name in names:
                 if is_image_name(name) and not name.startswith("."):
                     path = os.path.join(dirpath, name)
-                    st = os.stat(path)
+                    try:
+                        st = os.stat(path)
+                    except OSError:  # a dangling link, say: packing counts it unreadable, as training does
+                        found.append((os.path.relpath(path, folder), -1, 0))
+                        continue
                     found.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
     return sorted(found)
 

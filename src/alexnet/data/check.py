@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .folder import check_val_classes, find_classes, held_out, scan, val_dir_of
-from .images import DECODE_ERRORS, is_image_name, load_rgb
+from .images import DECODE_ERRORS, is_image_name, load_rgb, reason
 
 
 def problems_of_layout(root: Path, val_dir: str | None = None, val_fraction: float = 0.0,
@@ -55,7 +55,7 @@ def unreadable(paths: list[Path], progress=None) -> list[tuple[Path, str]]:
         try:
             load_rgb(path)
         except DECODE_ERRORS as e:
-            bad.append((path, str(e) or type(e).__name__))
+            bad.append((path, reason(e)))
         if progress is not None:
             progress.update(bad=len(bad))
     if progress is not None:

@@ -140,13 +140,18 @@ def _reduced(img: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def reason(error: Exception) -> str:
-    """A decoding error in words (PIL names the in-memory file it could not identify by its address)."""
-    return "not an image file" if isinstance(error, UnidentifiedImageError) else str(error) or type(error).__name__
+    """A decoding error in words, for a message that names the file already: PIL names the in-memory file
+    it could not identify by its address, and an OSError repeats the path after its own words."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (" (a broken link?)" if isinstance(error, FileNotFoundError) else "")
+    return str(error) or type(error).__name__
 
 
 def unreadable(path, error: Exception, strict: bool) -> None:
     """An image that cannot be decoded: with `strict` (--on-bad-image error) a DataError that names it,
     otherwise a warning, and the caller skips it (the loader counts it)."""
     if strict:
-        raise DataError(f"unreadable image {path}: {error} (--on-bad-image skip skips such files)")
-    print(f"WARNING: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
+        raise DataError(f"unreadable image {path}: {reason(error)} (--on-bad-image skip skips such files)")
+    print(f"WARNING: skipping unreadable image {path}: {reason(error)}", file=sys.stderr, flush=True)

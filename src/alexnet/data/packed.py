@@ -113,7 +113,7 @@ def stored_image(path: str, resize: str, encoding: str, quality: int):
         img = load_rgb(path)
         pixels = np.asarray(Resize(parse_resize(resize))(img), dtype=np.uint8)
     except DECODE_ERRORS as e:
-        return None, 0, 0, f"{path}: {e or type(e).__name__}", False
+        return None, 0, 0, f"{path}: {reason(e)}", False
     h, w = pixels.shape[:2]
     data = pixels.tobytes() if encoding == "raw" else encode_jpeg(pixels, quality)
     return data, h, w, None, h * w < img.width * img.height
