@@ -261,6 +261,12 @@ def test_pack_and_train_errors(tmp_path, capsys, packed_shapes):
     src = write_folder(tmp_path / "src", classes=2, train_per_class=2, val_per_class=1, size=72)
     code, _, err = cli(capsys, "data", "pack", src, busy)
     assert code == 2 and "not a packed dataset" in err and (busy / "keep.txt").read_text() == "mine"
+    for inside in (src / "train" / "packed", src / "val" / "circle" / "p"):  # it would be read as a class folder
+        code, _, err = cli(capsys, "data", "pack", src, inside)
+        assert code == 2 and f"{inside} lies inside {src}/" in err and not inside.exists()
+    p = run_here("data", "pack", src, tmp_path / "raw", "--quality", "50", "--workers", "0")
+    assert "WARNING: --quality 50 is for --encoding jpeg" in p.stdout
+    assert packed.read_meta(tmp_path / "raw")["encoding"] == "raw"
     code, _, err = cli(capsys, "train", "--data", packed_shapes, "--resize", "80", "--crop", "64", "--epochs", "1")
     assert code == 2 and "packed at --resize 72, not 80: use --resize 72" in err
     (packed_shapes / "COMPLETE").rename(packed_shapes / "COMPLETE.x")

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fit in memory); jpeg: the resized images encoded again as JPEG (about a tenth of that, "
                          "decoded a batch at a time while training: on a CPU as alexnet train's --jpeg-decode "
                          "says, or on the GPU) (default: raw)")
-    pk.add_argument("--quality", type=int, default=90, help="JPEG quality of --encoding jpeg, 1 to 100 (default: 90)")
+    pk.add_argument("--quality", type=int, default=None, help="JPEG quality of --encoding jpeg, 1 to 100 (default: 90)")
     check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems; "
                                           "for a packed dataset, check every image against its checksum")
     check.add_argument("dir", help="ImageFolder root (as alexnet data pack takes it), or a packed dataset")
@@ -215,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
             check_split(args.val_fraction, args.val_dir)
+            if args.quality is not None and args.encoding == "raw":
+                log(f"WARNING: --quality {args.quality} is for --encoding jpeg: a raw pack stores the pixels as they are")
             pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir,
                  val_fraction=args.val_fraction, split_seed=args.split_seed, encoding=args.encoding,
-                 quality=args.quality)
+                 quality=90 if args.quality is None else args.quality)
         elif args.command == "data" and args.data_command == "check":
             check_split(args.val_fraction, args.val_dir)
             return _data_check(args.dir, args.val_dir, args.val_fraction, args.split_seed)

@@ -269,6 +269,10 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         splits["val"] = scan(source / val_dir, classes)
         if val_dir != "val":
             log(f"validation split: {source / val_dir}")
+    for folder in ({source / pool_dir(source)} if val_fraction else {source / "train", source / val_dir}):
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise DataError(f"{out} lies inside {folder}, which holds the dataset's class folders; choose a "
+                            f"folder outside it")
     total = sum(len(s) for s in splits.values())
     done = {"n": 0, "before": 0, "start": time.monotonic()}
 
