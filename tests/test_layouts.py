@@ -35,7 +35,7 @@ def test_a_validation_folder_under_another_common_name_is_found_and_logged(tmp_p
     assert f"validation split: {root / name}" in p.stdout
     assert (out / "metrics.jsonl").read_text().count("val_acc1") == 1
     e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0")  # the run's data, found again
-    assert "top-1" in e.stdout
+    assert f"last.pt on {root / name} (6 images" in e.stdout and "top-1" in e.stdout
 
 
 def test_val_is_preferred_to_test_and_val_dir_picks_another(tmp_path):
@@ -138,6 +138,8 @@ def test_a_run_with_val_fraction_records_its_split_and_eval_uses_it_again(tmp_pa
     assert saved["val_files"] == held and saved["config"]["val_fraction"] == 0.2
     e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0", "--json")
     assert '"count": 6' in e.stdout and "validation split: the 6 images held out when the model was trained" in e.stderr
+    e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0")
+    assert f"last.pt on the images of {root} held out from training (6 images" in e.stdout
     (root / held[0]).unlink()  # a held-out file gone: said, not silently another split
     code = main(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--workers", "0"])
     assert code == 2

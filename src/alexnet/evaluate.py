@@ -74,6 +74,15 @@ def _same_data(given: str | None, trained_on: str | None) -> bool:
     return given is None or trained_on is not None and Path(given).resolve() == Path(trained_on).resolve()
 
 
+def split_name(val_set) -> str:
+    """Which images a validation split holds, in words: a folder of the data, a pack's split, or the files
+    that training held out."""
+    folder = Path(val_set.root) / val_set.split
+    if getattr(val_set, "held_out", None) is not None:
+        return f"the images of {folder} held out from training"
+    return f"the {val_set.split} split of {val_set.root}" if packed.is_packed(val_set.root) else str(folder)
+
+
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     tune_allocator()
     state = checkpoint.load_run(cfg.checkpoint)
@@ -112,14 +121,16 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
         return metrics
     if cfg.confusion:
         from .plots import confusion_figure, save
-        title = f"{Path(cfg.checkpoint).name} on {data}/val: top-1 {metrics['acc1']:.2%} of {metrics['count']}"
+        title = (f"{Path(cfg.checkpoint).name} on {split_name(loaders.val_set)}: top-1 {metrics['acc1']:.2%} of "
+                 f"{metrics['count']}")
         save(confusion_figure(metrics["confusion"], classes, title), cfg.confusion)
     if cfg.json:
         json.dump({**metrics, "resize": resize, "crop": crop, "tta": cfg.tta}, sys.stdout)
         print()
     else:
         views = {"none": "", "flip": ", 2 views each", "10crop": ", 10 views each"}[cfg.tta]
-        print(f"{cfg.checkpoint} on {data}/val ({metrics['count']} images, resize {resize}, crop {crop}{views}): "
+        print(f"{cfg.checkpoint} on {split_name(loaders.val_set)} ({metrics['count']} images, resize {resize}, "
+              f"crop {crop}{views}): "
               f"loss {metrics['loss']:.4f}  "
               f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}")
         if cfg.confusion:
