@@ -271,3 +271,21 @@ def set_link(hosts, h: str, up: bool) -> None:
     sh("ip", "-n", ns, "link", "set", dev, "up" if up else "down")
     if up:
         subprocess.run(["ip", "-n", ns, "route", "replace", "default", "dev", dev], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a file system of its own whose size the test sets (tmpfs; needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = []
+
+    def mount(size_bytes: int) -> Path:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], check=True)
+        mounted.append(folder)
+        return folder
+    yield mount
+    for f in mounted:
+        subprocess.run(["umount", str(f)], capture_output=True)

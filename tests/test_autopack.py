@@ -12,7 +12,7 @@ import yaml
 
 from alexnet.data import autopack, packed
 
-from conftest import EXACT, TINY, final_weights, max_diff, run_cli, run_here, write_folder
+from conftest import EXACT, TINY, cli, final_weights, max_diff, run_cli, run_here, write_folder
 
 QUIET = dict(workers=0, log=lambda *_: None)
 
@@ -168,3 +168,36 @@ def test_a_damaged_pack_in_the_cache_is_made_again(tmp_path):
     assert "the pack in the cache folder is damaged" in p.stdout and "holds 1,000 bytes" in p.stdout
     assert "packing" in p.stdout and config_of(tmp_path / "b")["pack"] == "raw"
     packed.check_sizes(cache / "packed" / packs_in(cache)[0])
+
+
+def test_a_cache_folder_that_cannot_be_written_leaves_the_run_to_its_files(tmp_path, capsys):
+    """--pack auto warns and trains from the files; --pack raw or jpeg stops with one line; the built-in
+    dataset, which has to be written there, stops with one line too."""
+    src = write_folder(tmp_path / "src")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    out = tmp_path / "run"
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", blocked / "cache", "--out", out)
+    assert f"WARNING: cannot pack {src} into {blocked / 'cache' / 'packed'}: {blocked} is a file, not a folder; " \
+           "decoding its files every epoch instead" in p.stdout
+    assert config_of(out)["pack"] == "no" and (out / "checkpoints" / "last.pt").exists()
+    code, _, err = cli(capsys, "train", "--data", src, *TINY, "--cache-dir", blocked, "--pack", "jpeg")
+    assert code == 2 and f"--pack jpeg: cannot pack {src} into {blocked / 'packed'}: {blocked} is a file" in err
+    code, _, err = cli(capsys, "train", *TINY, "--cache-dir", blocked)
+    assert code == 2 and f"cannot write the built-in dataset into the cache folder {blocked}: {blocked} is a file" in err
+    assert err.count("\n") == 1 and blocked.read_text() == "not a folder"
+
+
+def test_a_disk_that_fills_while_packing_leaves_the_run_to_its_files_and_frees_the_space(tmp_path, small_disk,
+                                                                                          monkeypatch):
+    """Another process takes the free space after the pack's size was weighed (here: the estimate says the
+    pack is small): the pack cut short is removed and the run trains from the files."""
+    src = write_folder(tmp_path / "src")  # 48 images of 72x72: 746 kB of raw pixels
+    cache = small_disk(300_000)
+    monkeypatch.setattr(autopack, "estimate", lambda *_: (1000.0, 100.0))
+    out = tmp_path / "run"
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", out)
+    assert f"WARNING: cannot pack {src} into {cache / 'packed'}: No space left on device" in p.stdout
+    assert config_of(out)["pack"] == "no" and (out / "checkpoints" / "last.pt").exists()
+    assert [p.name for p in (cache / "packed").iterdir() if not p.name.endswith(".lock")] == []
+    assert shutil.disk_usage(cache).used < 50_000

@@ -1,11 +1,8 @@
 """A run folder that fills up: the checkpoint that does not fit stops every rank at once with one message
 (the path, the cause, the newest complete checkpoint), and the run continues from that checkpoint."""
 
-import os
 import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,24 +11,6 @@ from conftest import final_weights, max_diff, run_cli
 from test_resume import RESUME
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A folder on a file system of its own whose size the test sets (tmpfs; needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = []
-
-    def mount(size_bytes: int) -> Path:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], check=True)
-        mounted.append(folder)
-        return folder
-    yield mount
-    for f in mounted:
-        subprocess.run(["umount", str(f)], capture_output=True)
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -12,12 +12,15 @@ later run and every process of this machine. `auto` takes raw pixels where they 
 free disk of the cache folder and half the memory, JPEG where that takes at most half the free disk, and
 otherwise decodes the files every epoch; the sizes come from a sample of the files. An existing pack of
 the folder is used first; runs that start together on one folder and cache folder wait for each other
-(a lock file beside the packs), so that one of them packs and the others use its pack. The choice is recorded in config.yaml (`pack: raw`, `jpeg` or `no`), so that a
+(a lock file beside the packs), so that one of them packs and the others use its pack. A cache folder
+that cannot take the pack (not writable, or filled up by another process while packing) leaves `auto` to
+the files, with a warning. The choice is recorded in config.yaml (`pack: raw`, `jpeg` or `no`), so that a
 resumed run reads the same pixels."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -30,6 +33,7 @@ from PIL import Image
 
 from ..errors import DataError
 from . import packed
+from .cache import cannot_write
 from .folder import pool_dir, val_dir_of
 from .images import DECODE_ERRORS, is_image_name
 from .synthetic import default_cache_dir
@@ -154,8 +158,28 @@ def prepare(cfg, log):
         _where(cfg, "raw")
     except DataError:  # a folder without its splits: the loaders say what is wrong, as for --pack no
         return cfg
-    with _one_at_a_time(cfg, log):
-        return _found_or_made(cfg, log)
+    try:
+        with _one_at_a_time(cfg, log):
+            return _found_or_made(cfg, log)
+    except OSError as e:  # a cache folder that cannot be written, or that filled up while packing
+        return _unwritable(cfg, e, log)
+
+
+def _unwritable(cfg, error: OSError, log):
+    """--pack auto trains from the files when the cache folder cannot take the pack, and removes a pack cut
+    short by a full disk (the run's checkpoints need the space more); --pack raw or jpeg stops."""
+    cache = _where(cfg, "raw")[0].parent
+    why = cannot_write(cache, error)
+    if cfg.pack != "auto":
+        raise DataError(f"--pack {cfg.pack}: cannot pack {cfg.data} into {cache}: {why}; put the cache elsewhere "
+                        f"(--cache-dir or ALEXNET_CACHE), or use --pack auto or no") from None
+    if error.errno == errno.ENOSPC:
+        for encoding in packed.ENCODINGS:
+            out = _where(cfg, encoding)[0]
+            shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+    log(f"WARNING: cannot pack {cfg.data} into {cache}: {why}; decoding its files every epoch instead (--cache-dir "
+        f"or ALEXNET_CACHE puts the cache elsewhere; --pack no says to read the files)")
+    return replace(cfg, pack="no")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,16 @@ def is_complete(folder: Path) -> bool:
     return (folder / DONE).exists()
 
 
+def cannot_write(folder: Path, error: OSError) -> str:
+    """Why a folder of the cache could not be written, in words ("a file, not a folder", "No space left on
+    device (PATH)"), for a message that names `folder` already."""
+    above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return f"{above} is a file, not a folder"
+    where = f" ({error.filename})" if error.filename and str(error.filename) != str(folder) else ""
+    return f"{error.strerror or error}{where}"
+
+
 def build_once(final: Path, build: Callable[[Path], None], note: str = "", replace_incomplete: bool = False,
                resumable: bool = False) -> bool:
     """Make `final` by calling `build(tmp)` on an empty temporary sibling folder, which is renamed into

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .cache import build_once, is_complete
+from ..errors import DataError
+from .cache import build_once, cannot_write, is_complete
 
 CLASSES = ("circle", "ring", "square", "frame", "triangle", "star", "plus", "cross", "crescent", "bars")
 VERSION = 3
@@ -190,5 +191,9 @@ def ensure_dataset(seed: int = 0, cache_dir: str | Path | None = None, *, train_
         log(f"generating the built-in dataset ({n['train']} train, {n['val']} val images) into {final}")
         _write(tmp, seed, n, size, progress)
 
-    build_once(final, build, name, replace_incomplete=True)
+    try:
+        build_once(final, build, name, replace_incomplete=True)
+    except OSError as e:
+        raise DataError(f"cannot write the built-in dataset into the cache folder {cache}: {cannot_write(cache, e)}; "
+                        f"set --cache-dir or ALEXNET_CACHE to a writable folder with a few MiB free") from None
     return final
