@@ -56,7 +56,8 @@ def test_no_validation_folder_or_a_wrong_val_dir_is_one_clear_line(tmp_path, cap
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "r1"), *SMALL]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no validation folder (looked for val/, valid/, validation/, test/)" in err
-    assert "--val-dir NAME" in err and len(err.splitlines()) == 1
+    assert "--val-dir NAME" in err and "or hold out a share of train/ with --val-fraction 0.1" in err
+    assert len(err.splitlines()) == 1
     assert main(["train", "--data", str(root), "--val-dir", "nothere", "--out", str(tmp_path / "r2"), *SMALL]) == 2
     assert f"--val-dir nothere: {root / 'nothere'} does not exist" in capsys.readouterr().err
     out = tmp_path / "r3"
@@ -112,6 +113,22 @@ def flat(tmp_path, per_class=10):
     out = tmp_path / "flat"
     shutil.copytree(root / "train", out)
     return out
+
+
+def test_class_folders_alone_a_folder_of_images_or_a_file_are_told_what_to_do(tmp_path, capsys):
+    root = flat(tmp_path)
+    for command in (["train", "--data", str(root), *SMALL], ["data", "pack", str(root), str(tmp_path / "p")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{root}/train does not exist" in err and f"{root} holds 3 folder(s) (circle/, ring/, square/): if " \
+               "they are the classes, --val-fraction 0.1 trains on them" in err and len(err.splitlines()) == 1
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next((root / "ring").iterdir()), images / "one.jpg")
+    assert main(["train", "--data", str(images), *SMALL]) == 2
+    assert f"{images} holds images but no class folders: put each class's images in a folder" in capsys.readouterr().err
+    assert main(["data", "pack", str(images / "one.jpg"), str(tmp_path / "p")]) == 2
+    assert f"data folder {images / 'one.jpg'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_val_fraction_holds_out_a_stratified_share_that_depends_only_on_the_files_and_split_seed(tmp_path):

@@ -37,7 +37,15 @@ def val_dir_of(root: Path, name: str | None = None) -> str:
         if (root / candidate).is_dir():
             return candidate
     raise DataError(f"{root} has no validation folder (looked for {', '.join(f'{v}/' for v in VAL_DIRS)}); "
-                    f"expected the layout {LAYOUT}, or name the folder with --val-dir NAME")
+                    f"expected the layout {LAYOUT}; name the folder with --val-dir NAME, or hold out a share of "
+                    f"{'train/' if (root / 'train').is_dir() else 'the class folders'} with --val-fraction 0.1")
+
+
+def not_a_data_folder(root: Path) -> DataError:
+    """The error for a --data that is missing or not a folder."""
+    if root.exists():
+        return DataError(f"data folder {root} is a file, not a folder; expected the layout {LAYOUT}")
+    return DataError(f"data folder {root} does not exist")
 
 
 def check_val_classes(root: Path, val: str, train_classes: list[str]) -> list[str]:
@@ -51,11 +59,27 @@ def check_val_classes(root: Path, val: str, train_classes: list[str]) -> list[st
 
 def find_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir} does not exist; expected the layout {LAYOUT}")
+        raise DataError(f"{split_dir} does not exist; expected the layout {LAYOUT}{_as_it_is(split_dir)}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     return classes
+
+
+def _as_it_is(split_dir: Path) -> str:
+    """What the folder above a missing train/ holds instead, and what to do with it."""
+    root = split_dir.parent
+    if split_dir.name != "train" or not root.is_dir():
+        return ""
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    folders = sorted(e.name for e in entries if e.is_dir() and e.name not in VAL_DIRS)
+    if folders:
+        shown = ", ".join(f"{f}/" for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+        return (f". {root} holds {len(folders)} folder(s) ({shown}): if they are the classes, --val-fraction 0.1 "
+                f"trains on them and holds a tenth of each out for validation")
+    if any(e.is_file() and is_image_name(e.name) for e in entries):
+        return f". {root} holds images but no class folders: put each class's images in a folder of its own"
+    return ""
 
 
 def scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -171,7 +195,7 @@ def open_splits(root: str | Path, train_transform: Compose, eval_transform: Comp
     `val_fraction`, the two parts of pool_dir(root) (held_out)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
+        raise not_a_data_folder(root)
     if val_fraction:
         classes, train_samples, val_samples = held_out(root, val_fraction, split_seed)
         pool = pool_dir(root)

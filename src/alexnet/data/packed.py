@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
-from .folder import check_val_classes, find_classes, held_out, pool_dir, scan, val_dir_of
+from .folder import check_val_classes, find_classes, held_out, not_a_data_folder, pool_dir, scan, val_dir_of
 from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb, reason
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch, damaged_pack
@@ -249,7 +249,7 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
                         f"2 levels of the raw pixels)")
     coding = {"encoding": encoding, **({"quality": quality} if encoding == "jpeg" else {})}
     if not source.is_dir():
-        raise DataError(f"data folder {source} does not exist")
+        raise not_a_data_folder(source)
     if is_packed(source):
         raise DataError(f"{source} is already a packed dataset")
     if is_complete(out):
