@@ -584,7 +584,7 @@ def _small_image_defaults(data: Path, values: dict) -> None:
     gets the built-in dataset's sizes, --resize 72 --crop 64, where the user set neither: upscaled to 256
     for crops of 224 they would be far slower to train, for no detail gained."""
     from .data import packed
-    from .data.folder import median_short_side
+    from .data.folder import median_short_side, pool_dir
     if not data.is_dir() or packed.is_packed(data):
         return
     side = median_short_side(data)
@@ -594,7 +594,8 @@ def _small_image_defaults(data: Path, values: dict) -> None:
     values.update(filled)
     if os.environ.get("RANK", "0") == "0":
         logging.getLogger("alexnet").info(
-            f"{data} holds small images (median shorter side {side} px in a sample of train/): "
+            f"{data} holds small images (median shorter side {side} px in a sample of "
+            f"{'train/' if pool_dir(data) == 'train' else 'its class folders'}): "
             + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items()) + " (set them to choose others)")
 
 
