@@ -75,3 +75,17 @@ def test_equal_copies_at_other_paths_with_other_times_train(hosts, tmp_path):
         assert f"packing {a if h == 'a' else b} once" in text and "training from the pack of " in text, text[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert "pack: raw" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_node_that_reads_its_files_where_the_other_reads_a_pack_stops_both_with_the_fix(hosts, tmp_path):
+    """Host b's cache folder cannot be written (a file stands at its path): --pack auto trains from its files
+    there while host a packs; the ranks' agreement stops both and says to give every node the same --pack."""
+    a, b = copies(tmp_path, drop_one=False)
+    (tmp_path / "cache-b").write_text("a file where host b's cache folder would be")
+    found = run_two(hosts, tmp_path, {"a": a, "b": b}, 29555)
+    assert "WARNING: cannot pack" in found["b"][1] and "packing" not in found["b"][1].replace("cannot pack", "")
+    for h, (code, text, seconds) in found.items():
+        assert code != 0 and seconds < 30, (h, code, seconds, text[-3000:])
+        line = next((x for x in text.splitlines() if "the ranks' data differ" in x), text[-3000:])
+        assert "rank 1 on " in line and f"({b}) reads image files where rank 0 (" in line, line
+        assert f"{a}) reads a raw pack. Give every node the same --data and the same --pack" in line, line

@@ -109,8 +109,10 @@ def disagreement(found: list[tuple[str, str, dict]]) -> str | None:
             if mine == theirs:
                 continue
             if mine.get("encoding") != theirs.get("encoding"):
-                what = (f"its images packed as {mine.get('encoding', 'image files')} where rank 0 ({found[0][0]}, "
-                        f"{root0}) has {theirs.get('encoding', 'image files')}")
+                return (f"the ranks' data differ: rank {rank} on {host} ({root}) reads "
+                        f"{_form(mine)} where rank 0 ({found[0][0]}, {root0}) reads {_form(theirs)}. Give every "
+                        f"node the same --data and the same --pack (raw, jpeg or no: auto chooses by each node's "
+                        f"own free disk and memory)")
             elif mine["classes"] != theirs["classes"]:
                 odd = sorted(set(mine["classes"]) ^ set(theirs["classes"]))
                 what = (f"other classes than rank 0 ({found[0][0]}, {root0}): {', '.join(odd[:3])} in one and not "
@@ -124,6 +126,10 @@ def disagreement(found: list[tuple[str, str, dict]]) -> str | None:
                     f"node must hold the same copy (copy it from one node to the others, whole), or the ranks "
                     f"would train on overlapping shards")
     return None
+
+
+def _form(fingerprint: dict) -> str:
+    return {"raw": "a raw pack", "jpeg": "a JPEG pack"}.get(fingerprint.get("encoding"), "image files")
 
 
 def warn_smaller_than_source(root: str, resize: str, say) -> None:
