@@ -122,7 +122,26 @@ def test_predict_prints_top_classes(trained, tiny_data, capsys):
 def test_predict_missing_image(trained, tmp_path, capsys):
     out, _ = trained
     code, _, stderr = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "best.pt", tmp_path / "nope.jpg")
-    assert code == 2 and "is not a file, folder or glob pattern" in stderr
+    assert code == 2 and stderr == f"alexnet predict: error: '{tmp_path / 'nope.jpg'}' is not a file, folder or glob pattern\n"
+
+
+def test_predict_skips_unreadable_images_says_which_and_predicts_the_others(trained, tiny_data, tmp_path, capsys):
+    out, _ = trained
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    good = sorted((tiny_data / "val").rglob("*.jpg"))[:2]
+    for i, image in enumerate(good):
+        shutil.copy(image, folder / f"{i}-good.jpg")
+    (folder / "1-notes.jpg").write_text("not an image")
+    (folder / "2-gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    code, stdout, stderr = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "best.pt", folder,
+                               folder / "0-good.jpg")
+    assert code == 1
+    assert [line.split(": ")[0] for line in stdout.splitlines()] == [str(folder / n) for n in ("0-good.jpg", "1-good.jpg", "0-good.jpg")]
+    assert stderr.splitlines() == [f"WARNING: skipping unreadable image {folder / '1-notes.jpg'}: not an image file",
+                                   f"WARNING: skipping unreadable image {folder / '2-gone.jpg'}: No such file or "
+                                   "directory (a broken link?)",
+                                   "alexnet predict: 2 of 5 images were unreadable and skipped (listed above)"]
 
 
 def test_resume_continues_the_run(trained, tiny_data, tmp_path):

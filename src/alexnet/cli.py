@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             from .predict import run
             cfg = build(PredictConfig, {k: v for k, v in vars(args).items() if k != "command"})
             validate_predict(cfg)
-            run(cfg)
+            if run(cfg)[1]:
+                return 1  # some images unreadable: said, the others predicted
         elif args.command == "export":
             from .export import export
             export(args.checkpoint, args.format, args.out, log=print)

@@ -11,7 +11,7 @@ import torch
 
 from .config import PredictConfig
 from .data import eval_transform, load_rgb
-from .data.images import DECODE_ERRORS, is_image_name
+from .data.images import DECODE_ERRORS, is_image_name, reason
 from .export import load_predictor
 from .errors import ConfigError, DataError
 from .runtime import resolve_device
@@ -29,16 +29,17 @@ def expand(paths) -> list[str]:
         elif glob.has_magic(p):
             matched = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f) and is_image_name(f))
             if not matched:
-                raise ConfigError(f"predict: no image file matches {p!r}")
+                raise ConfigError(f"no image file matches {p!r}")
             files += matched
         else:
-            raise ConfigError(f"predict: {p!r} is not a file, folder or glob pattern")
+            raise ConfigError(f"{p!r} is not a file, folder or glob pattern")
     if not files:
-        raise ConfigError("predict: no images given (pass image files, folders or glob patterns)")
+        raise ConfigError("no images given (pass image files, folders or glob patterns)")
     return files
 
 
-def run(cfg: PredictConfig) -> list[dict]:
+def run(cfg: PredictConfig) -> tuple[list[dict], int]:
+    """Predict and print; (the predictions, how many images were unreadable and skipped)."""
     files = expand(cfg.images)
     device = resolve_device(cfg.device)
     predictor = load_predictor(cfg.checkpoint, device, device_asked=cfg.device != "auto")
@@ -46,10 +47,14 @@ def run(cfg: PredictConfig) -> list[dict]:
     meta, classes = predictor.meta, predictor.classes
     transform = eval_transform(meta["resize"], meta["crop"], meta["mean"], meta["std"])
     k = min(cfg.topk, len(classes))
-    results = []
+    results, unreadable = [], 0
     for i in range(0, len(files), cfg.batch_size):
-        chunk = files[i:i + cfg.batch_size]
-        batch = torch.stack([transform(_open(f)) for f in chunk]).to(device)
+        opened = [(f, _open(f)) for f in files[i:i + cfg.batch_size]]
+        chunk = [f for f, img in opened if img is not None]
+        unreadable += len(opened) - len(chunk)
+        if not chunk:
+            continue
+        batch = torch.stack([transform(img) for _, img in opened if img is not None]).to(device)
         probs = predictor(batch).float().softmax(dim=1)
         top = probs.topk(k, dim=1)
         for f, p, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
@@ -60,11 +65,19 @@ def run(cfg: PredictConfig) -> list[dict]:
             print()
         else:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
-    return results
+    if unreadable == len(files):
+        raise DataError(f"{files[0] if len(files) == 1 else f'none of the {len(files)} images'} could not be read "
+                        f"(see above)")
+    if unreadable:
+        print(f"alexnet predict: {unreadable} of {len(files)} images were unreadable and skipped (listed above)",
+              file=sys.stderr)
+    return results, unreadable
 
 
 def _open(path: str):
+    """The image at `path`; None, said on stderr, when it cannot be read (the others are still predicted)."""
     try:
         return load_rgb(path)
     except DECODE_ERRORS as e:
-        raise DataError(f"predict: cannot read {path} as an image: {e}") from None
+        print(f"WARNING: skipping unreadable image {path}: {reason(e)}", file=sys.stderr, flush=True)
+        return None
