@@ -1,5 +1,7 @@
 """An image folder given to `alexnet train` is packed once on first use and trained from the pack (data.autopack)."""
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -201,3 +203,41 @@ def test_a_disk_that_fills_while_packing_leaves_the_run_to_its_files_and_frees_t
     assert config_of(out)["pack"] == "no" and (out / "checkpoints" / "last.pt").exists()
     assert [p.name for p in (cache / "packed").iterdir() if not p.name.endswith(".lock")] == []
     assert shutil.disk_usage(cache).used < 50_000
+
+
+def test_a_read_only_cache_that_holds_the_pack_is_used_and_the_datas_own_errors_are_not_the_caches(tmp_path,
+                                                                                                   monkeypatch):
+    src = write_folder(tmp_path / "src")
+    cache = tmp_path / "cache"
+    run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "a")
+
+    @contextlib.contextmanager
+    def read_only(cfg, log):  # the lock file beside the packs cannot be made
+        raise OSError(errno.EROFS, "Read-only file system", str(autopack._where(cfg, "raw")[0].parent / ".lock"))
+        yield
+    monkeypatch.setattr(autopack, "_one_at_a_time", read_only)
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "b")
+    assert "training from the pack of" in p.stdout and "WARNING" not in p.stdout
+    assert config_of(tmp_path / "b")["pack"] == "raw"
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", tmp_path / "empty", "--out", tmp_path / "c")
+    assert "WARNING: cannot pack" in p.stdout and "Read-only file system" in p.stdout
+    monkeypatch.undo()
+
+    def unreadable_source(source, *args, **kwargs):  # an error of the data, not of the cache: said as it is
+        raise PermissionError(errno.EACCES, "Permission denied", str(source / "train" / "ring"))
+    monkeypatch.setattr(packed, "pack", unreadable_source)
+    p = run_here("train", "--data", src, *TINY, "--cache-dir", tmp_path / "other", "--out", tmp_path / "d",
+                 check=False)
+    assert p.returncode == 1 and "cannot pack" not in p.stdout + p.stderr
+    assert f"alexnet train: error: Permission denied ({src / 'train' / 'ring'})" in p.stderr
+
+
+def test_workers_read_the_files_when_the_launcher_could_not_pack(tmp_path):
+    src = write_folder(tmp_path / "src")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    out = tmp_path / "run"
+    p = run_cli("train", "--data", src, *TINY, "--cache-dir", blocked, "--out", out, "--nproc-per-node", "2",
+                "--batch-size", "4")
+    assert (p.stdout + p.stderr).count("cannot pack") == 1, p.stdout + p.stderr  # the launcher's, not again
+    assert config_of(out)["pack"] == "no" and "(packed;" not in (out / "train.log").read_text()

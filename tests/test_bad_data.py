@@ -45,7 +45,7 @@ def test_a_broken_link_is_an_unreadable_file_for_check_pack_and_train(tmp_path, 
     (root / "train" / "square" / "notes.jpg").write_text("this is not an image\n")
     code, stdout, _ = cli(capsys, "data", "check", root)
     assert code == 1
-    assert f"unreadable: {root}/train/ring/gone.jpg: No such file or directory (a broken link?)" in stdout
+    assert f"unreadable: {root}/train/ring/gone.jpg: No such file or directory (a link to a file that is gone)" in stdout
     assert f"unreadable: {root}/train/square/notes.jpg: not an image file" in stdout and "BytesIO" not in stdout
     out = tmp_path / "run"
     p = run_here("train", "--data", root, *TINY, "--cache-dir", tmp_path / "cache", "--out", out)

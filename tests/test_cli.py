@@ -140,7 +140,7 @@ def test_predict_skips_unreadable_images_says_which_and_predicts_the_others(trai
     assert [line.split(": ")[0] for line in stdout.splitlines()] == [str(folder / n) for n in ("0-good.jpg", "1-good.jpg", "0-good.jpg")]
     assert stderr.splitlines() == [f"WARNING: skipping unreadable image {folder / '1-notes.jpg'}: not an image file",
                                    f"WARNING: skipping unreadable image {folder / '2-gone.jpg'}: No such file or "
-                                   "directory (a broken link?)",
+                                   "directory (a link to a file that is gone)",
                                    "alexnet predict: 2 of 5 images were unreadable and skipped (listed above)"]
 
 

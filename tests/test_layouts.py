@@ -63,6 +63,10 @@ def test_no_validation_folder_or_a_wrong_val_dir_is_one_clear_line(tmp_path, cap
     out = tmp_path / "r3"
     run_here("train", "--data", root, "--val-dir", "holdout", "--out", out, *SMALL)
     assert checkpoint.load_run(out / "checkpoints" / "last.pt")["config"]["val_dir"] == "holdout"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--data", str(root)]) == 2
+    err = capsys.readouterr().err  # eval takes no --val-fraction: not suggested
+    assert "has no validation folder" in err and "--val-dir NAME" in err and "--val-fraction" not in err
 
 
 def test_pack_and_check_follow_the_same_rules(tmp_path, capsys):

@@ -336,7 +336,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
         raise ConfigError(f"--data {source}: give the ImageFolder (the reference pipeline reads its JPEGs); "
                           f"the packed form goes to --packed")
     resize = str(round(cfg.image_size * 256 / 224))
-    class_names = find_classes(source / "train")
+    class_names = find_classes(source / "train", hold_out=False)
     images = sum(len(files) for _, _, files in os.walk(source / "train"))
     if images < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: {source / 'train'} has only {images} files")

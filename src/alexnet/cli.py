@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise ConfigError(f"{'--max-restarts' if args.launch_max_restarts else '--nnodes MIN:MAX'} "
                                           "needs --out: restarted workers continue from the checkpoints in that run "
                                           "folder")
-                    return launch.run(args, "train", argv[argv.index("train") + 1:], cfg.dist_timeout, log)
+                    workers = argv[argv.index("train") + 1:] + (["--pack", "no"] if autopack.fell_back(cfg) else [])
+                    return launch.run(args, "train", workers, cfg.dist_timeout, log)
                 fit(cfg, log=log, early=early)
             finally:
                 logs.drop_early(early)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers < 0:
                 raise ConfigError("--workers: must be 0 or more")
             check_split(args.val_fraction, args.val_dir)
-            if args.quality is not None and args.encoding == "raw":
+            if args.quality is not None and args.encoding == "raw" and 1 <= args.quality <= 100:
                 log(f"WARNING: --quality {args.quality} is for --encoding jpeg: a raw pack stores the pixels as they are")
             pack(args.dir, args.out, args.resize, args.workers, log=log, val_dir=args.val_dir,
                  val_fraction=args.val_fraction, split_seed=args.split_seed, encoding=args.encoding,

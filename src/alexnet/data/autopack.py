@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..errors import DataError
 from . import packed
-from .cache import cannot_write
+from .cache import cannot_write, partial_of
 from .folder import pool_dir, val_dir_of
 from .images import DECODE_ERRORS, is_image_name
 from .synthetic import default_cache_dir
@@ -160,25 +160,66 @@ def prepare(cfg, log):
         return cfg
     try:
         with _one_at_a_time(cfg, log):
-            return _found_or_made(cfg, log)
-    except OSError as e:  # a cache folder that cannot be written, or that filled up while packing
+            try:
+                return _found_or_made(cfg, log)
+            except OSError as e:  # a cache folder that cannot be written, or that filled up while packing
+                if not _of_the_cache(cfg, e):
+                    raise
+                if e.errno in FULL:  # removed while this process holds the folder's lock: no other is packing it
+                    for encoding in packed.ENCODINGS:
+                        shutil.rmtree(partial_of(_where(cfg, encoding)[0]), ignore_errors=True)
+                return _unwritable(cfg, e, log)
+    except OSError as e:  # the lock file itself could not be made: a cache folder that cannot be written
+        if not _of_the_cache(cfg, e):
+            raise
+        if (encoding := _whole_pack(cfg)) is not None:  # a read-only cache that holds the pack already
+            return _use(cfg, encoding, log)
         return _unwritable(cfg, e, log)
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota (the usual limit of a home folder)
+_FELL_BACK: set[Path] = set()  # data folders whose pack the cache folder could not take, in this process
+
+
+def fell_back(cfg) -> bool:
+    """Whether this process found the cache folder unable to take the pack of cfg.data (prepare): the
+    launcher then tells its workers --pack no, instead of each trying again."""
+    return cfg.data is not None and Path(cfg.data).resolve() in _FELL_BACK
+
+
+def _of_the_cache(cfg, error: OSError) -> bool:
+    """Whether `error` is the cache folder's (not the data's, nor the machine's): a full disk or quota, or
+    an error on a path inside the cache folder."""
+    if error.errno in FULL:
+        return True
+    cache = _where(cfg, "raw")[0].parent.parent.resolve()
+    return bool(error.filename) and Path(os.fsdecode(error.filename)).resolve().is_relative_to(cache)
+
+
+def _whole_pack(cfg) -> str | None:
+    """The encoding of a complete, whole pack of the folder in the cache (None when there is none)."""
+    for encoding in [cfg.pack] if cfg.pack != "auto" else ["raw", "jpeg"]:
+        out = _where(cfg, encoding)[0]
+        if packed.is_packed(out):
+            try:
+                packed.check_sizes(out)
+            except DataError:
+                continue
+            return encoding
+    return None
+
+
 def _unwritable(cfg, error: OSError, log):
-    """--pack auto trains from the files when the cache folder cannot take the pack, and removes a pack cut
-    short by a full disk (the run's checkpoints need the space more); --pack raw or jpeg stops."""
+    """--pack auto trains from the files when the cache folder cannot take the pack; --pack raw or jpeg
+    stops."""
     cache = _where(cfg, "raw")[0].parent
     why = cannot_write(cache, error)
     if cfg.pack != "auto":
         raise DataError(f"--pack {cfg.pack}: cannot pack {cfg.data} into {cache}: {why}; put the cache elsewhere "
                         f"(--cache-dir or ALEXNET_CACHE), or use --pack auto or no") from None
-    if error.errno == errno.ENOSPC:
-        for encoding in packed.ENCODINGS:
-            out = _where(cfg, encoding)[0]
-            shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     log(f"WARNING: cannot pack {cfg.data} into {cache}: {why}; decoding its files every epoch instead (--cache-dir "
         f"or ALEXNET_CACHE puts the cache elsewhere; --pack no says to read the files)")
+    _FELL_BACK.add(Path(cfg.data).resolve())
     return replace(cfg, pack="no")
 
 

@@ -74,7 +74,7 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
     elif held["val_files"] is not None:
         splits = [None, held_out_folder(Path(root), held["val_files"], classes, transforms[1], seed, on_bad_image)]
     else:
-        val_dir = val_dir_of(Path(root), held["val_dir"]) if Path(root).is_dir() else "val"
+        val_dir = val_dir_of(Path(root), held["val_dir"], hold_out=False) if Path(root).is_dir() else "val"
         splits = [None, ImageFolder(root, val_dir, transforms[1], seed, classes=classes, on_bad_image=on_bad_image)]
     if getattr(splits[1], "held_out", None) is not None:
         say(f"validation split: {len(splits[1])} images held out of {Path(root) / splits[1].split} "

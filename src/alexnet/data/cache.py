@@ -16,6 +16,11 @@ def is_complete(folder: Path) -> bool:
     return (folder / DONE).exists()
 
 
+def partial_of(final: Path) -> Path:
+    """Where a resumable build of `final` keeps what it has done (see build_once)."""
+    return final.parent / f".{final.name}.partial"
+
+
 def cannot_write(folder: Path, error: OSError) -> str:
     """Why a folder of the cache could not be written, in words ("a file, not a folder", "No space left on
     device (PATH)"), for a message that names `folder` already."""
@@ -44,7 +49,7 @@ def build_once(final: Path, build: Callable[[Path], None], note: str = "", repla
         if is_complete(final):
             return False
         if resumable:
-            tmp = final.parent / f".{final.name}.partial"
+            tmp = partial_of(final)
             tmp.mkdir(exist_ok=True)
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))

@@ -24,9 +24,9 @@ VAL_DIRS = ("val", "valid", "validation", "test")
 LAYOUT = "DIR/train/<class>/ and DIR/val/<class>/ (or valid/, validation/, test/)"
 
 
-def val_dir_of(root: Path, name: str | None = None) -> str:
+def val_dir_of(root: Path, name: str | None = None, hold_out: bool = True) -> str:
     """The validation split's folder under `root`: `name` (--val-dir) when given, else the first of
-    VAL_DIRS that exists."""
+    VAL_DIRS that exists. `hold_out`: the command takes --val-fraction (its error suggests it)."""
     if name:
         if Path(name).name != name or name in (".", ".."):
             raise DataError(f"--val-dir {name!r}: give the name of a folder inside {root}, not a path")
@@ -36,9 +36,10 @@ def val_dir_of(root: Path, name: str | None = None) -> str:
     for candidate in VAL_DIRS:
         if (root / candidate).is_dir():
             return candidate
+    share = 'train/' if (root / 'train').is_dir() else 'the class folders'
     raise DataError(f"{root} has no validation folder (looked for {', '.join(f'{v}/' for v in VAL_DIRS)}); "
-                    f"expected the layout {LAYOUT}; name the folder with --val-dir NAME, or hold out a share of "
-                    f"{'train/' if (root / 'train').is_dir() else 'the class folders'} with --val-fraction 0.1")
+                    f"expected the layout {LAYOUT}; name the folder with --val-dir NAME"
+                    + (f", or hold out a share of {share} with --val-fraction 0.1" if hold_out else ""))
 
 
 def not_a_data_folder(root: Path) -> DataError:
@@ -57,23 +58,26 @@ def check_val_classes(root: Path, val: str, train_classes: list[str]) -> list[st
     return classes
 
 
-def find_classes(split_dir: Path) -> list[str]:
+def find_classes(split_dir: Path, hold_out: bool = True) -> list[str]:
+    """The class folders of a split. `hold_out`: the command takes --val-fraction (the error for a folder of
+    class folders without train/ suggests it)."""
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir} does not exist; expected the layout {LAYOUT}{_as_it_is(split_dir)}")
+        raise DataError(f"{split_dir} does not exist; expected the layout {LAYOUT}{_as_it_is(split_dir, hold_out)}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     return classes
 
 
-def _as_it_is(split_dir: Path) -> str:
+def _as_it_is(split_dir: Path, hold_out: bool) -> str:
     """What the folder above a missing train/ holds instead, and what to do with it."""
     root = split_dir.parent
-    if split_dir.name != "train" or not root.is_dir():
+    try:
+        entries = [e for e in os.scandir(root) if not e.name.startswith(".")] if split_dir.name == "train" else []
+    except OSError:
         return ""
-    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
     folders = sorted(e.name for e in entries if e.is_dir() and e.name not in VAL_DIRS)
-    if folders:
+    if folders and hold_out:
         shown = ", ".join(f"{f}/" for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
         return (f". {root} holds {len(folders)} folder(s) ({shown}): if they are the classes, --val-fraction 0.1 "
                 f"trains on them and holds a tenth of each out for validation")

@@ -145,7 +145,8 @@ def reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not an image file"
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror + (" (a broken link?)" if isinstance(error, FileNotFoundError) else "")
+        link = isinstance(error, FileNotFoundError) and error.filename and os.path.islink(error.filename)
+        return error.strerror + (" (a link to a file that is gone)" if link else "")
     return str(error) or type(error).__name__
 
 
