@@ -39,7 +39,8 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete
-from .folder import check_val_classes, find_classes, held_out, not_a_data_folder, pool_dir, scan, val_dir_of
+from .folder import (VAL_DIRS, check_val_classes, find_classes, held_out, not_a_data_folder, pool_dir, scan,
+                     val_dir_of)
 from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb, reason
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch, damaged_pack
@@ -256,6 +257,11 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         return _same_pack(out, source, resize, coding, log)
     if out.exists() and any(out.iterdir()) and not is_complete(out):
         raise DataError(f"{out} exists and is not a packed dataset; choose a new folder")
+    splits_at = [pool_dir(source)] if val_fraction else ["train", *([val_dir] if val_dir else VAL_DIRS)]
+    for folder in (source / name for name in splits_at):  # before the files are listed: cheap on any size
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise DataError(f"{out} lies inside {folder}, which holds the dataset's class folders; choose a "
+                            f"folder outside it")
     if val_fraction:
         classes, train, val = held_out(source, val_fraction, split_seed)
         splits = {"train": train, "val": val}
@@ -269,10 +275,6 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         splits["val"] = scan(source / val_dir, classes)
         if val_dir != "val":
             log(f"validation split: {source / val_dir}")
-    for folder in ({source / pool_dir(source)} if val_fraction else {source / "train", source / val_dir}):
-        if out.resolve().is_relative_to(folder.resolve()):
-            raise DataError(f"{out} lies inside {folder}, which holds the dataset's class folders; choose a "
-                            f"folder outside it")
     total = sum(len(s) for s in splits.values())
     done = {"n": 0, "before": 0, "start": time.monotonic()}
 
