@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alexnet import checkpoint
-from conftest import final_weights, max_diff, run_cli, run_here
+from conftest import final_weights, max_diff, run_cli, run_here, write_folder
 
 # Deterministic, with dropout on (so the random state matters), 24 images in batches of 4: 6 steps an epoch.
 RESUME = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "4", "--workers", "0", "--quiet",
@@ -306,3 +306,20 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_usable_checkpoin
     run_here("train", "--data", exact["data"], "--out", tmp_path / "sane", *RESUME, "--epochs", "1")
     import json
     assert json.loads((tmp_path / "sane" / "metrics.jsonl").read_text())["skipped_steps"] == 0
+
+
+def test_a_run_resumed_on_changed_data_says_how_it_changed(tmp_path):
+    """The checkpoint records what its data was (counts and a hash of the files' names and labels, not
+    read again): a resume on the same data says nothing, one on changed data warns."""
+    src = write_folder(tmp_path / "src", classes=3, train_per_class=4, val_per_class=2)
+    out, flags = tmp_path / "run", ["--data", src, *RESUME, "--cache-dir", tmp_path / "cache"]
+    run_here("train", *flags, "--out", out, "--epochs", "1")
+    assert "changed since" not in run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "2").stdout
+    first = sorted((src / "train" / "circle").iterdir())[0]
+    first.rename(first.with_name("renamed.jpg"))
+    p = run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "3")
+    assert f"WARNING: {src} changed since {out / 'checkpoints'}" in p.stdout
+    assert "was saved: the same number of training images, but other files (names or labels)" in p.stdout
+    (src / "val" / "ring" / "extra.jpg").write_bytes(first.with_name("renamed.jpg").read_bytes())
+    p = run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "4", "--pack", "no")
+    assert "was saved: 7 validation images where it had 6" in p.stdout and "training images" not in p.stdout

@@ -89,10 +89,25 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
     return splits
 
 
-def fingerprint(loaders: Loaders) -> dict:
-    """What every rank's copy of the data must agree on (see ImageFolder.fingerprint), split by split."""
-    return {name: split.fingerprint() for name, split in (("training", loaders.train_set),
-                                                         ("validation", loaders.val_set)) if split is not None}
+def fingerprint(loaders: Loaders, sizes: bool = True) -> dict:
+    """What every rank's copy of the data must agree on (see ImageFolder.fingerprint), split by split;
+    without `sizes`, what a checkpoint records of its data (no file read)."""
+    return {name: split.fingerprint(sizes) for name, split in (("training", loaders.train_set),
+                                                              ("validation", loaders.val_set)) if split is not None}
+
+
+def changed(before: dict, now: dict) -> str | None:
+    """How the data a run resumes on differs from what its checkpoint recorded (fingerprint without sizes);
+    None when it does not, or when the checkpoint recorded nothing."""
+    for split, then in before.items():
+        if split not in now or now[split] == then:
+            continue
+        mine = now[split]
+        if mine["images"] != then["images"]:
+            return f"{mine['images']:,} {split} images where it had {then['images']:,}"
+        if mine.get("encoding") == then.get("encoding"):  # a pack's hash and a folder's are not comparable
+            return f"the same number of {split} images, but other files (names or labels)"
+    return None
 
 
 def disagreement(found: list[tuple[str, str, dict]]) -> str | None:

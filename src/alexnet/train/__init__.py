@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import checkpoint, distributed, logs
 from ..config import TrainConfig
 from ..data import autopack, held
-from ..data.build import build_loaders, describe, disagreement
+from ..data.build import build_loaders, changed, describe, disagreement
 from ..data.build import fingerprint as data_fingerprint
 from ..data.synthetic import ensure_dataset
 from ..errors import CheckpointError, DataError, DistributedError, NonFiniteLoss
@@ -80,7 +80,7 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     data_root, data = open_data(cfg, plan, device, say)
     plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
-    state = resume(cfg, plan, trainer, data.classes, data_root, say)
+    state = resume(cfg, plan, trainer, data, data_root, say)
     record = Record(plan, say, log, autopack.unreadable(pack) if (pack := autopack.location(cfg)) else (0, 0))
     record.open(early, state.epoch, held_out=getattr(data.val_set, "held_out", None))
     if state.resumed:
@@ -115,15 +115,18 @@ def set_up(cfg: TrainConfig, log, early) -> tuple[Plan, object, int, object]:
     return make_plan(cfg, rank, world, out), device, threads, say
 
 
-def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], data_root: str, say) -> states.TrainState:
+def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, data, data_root: str, say) -> states.TrainState:
     """The state to start from: a fresh one, or a checkpoint's (--resume; restarted workers continue by
     themselves from the newest checkpoint the ranks agree on)."""
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get("ALEXNET_RESTARTED") == "1"
     source, saved = states.find_resume(cfg.resume or ("auto" if restarted else None), plan.ckpt_dir, plan.rank, say)
     if source is None:
         return states.TrainState()
-    if list(saved["classes"]) != classes:
+    if list(saved["classes"]) != data.classes:
         raise CheckpointError(f"{source} was trained on other classes than {data_root}")
+    if what := changed(saved.get("data", {}), data_fingerprint(data, sizes=False)):
+        say(f"WARNING: {data_root} changed since {source} was saved: {what}. Training goes on with the data as "
+            f"it is now, so the run no longer follows the one an uninterrupted run would have taken")
     before = saved.get("world_size", plan.world)
     if before != plan.world:  # an elastic job that lost or regained a node, or a resume on another machine
         per, accum = saved["config"].get("batch_size", plan.batch_size), saved["config"].get("accum_steps", 1)
@@ -143,9 +146,11 @@ def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say) -
     cfg, classes, first = plan.resolved, data.classes, state.epoch
     last, v = {}, {}
 
+    recorded = data_fingerprint(data, sizes=False) if plan.main else None  # what the run's data is, for a resume
+
     def save(epoch: int, step_in_epoch: int, sums: dict | None, is_best: bool = False) -> None:
         states.save(trainer, state, plan, classes, epoch=epoch, step_in_epoch=step_in_epoch, sums=sums,
-                    metrics=last, is_best=is_best, held_out=getattr(data.val_set, "held_out", None))
+                    metrics=last, is_best=is_best, held_out=getattr(data.val_set, "held_out", None), data=recorded)
 
     hooks = Hooks(state, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                   steps_per_epoch=plan.steps_per_epoch, world=plan.world, save=save, scalars=record.scalars,

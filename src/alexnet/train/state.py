@@ -36,10 +36,11 @@ class TrainState:
 
 def to_checkpoint(trainer, state: TrainState, *, epoch: int, step_in_epoch: int, ranks: list, metrics: dict,
                   classes: list[str], config: dict, world: int, train_bn: bool, weights: dict | None = None,
-                  optimizer: dict | None = None, held_out: list[str] | None = None) -> dict:
+                  optimizer: dict | None = None, held_out: list[str] | None = None, data: dict | None = None) -> dict:
     """The checkpoint; `weights` and `optimizer`: the whole model's and optimizer's state where the
     parallelism strategy holds slices (default: the trainer's own); `held_out`: the validation files held
-    out of the training folder (--val-fraction), which `alexnet eval` evaluates again."""
+    out of the training folder (--val-fraction), which `alexnet eval` evaluates again; `data`: what the
+    run's data was (data.build.fingerprint without sizes), which a resumed run compares with its own."""
     weights = trainer.model.state_dict() if weights is None else weights
     return {"format_version": checkpoint.FORMAT_VERSION,
             "model": folded_state_dict(weights) if train_bn else weights,
@@ -50,11 +51,12 @@ def to_checkpoint(trainer, state: TrainState, *, epoch: int, step_in_epoch: int,
             "best_acc1": state.best_acc1, "torch_rng": torch.get_rng_state(), "ranks": ranks, "world_size": world,
             "device_type": trainer.device.type, "classes": classes, "config": config, "metrics": metrics,
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            **({"val_files": held_out} if held_out is not None else {})}
+            **({"val_files": held_out} if held_out is not None else {}), **({"data": data} if data else {})}
 
 
 def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, step_in_epoch: int,
-         sums: dict | None, metrics: dict, is_best: bool = False, held_out: list[str] | None = None) -> None:
+         sums: dict | None, metrics: dict, is_best: bool = False, held_out: list[str] | None = None,
+         data: dict | None = None) -> None:
     """Every rank calls this at the same step (it gathers their random states and sums); rank 0 writes
     step-N.pt, points last.pt at it, and with `is_best` writes best.pt."""
     own = trainer.parallel.own_state(trainer.optimizer)  # local SGD: each process's weights and momentum
@@ -63,7 +65,7 @@ def save(trainer, state: TrainState, plan, classes: list[str], *, epoch: int, st
     cfg = plan.resolved
     saved = to_checkpoint(trainer, state, epoch=epoch, step_in_epoch=step_in_epoch, ranks=ranks, metrics=metrics,
                           classes=classes, config=to_dict(cfg), world=plan.world, train_bn=cfg.train_bn,
-                          weights=weights, optimizer=optimizer, held_out=held_out) if plan.main else None
+                          weights=weights, optimizer=optimizer, held_out=held_out, data=data) if plan.main else None
     step = checkpoint.step_path(plan.ckpt_dir, state.global_step)
     written("the checkpoint", step, lambda: checkpoint.save_step(saved, plan.ckpt_dir, cfg.keep_last), plan)
     if is_best:  # the step just saved: best.pt is linked to it, not a second copy
