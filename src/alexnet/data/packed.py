@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
-from .cache import build_once, is_complete
+from .cache import build_once, is_complete, partial_of
 from .folder import (VAL_DIRS, check_val_classes, find_classes, held_out, not_a_data_folder, pool_dir, scan,
                      val_dir_of)
 from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb, reason
@@ -277,12 +277,17 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
             log(f"validation split: {source / val_dir}")
     total = sum(len(s) for s in splits.values())
     done = {"n": 0, "before": 0, "start": time.monotonic()}
+    done["said"] = (0, done["start"])  # (images, time) of the last line
 
     def progress(split, n: int = 1, before: bool = False):
-        """`n` more images done (`before`: by an interrupted run, which the rate leaves out)."""
+        """`n` more images done (`before`: by an interrupted run, which the rate leaves out). A line each 5%
+        of the images, at most one a second, and the last."""
         done["n"] += n
         done["before"] += n if before else 0
-        if not before and (done["n"] % max(total // 20, 1) == 0 or done["n"] == total):
+        said_n, said_t = done["said"]
+        now = time.monotonic()
+        if not before and (done["n"] - said_n >= total / 20 and now - said_t >= 1 or done["n"] == total):
+            done["said"] = (done["n"], now)
             rate = (done["n"] - done["before"]) / max(time.monotonic() - done["start"], 1e-9)
             left = int((total - done["n"]) / max(rate, 1e-9))
             log(f"  {done['n']}/{total} images, {rate:.0f} images/s, {left // 60}:{left % 60:02d} left")
@@ -324,8 +329,14 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         started.unlink()
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
 
-    if not build_once(out, build, f"packed from {source}", resumable=True):  # another process packed it meanwhile
-        return _same_pack(out, source, resize, coding, log)
+    try:
+        if not build_once(out, build, f"packed from {source}", resumable=True):  # another process packed it meanwhile
+            return _same_pack(out, source, resize, coding, log)
+    except KeyboardInterrupt:
+        if partial_of(out).exists():
+            log(f"packing stopped by Ctrl-C ({done['n']} of {total} images done): the part written is kept in "
+                f"{partial_of(out)}, and the same command continues from there")
+        raise
     meta = read_meta(out)
     sizes = {s: m["images"] for s, m in meta["splits"].items()}
     skipped = sum(len(m["skipped"]) for m in meta["splits"].values())
