@@ -133,6 +133,15 @@ def test_class_folders_alone_a_folder_of_images_or_a_file_are_told_what_to_do(tm
     assert f"{images} holds images but no class folders: put each class's images in a folder" in capsys.readouterr().err
     assert main(["data", "pack", str(images / "one.jpg"), str(tmp_path / "p")]) == 2
     assert f"data folder {images / 'one.jpg'} is a file, not a folder" in capsys.readouterr().err
+    flat_val = renamed(tmp_path, "val")  # validation images straight in val/, as ImageNet's come
+    for image in list((flat_val / "val").rglob("*.jpg")):
+        image.rename(flat_val / "val" / f"{image.parent.name}-{image.name}")
+    for folder in list((flat_val / "val").iterdir()):
+        if folder.is_dir():
+            folder.rmdir()
+    assert main(["train", "--data", str(flat_val), *SMALL]) == 2
+    assert f"{flat_val / 'val'} has no class folders; expected {flat_val / 'val'}/<class>/<image>. Its images lie " \
+           "directly in it" in capsys.readouterr().err
 
 
 def test_val_fraction_holds_out_a_stratified_share_that_depends_only_on_the_files_and_split_seed(tmp_path):

@@ -65,7 +65,10 @@ def find_classes(split_dir: Path, hold_out: bool = True) -> list[str]:
         raise DataError(f"{split_dir} does not exist; expected the layout {LAYOUT}{_as_it_is(split_dir, hold_out)}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+        flat = any(e.is_file() and is_image_name(e.name) for e in os.scandir(split_dir))
+        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>" + (
+            f". Its images lie directly in it, as ImageNet's validation images come: sort them into a folder per "
+            f"class (for ImageNet, the PyTorch ImageNet example's extract_ILSVRC.sh does it)" if flat else ""))
     return classes
 
 
