@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet.cli import main
 from alexnet.data import load_rgb
+from conftest import write_folder
 
 
 def save(tmp_path, img: Image.Image, name: str, **kw):
@@ -105,3 +107,21 @@ def test_dark_16bit_greyscale_stays_dark(tmp_path):
     p = tmp_path / "dark.png"
     Image.fromarray(x).save(p)
     assert int(np.asarray(load_rgb(p)).max()) == 0
+
+
+def test_the_image_files_torchvisions_imagefolder_reads_are_read(tmp_path, capsys):
+    """TIFF (8-bit RGB and 16-bit greyscale), PPM and PGM, as torchvision's ImageFolder takes them: a folder
+    moved over from it loses no image."""
+    root = write_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1)
+    rgb = np.zeros((40, 40, 3), dtype=np.uint8)
+    rgb[:, :20] = (200, 30, 30)
+    folder = root / "train" / "circle"
+    Image.fromarray(rgb).save(folder / "a.tif")
+    Image.fromarray(rgb).save(folder / "b.ppm")
+    Image.fromarray(rgb[..., 0]).save(folder / "c.pgm")
+    Image.fromarray((np.arange(1600, dtype=np.uint16).reshape(40, 40) * 40)).save(folder / "d.TIFF")
+    for name in ("a.tif", "b.ppm"):
+        assert np.array_equal(np.asarray(load_rgb(folder / name)), rgb)
+    assert np.asarray(load_rgb(folder / "d.TIFF")).max() > 200  # 16 bits scaled down, not clipped to white
+    assert main(["data", "check", str(root)]) == 0
+    assert "10 image files, 0 unreadable" in capsys.readouterr().out

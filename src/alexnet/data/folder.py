@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import DECODE_ERRORS, is_image_name, load_rgb, unreadable
+from .images import DECODE_ERRORS, EXTENSIONS, is_image_name, load_rgb, unreadable
 from .jpeg import read_encoded
 from .transforms import Compose, sample_generator
 
@@ -98,7 +98,7 @@ def scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
         found = [os.path.join(root, f) for root, _, files in os.walk(folder, followlinks=True)
                  for f in files if is_image_name(f)]
         if not found:
-            raise DataError(f"class folder {folder} holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
+            raise DataError(f"class folder {folder} holds no images ({', '.join(EXTENSIONS)})")
         samples += [(p, label) for p in sorted(found)]
     return samples
 

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision ImageFolder's
 
 # What one image may cost to decode: a JPEG larger than this is decoded at 1/2, 1/4 or 1/8 of its size
 # (libjpeg's reduced decoding, far cheaper than decoding it whole and resizing), other formats are refused
