@@ -28,7 +28,13 @@ def test_data_check_lists_the_bad_files(messy, capsys):
 
 def test_data_check_passes_a_clean_folder_and_reports_layout_problems(tmp_path, capsys):
     root = write_folder(tmp_path / "clean")
-    assert cli(capsys, "data", "check", root)[0] == 0
+    code, stdout, _ = cli(capsys, "data", "check", root)
+    assert code == 0 and "not read" not in stdout
+    for name in ("a.HEIC", "b.heic", "c.avif", ".DS_Store"):  # files training leaves out are said, not failed
+        (root / "train" / "ring" / name).write_bytes(b"x")
+    (root / "val" / "LICENSE").write_text("x")
+    code, stdout, _ = cli(capsys, "data", "check", root)
+    assert code == 0 and "not read (not image files by their names): 2 .heic, 1 (no extension), 1 .avif\n" in stdout
     (root / "train" / "extra").mkdir()
     shutil.copytree(root / "val" / "circle", root / "val" / "only-in-val")
     code, stdout, _ = cli(capsys, "data", "check", root)

@@ -125,13 +125,16 @@ def _data_check(folder: str, val_dir: str | None, val_fraction: float, split_see
         print(f"{images} packed images, {'damaged' if damage else 'every one as packed'}")
         return 1 if damage else 0
     layout = problems_of_layout(root, val_dir, val_fraction, split_seed)
-    files = image_files(root)
+    files, others = image_files(root)
     # in a pipe or a log: a line every tenth of the files (at least 100) and at the end, never one an image
     bad = unreadable(files, Progress(len(files), f"checking {root}", every=max(len(files) // 10, 100)))
     for path, reason in bad:
         print(f"unreadable: {path}: {reason}")
     for problem in layout:
         print(f"layout: {problem}")
+    if others:
+        print(f"not read (not image files by their names): "
+              + ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))))
     print(f"{len(files)} image files, {len(bad)} unreadable; {len(layout)} layout problem(s)")
     return 1 if bad or layout else 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from ..errors import DataError
@@ -44,8 +45,18 @@ def problems_of_layout(root: Path, val_dir: str | None = None, val_fraction: flo
     return found
 
 
-def image_files(root: Path) -> list[Path]:
-    return sorted(Path(d) / f for d, _, files in os.walk(root, followlinks=True) for f in files if is_image_name(f))
+def image_files(root: Path) -> tuple[list[Path], Counter]:
+    """The image files under `root` (sorted), and how many other files each extension names (hidden files
+    and folders aside): files that training leaves out, which a folder of .heic or .avif photos would lose."""
+    images, others = [], Counter()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        for f in files:
+            if is_image_name(f):
+                images.append(Path(d) / f)
+            elif not f.startswith("."):
+                others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
+    return sorted(images), others
 
 
 def unreadable(paths: list[Path], progress=None) -> list[tuple[Path, str]]:
