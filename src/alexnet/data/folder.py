@@ -139,13 +139,17 @@ class ImageFolder(Dataset):
         file's path relative to the split's folder, size and label (not where the copy lies, nor its
         modification times). Without `sizes`, no file is read (what a checkpoint records)."""
         base = self.root / self.split
+        # the paths' common start (scan's and held_out's) sliced off: seconds quicker than pathlib on
+        # ImageNet's 1.28 million files (POSIX paths, as everywhere this runs)
+        prefix = str(base) + "/"
         h = hashlib.sha256()
         for path, label in self.samples:
             try:
                 size = os.stat(path).st_size if sizes else 0
             except OSError:
                 size = -1
-            h.update(f"{Path(path).relative_to(base).as_posix()}\t{size}\t{label}\n".encode())
+            rel = path[len(prefix):] if path.startswith(prefix) else Path(path).relative_to(base).as_posix()
+            h.update(f"{rel}\t{size}\t{label}\n".encode())
         return {"images": len(self.samples), "classes": list(self.classes), "files": h.hexdigest()}
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int] | None:
