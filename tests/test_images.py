@@ -123,5 +123,7 @@ def test_the_image_files_torchvisions_imagefolder_reads_are_read(tmp_path, capsy
     for name in ("a.tif", "b.ppm"):
         assert np.array_equal(np.asarray(load_rgb(folder / name)), rgb)
     assert np.asarray(load_rgb(folder / "d.TIFF")).max() > 200  # 16 bits scaled down, not clipped to white
+    Image.fromarray(np.full((40, 40), 199, dtype=np.uint16)).save(tmp_path / "dark.pgm")  # 16-bit samples
+    assert np.asarray(load_rgb(tmp_path / "dark.pgm")).max() == 0  # 199 of 65535: black, not 199 of 255
     assert main(["data", "check", str(root)]) == 0
     assert "10 image files, 0 unreadable" in capsys.readouterr().out

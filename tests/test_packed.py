@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -352,17 +353,18 @@ def test_a_pack_killed_half_way_continues_where_it_stopped_and_gives_the_same_pa
 
 
 def test_a_pack_stopped_by_ctrl_c_says_what_it_kept_and_continues(tmp_path):
-    src = write_folder(tmp_path / "src", classes=3, train_per_class=200, val_per_class=10, size=200)
+    src = write_folder(tmp_path / "src", classes=3, train_per_class=400, val_per_class=10, size=200)
     out = tmp_path / "packed"
     cmd = [sys.executable, "-m", "alexnet", "data", "pack", str(src), str(out), "--resize", "200", "--workers", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (tmp_path / ".packed.partial" / "train.progress.json").exists():
+    while not (tmp_path / ".packed.partial" / "train.progress.json").exists():  # after 256 of 1,200 images
         assert proc.poll() is None, "the pack ended before it saved its progress"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stderr.endswith("alexnet data pack: interrupted\n"), stderr
-    assert "packing stopped by Ctrl-C (" in stdout and f"the part written is kept in {tmp_path / '.packed.partial'}, " \
-           "and the same command continues from there" in stdout, stdout
+    assert "packing stopped by Ctrl-C: the images packed up to its last save (every 256 images) are kept in " \
+           f"{tmp_path / '.packed.partial'}, and the same command continues from there" in stdout, stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "continuing the interrupted pack" in again.stdout, again.stdout + again.stderr
 

@@ -5,6 +5,7 @@ checkpoint that would run code."""
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,16 +311,28 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_usable_checkpoin
 
 def test_a_run_resumed_on_changed_data_says_how_it_changed(tmp_path):
     """The checkpoint records what its data was (counts and a hash of the files' names and labels, not
-    read again): a resume on the same data says nothing, one on changed data warns."""
+    read again; a pack's recorded fingerprint): a resume on the same data says nothing, also from the
+    files where the run read a pack (which leaves out the unreadable file the folder counts); one on
+    changed data, or on a validation split chosen otherwise, warns and says which."""
     src = write_folder(tmp_path / "src", classes=3, train_per_class=4, val_per_class=2)
+    (src / "train" / "ring" / "broken.jpg").write_bytes(b"not an image")
     out, flags = tmp_path / "run", ["--data", src, *RESUME, "--cache-dir", tmp_path / "cache"]
     run_here("train", *flags, "--out", out, "--epochs", "1")
-    assert "changed since" not in run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "2").stdout
+    assert "WARNING: the data" not in run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "2").stdout
+    p = run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "3", "--pack", "no")
+    assert "WARNING: the data" not in p.stdout and "training from the pack" not in p.stdout
     first = sorted((src / "train" / "circle").iterdir())[0]
-    first.rename(first.with_name("renamed.jpg"))
-    p = run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "3")
-    assert f"WARNING: {src} changed since {out / 'checkpoints'}" in p.stdout
-    assert "was saved: the same number of training images, but other files (names or labels)" in p.stdout
-    (src / "val" / "ring" / "extra.jpg").write_bytes(first.with_name("renamed.jpg").read_bytes())
+    first.rename(first.with_name("renamed.jpg"))  # the files, read as they are: the same count, another name
     p = run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "4", "--pack", "no")
-    assert "was saved: 7 validation images where it had 6" in p.stdout and "training images" not in p.stdout
+    assert f"WARNING: the data differs from {out / 'checkpoints'}" in p.stdout
+    assert "'s: the same number of training images, but other files (names or labels); " \
+           f"{src} changed since {out / 'checkpoints'}" in p.stdout
+    (src / "val" / "ring" / "extra.jpg").write_bytes(first.with_name("renamed.jpg").read_bytes())
+    p = run_here("train", *flags, "--out", out, "--resume", "auto", "--epochs", "5", "--pack", "no")
+    assert "'s: 7 validation images where it had 6; " in p.stdout and "training images" not in p.stdout
+    flat = tmp_path / "flat"
+    shutil.copytree(src / "train", flat)
+    flags = ["--data", flat, *RESUME, "--val-fraction", "0.25"]
+    run_here("train", *flags, "--out", tmp_path / "held", "--epochs", "1")
+    p = run_here("train", *flags, "--out", tmp_path / "held", "--resume", "auto", "--epochs", "2", "--split-seed", "1")
+    assert "; the validation split is chosen otherwise now (--split-seed)" in p.stdout

@@ -103,10 +103,11 @@ def changed(before: dict, now: dict) -> str | None:
         if split not in now or now[split] == then:
             continue
         mine = now[split]
+        if (mine.get("encoding"), mine.get("resize")) != (then.get("encoding"), then.get("resize")):
+            continue  # the files, a pack or another pack: neither counts (packs leave unreadable files out) nor hashes compare
         if mine["images"] != then["images"]:
             return f"{mine['images']:,} {split} images where it had {then['images']:,}"
-        if mine.get("encoding") == then.get("encoding"):  # a pack's hash and a folder's are not comparable
-            return f"the same number of {split} images, but other files (names or labels)"
+        return f"the same number of {split} images, but other files (names{', sizes' if 'encoding' in mine else ''} or labels)"
     return None
 
 

@@ -49,12 +49,12 @@ def image_files(root: Path) -> tuple[list[Path], Counter]:
     """The image files under `root` (sorted), and how many other files each extension names (hidden files
     and folders aside): files that training leaves out, which a folder of .heic or .avif photos would lose."""
     images, others = [], Counter()
-    for d, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
+    for d, _, files in os.walk(root, followlinks=True):
+        hidden = any(part.startswith(".") for part in Path(d).relative_to(root).parts)
         for f in files:
             if is_image_name(f):
                 images.append(Path(d) / f)
-            elif not f.startswith("."):
+            elif not (hidden or f.startswith(".")):
                 others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
     return sorted(images), others
 

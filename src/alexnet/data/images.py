@@ -50,8 +50,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img).astype(np.int64)
-        if mode == "I" and img.format not in ("PNG", None) and a.max(initial=0) <= 255:
-            pass  # 32-bit integer storage of 8-bit values (some TIFFs)
+        if mode == "I" and img.format not in ("PNG", "PPM", None) and a.max(initial=0) <= 255:
+            pass  # 32-bit integer storage of 8-bit values (some TIFFs; PIL opens 8-bit PGMs as "L")
         elif mode == "I" and a.max(initial=0) > 65535:
             a = a >> 24 if a.max() > 2**24 else a >> 16
         else:  # 16-bit samples, PNG's deep greyscale among them, even when the image is dark

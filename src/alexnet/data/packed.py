@@ -260,8 +260,8 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
     splits_at = [pool_dir(source)] if val_fraction else ["train", *([val_dir] if val_dir else VAL_DIRS)]
     for folder in (source / name for name in splits_at):  # before the files are listed: cheap on any size
         if out.resolve().is_relative_to(folder.resolve()):
-            raise DataError(f"{out} lies inside {folder}, which holds the dataset's class folders; choose a "
-                            f"folder outside it")
+            raise DataError(f"{out} lies inside {folder}, where the dataset's class folders are looked for; choose "
+                            f"a folder outside it")
     if val_fraction:
         classes, train, val = held_out(source, val_fraction, split_seed)
         splits = {"train": train, "val": val}
@@ -333,9 +333,9 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         if not build_once(out, build, f"packed from {source}", resumable=True):  # another process packed it meanwhile
             return _same_pack(out, source, resize, coding, log)
     except KeyboardInterrupt:
-        if partial_of(out).exists():
-            log(f"packing stopped by Ctrl-C ({done['n']} of {total} images done): the part written is kept in "
-                f"{partial_of(out)}, and the same command continues from there")
+        if done["n"] and partial_of(out).exists():  # this process was packing (not waiting for another's pack)
+            log(f"packing stopped by Ctrl-C: the images packed up to its last save (every {SAVE_EVERY} images) are "
+                f"kept in {partial_of(out)}, and the same command continues from there")
         raise
     meta = read_meta(out)
     sizes = {s: m["images"] for s, m in meta["splits"].items()}
@@ -435,10 +435,12 @@ class PackedSplit(Dataset):
         """As ImageFolder.fingerprint's: the fingerprint recorded at packing (content_fingerprint), or for a
         pack made before it was recorded a hash of the stored size and label of each image in order (two
         packs of one folder agree whatever their paths or the times they were made), and the encoding.
-        Reading it costs nothing, with or without `sizes`."""
+        Reading it costs nothing. Without `sizes` (what a checkpoint records), the resize too: the stored
+        sizes the hash covers depend on it."""
         rows = np.ascontiguousarray(self.index[:, 1:4])
         files = self.recorded or hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()
-        return {"images": len(self.index), "classes": list(self.classes), "files": files, "encoding": self.encoding}
+        return {"images": len(self.index), "classes": list(self.classes), "files": files, "encoding": self.encoding,
+                **({} if sizes else {"resize": self.resize})}
 
     def stored(self, i: int) -> np.ndarray:
         """The image's stored bytes (a view of the memory map)."""

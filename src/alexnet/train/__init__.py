@@ -125,8 +125,12 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, data, data_root: str,
     if list(saved["classes"]) != data.classes:
         raise CheckpointError(f"{source} was trained on other classes than {data_root}")
     if what := changed(saved.get("data", {}), data_fingerprint(data, sizes=False)):
-        say(f"WARNING: {data_root} changed since {source} was saved: {what}. Training goes on with the data as "
-            f"it is now, so the run no longer follows the one an uninterrupted run would have taken")
+        split = [f"--{k.replace('_', '-')}" for k in ("val_dir", "val_fraction", "split_seed")
+                 if saved["config"].get(k) != getattr(cfg, k)]
+        cause = (f"the validation split is chosen otherwise now ({', '.join(split)})" if split else
+                 f"{data_root} changed since {source} was saved")
+        say(f"WARNING: the data differs from {source}'s: {what}; {cause}. Training goes on with the data as it is "
+            f"now, so the run no longer follows the one an uninterrupted run would have taken")
     before = saved.get("world_size", plan.world)
     if before != plan.world:  # an elastic job that lost or regained a node, or a resume on another machine
         per, accum = saved["config"].get("batch_size", plan.batch_size), saved["config"].get("accum_steps", 1)
