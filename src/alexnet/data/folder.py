@@ -66,9 +66,11 @@ def find_classes(split_dir: Path, hold_out: bool = True) -> list[str]:
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         flat = any(e.is_file() and is_image_name(e.name) for e in os.scandir(split_dir))
-        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>" + (
-            f". Its images lie directly in it, as ImageNet's validation images come: sort them into a folder per "
-            f"class (for ImageNet, the PyTorch ImageNet example's extract_ILSVRC.sh does it)" if flat else ""))
+        imagenet = (f", as ImageNet's validation images come: sort them into a folder per class (the PyTorch "
+                    f"ImageNet example's extract_ILSVRC.sh does it for ImageNet)" if split_dir.name in VAL_DIRS
+                    else ": put each class's images in a folder of its own")
+        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>"
+                        + (f". Its images lie directly in it{imagenet}" if flat else ""))
     return classes
 
 

@@ -124,7 +124,7 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, data, data_root: str,
         return states.TrainState()
     if list(saved["classes"]) != data.classes:
         raise CheckpointError(f"{source} was trained on other classes than {data_root}")
-    if what := changed(saved.get("data", {}), data_fingerprint(data, sizes=False)):
+    if plan.main and (what := changed(saved.get("data", {}), data_fingerprint(data, sizes=False))):
         split = [f"--{k.replace('_', '-')}" for k in ("val_dir", "val_fraction", "split_seed")
                  if saved["config"].get(k) != getattr(cfg, k)]
         cause = (f"the validation split is chosen otherwise now ({', '.join(split)})" if split else
