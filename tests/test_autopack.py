@@ -241,3 +241,19 @@ def test_workers_read_the_files_when_the_launcher_could_not_pack(tmp_path):
                 "--batch-size", "4")
     assert (p.stdout + p.stderr).count("cannot pack") == 1, p.stdout + p.stderr  # the launcher's, not again
     assert config_of(out)["pack"] == "no" and "(packed;" not in (out / "train.log").read_text()
+
+
+def test_a_file_added_to_a_class_folder_linked_from_elsewhere_makes_another_pack(tmp_path):
+    """The pack's key lists the files training reads, those of class folders that are links included: a
+    change there is not trained over with the old pack."""
+    src = write_folder(tmp_path / "src")
+    elsewhere = tmp_path / "elsewhere" / "ring"
+    elsewhere.parent.mkdir()
+    (src / "train" / "ring").rename(elsewhere)
+    (src / "train" / "ring").symlink_to(elsewhere)
+    cache = tmp_path / "cache"
+    a = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "a")
+    assert "packed 24 train and 12 val images" in a.stdout
+    (elsewhere / "new.jpg").write_bytes(sorted(elsewhere.iterdir())[0].read_bytes())
+    b = run_here("train", "--data", src, *TINY, "--cache-dir", cache, "--out", tmp_path / "b")
+    assert "packed 25 train and 12 val images" in b.stdout and len(packs_in(cache)) == 2

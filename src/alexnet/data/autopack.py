@@ -34,7 +34,7 @@ from PIL import Image
 from ..errors import DataError
 from . import packed
 from .cache import cannot_write, partial_of
-from .folder import pool_dir, val_dir_of
+from .folder import find_classes, pool_dir, val_dir_of
 from .images import DECODE_ERRORS, is_image_name
 from .synthetic import default_cache_dir
 from .transforms import Resize, parse_resize
@@ -64,13 +64,16 @@ def why_not(cfg) -> str | None:
 
 
 def _files(folder: Path, val_dir: str | None) -> list[tuple[str, int, int]]:
-    """(relative path, size, modification time in ns) of the image files of the train and validation splits."""
+    """(relative path, size, modification time in ns) of the image files of the train and validation splits:
+    the files folder.scan finds (in class folders linked from elsewhere too), so that a change to any file
+    a run reads makes another pack."""
     found = []
     for split in dict.fromkeys((pool_dir(folder), val_dir_of(folder, val_dir))):
-        for dirpath, dirnames, names in os.walk(folder / split):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in names:
-                if is_image_name(name) and not name.startswith("."):
+        for label in find_classes(folder / split):
+            for dirpath, _, names in os.walk(folder / split / label, followlinks=True):
+                for name in names:
+                    if not is_image_name(name):
+                        continue
                     path = os.path.join(dirpath, name)
                     try:
                         st = os.stat(path)
