@@ -61,7 +61,7 @@ def test_no_validation_folder_or_a_wrong_val_dir_is_one_clear_line(tmp_path, cap
     assert main(["train", "--data", str(root), "--val-dir", "nothere", "--out", str(tmp_path / "r2"), *SMALL]) == 2
     assert f"--val-dir nothere: {root / 'nothere'} does not exist" in capsys.readouterr().err
     out = tmp_path / "r3"
-    run_here("train", "--data", root, "--val-dir", "holdout", "--out", out, *SMALL)
+    run_here("train", "--data", root, "--val-dir", "holdout/", "--out", out, *SMALL)  # as a shell completes it
     assert checkpoint.load_run(out / "checkpoints" / "last.pt")["config"]["val_dir"] == "holdout"
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--data", str(root)]) == 2

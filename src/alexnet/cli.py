@@ -146,6 +146,8 @@ def _settings(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "val_dir", None):  # `--val-dir test/` as a shell completes it: the folder's name
+        args.val_dir = args.val_dir.rstrip("/") or args.val_dir
     ranked = distributed.launched() and os.environ.get("WORLD_SIZE") != "1"
     who = f" (rank {os.environ['RANK']})" if ranked else ""
     if args.command == "data":  # `alexnet data pack: error: ...`, as the user typed it
