@@ -126,6 +126,10 @@ def test_class_folders_alone_a_folder_of_images_or_a_file_are_told_what_to_do(tm
         err = capsys.readouterr().err
         assert f"{root}/train does not exist" in err and f"{root} holds 3 folder(s) (circle/, ring/, square/): if " \
                "they are the classes, --val-fraction 0.1 trains on them" in err and len(err.splitlines()) == 1
+    split = renamed(tmp_path, "val")
+    assert main(["train", "--data", str(split / "train"), *SMALL]) == 2  # the training folder given for its parent
+    assert f"{split / 'train'} is itself a training folder: give the folder above it, --data {split}\n" in \
+        capsys.readouterr().err
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(next((root / "ring").iterdir()), images / "one.jpg")

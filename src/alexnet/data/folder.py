@@ -82,6 +82,8 @@ def _as_it_is(split_dir: Path, hold_out: bool) -> str:
     except OSError:
         return ""
     folders = sorted(e.name for e in entries if e.is_dir() and e.name not in VAL_DIRS)
+    if root.name == "train" and any((root.parent / v).is_dir() for v in VAL_DIRS):
+        return f". {root} is itself a training folder: give the folder above it, --data {root.parent}"
     if folders and hold_out:
         shown = ", ".join(f"{f}/" for f in folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
         return (f". {root} holds {len(folders)} folder(s) ({shown}): if they are the classes, --val-fraction 0.1 "
