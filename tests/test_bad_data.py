@@ -32,9 +32,11 @@ def test_data_check_passes_a_clean_folder_and_reports_layout_problems(tmp_path, 
     assert code == 0 and "not read" not in stdout
     for name in ("a.HEIC", "b.heic", "c.avif", ".DS_Store"):  # files training leaves out are said, not failed
         (root / "train" / "ring" / name).write_bytes(b"x")
+    (root / "train" / "ring" / "._00000.jpg").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # not an image
     (root / "val" / "LICENSE").write_text("x")
     code, stdout, _ = cli(capsys, "data", "check", root)
     assert code == 0 and "not read (not image files by their names): 2 .heic, 1 (no extension), 1 .avif\n" in stdout
+    assert "36 image files, 0 unreadable" in stdout  # the "._" file is neither read nor counted
     (root / "train" / "extra").mkdir()
     shutil.copytree(root / "val" / "circle", root / "val" / "only-in-val")
     code, stdout, _ = cli(capsys, "data", "check", root)

@@ -33,7 +33,9 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
 
 
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(EXTENSIONS)
+    """Whether a file of this name is read as an image: by its extension, and not a "._" file (the
+    metadata macOS leaves beside each file it copies to another file system, named as the file)."""
+    return name.lower().endswith(EXTENSIONS) and not name.startswith("._")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
