@@ -51,6 +51,7 @@ def test_a_broken_link_is_an_unreadable_file_for_check_pack_and_train(tmp_path, 
     root = write_folder(tmp_path / "data")
     (root / "train" / "ring" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
     (root / "train" / "square" / "notes.jpg").write_text("this is not an image\n")
+    (root / "val" / "ring" / "photo.HEIC").write_bytes(b"x")  # not an image by its name: left out, and said
     code, stdout, _ = cli(capsys, "data", "check", root)
     assert code == 1
     assert f"unreadable: {root}/train/ring/gone.jpg: No such file or directory (a link to a file that is gone)" in stdout
@@ -59,6 +60,9 @@ def test_a_broken_link_is_an_unreadable_file_for_check_pack_and_train(tmp_path, 
     p = run_here("train", "--data", root, *TINY, "--cache-dir", tmp_path / "cache", "--out", out)
     assert "training from the pack" in p.stdout and "2 unreadable file(s) left out" in p.stdout
     assert json.loads((out / "metrics.jsonl").read_text())["bad_images"] == 2
+    assert f"left out 1 file(s) of {root}'s class folders that are not images by their names (1 .heic)" in p.stdout
+    p = run_here("train", "--data", root, *TINY, "--pack", "no", "--out", tmp_path / "files")
+    assert "(1 .heic); `alexnet data check" in p.stdout
 
 
 @pytest.mark.slow

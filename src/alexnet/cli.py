@@ -112,6 +112,7 @@ def _data_check(folder: str, val_dir: str | None, val_fraction: float, split_see
     from pathlib import Path
     from .data import packed
     from .data.check import image_files, problems_of_layout, unreadable
+    from .data.folder import by_extension
     from .progress import Progress
     root = Path(folder)
     if not root.is_dir():
@@ -133,8 +134,7 @@ def _data_check(folder: str, val_dir: str | None, val_fraction: float, split_see
     for problem in layout:
         print(f"layout: {problem}")
     if others:
-        print(f"not read (not image files by their names): "
-              + ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))))
+        print(f"not read (not image files by their names): {by_extension(others)}")
     print(f"{len(files)} image files, {len(bad)} unreadable; {len(layout)} layout problem(s)")
     return 1 if bad or layout else 0
 

@@ -7,6 +7,7 @@ by the workers (see data.batch, data.jpeg and data.held)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ import torch
 from ..errors import DataError
 from . import packed
 from .batch import jpeg_on_gpu, main_process_augment
-from .folder import ImageFolder, held_out_folder, open_splits, val_dir_of
+from .folder import ImageFolder, held_out_folder, left_out, open_splits, val_dir_of
 from .loader import make_loader
 from .transforms import eval_transform, train_transform
 
@@ -84,6 +85,8 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
     elif not packed.is_packed(root) and splits[1].split != "val":
         say(f"validation split: {Path(root) / splits[1].split}")
     splits = [s if t is not None else None for s, t in zip(splits, transforms)]
+    if note := left_out(sum((getattr(s, "left_out", Counter()) for s in splits if s is not None), Counter()), root):
+        say(f"{note}; `alexnet data check {root}` counts them")
     if not packed.is_packed(root) or splits[0 if splits[0] is not None else 1].encoding == "jpeg":
         jpeg_on_gpu([s for s in splits if s is not None], device, jpeg_decode, say)
     return splits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -93,18 +94,38 @@ def _as_it_is(split_dir: Path, hold_out: bool) -> str:
     return ""
 
 
-def scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+def scan(split_dir: Path, classes: list[str], others: Counter | None = None) -> list[tuple[str, int]]:
+    """(path, label) of the image files in the class folders of `split_dir`, sorted; `others` counts the
+    files left out as not images by their names, by extension (hidden files aside)."""
     samples = []
     for label, name in enumerate(classes):
         folder = split_dir / name
         if not folder.is_dir():
             continue
-        found = [os.path.join(root, f) for root, _, files in os.walk(folder, followlinks=True)
-                 for f in files if is_image_name(f)]
+        found = []
+        for root, _, files in os.walk(folder, followlinks=True):
+            for f in files:
+                if is_image_name(f):
+                    found.append(os.path.join(root, f))
+                elif others is not None and not f.startswith("."):
+                    others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
         if not found:
             raise DataError(f"class folder {folder} holds no images ({', '.join(EXTENSIONS)})")
         samples += [(p, label) for p in sorted(found)]
     return samples
+
+
+def by_extension(others: Counter) -> str:
+    """`others` (counts by extension) in words, the most common first: "40 .heic, 2 .txt"."""
+    return ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def left_out(others: Counter, root) -> str:
+    """The note for files a dataset's class folders hold that are not read (empty when there are none)."""
+    if not others:
+        return ""
+    return (f"left out {sum(others.values())} file(s) of {root}'s class folders that are not images by their "
+            f"names ({by_extension(others)})")
 
 
 class ImageFolder(Dataset):
@@ -127,7 +148,8 @@ class ImageFolder(Dataset):
                 raise DataError(f"{split_dir} has classes the model does not know: {', '.join(extra[:5])}"
                                 + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
         self.classes = list(classes)
-        self.samples = scan(split_dir, self.classes) if samples is None else samples
+        self.left_out = Counter()  # files of its class folders not read: not images by their names
+        self.samples = scan(split_dir, self.classes, self.left_out) if samples is None else samples
         if not self.samples:
             raise DataError(f"{split_dir} holds no images")
         self.held_out: list[str] | None = None  # a held-out validation split: its files, relative to split_dir

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -39,8 +40,8 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .batch import FLIP, BatchAugment, supports
 from .cache import build_once, is_complete, partial_of
-from .folder import (VAL_DIRS, check_val_classes, find_classes, held_out, not_a_data_folder, pool_dir, scan,
-                     val_dir_of)
+from .folder import (VAL_DIRS, check_val_classes, find_classes, held_out, left_out, not_a_data_folder, pool_dir,
+                     scan, val_dir_of)
 from .images import DECODE_ERRORS, decode_rgb, jpeg_decoder, load_rgb, reason
 from .held import HeldCrops, Slot, hold
 from .jpeg import Encoded, JpegBatch, damaged_pack
@@ -269,10 +270,13 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
             f"{val_fraction:g}, --split-seed {split_seed})")
     else:
         classes = find_classes(source / "train")
-        splits = {"train": scan(source / "train", classes)}
+        others = Counter()
+        splits = {"train": scan(source / "train", classes, others)}
         val_dir = val_dir_of(source, val_dir)
         check_val_classes(source, val_dir, classes)
-        splits["val"] = scan(source / val_dir, classes)
+        splits["val"] = scan(source / val_dir, classes, others)
+        if note := left_out(others, source):
+            log(note)
         if val_dir != "val":
             log(f"validation split: {source / val_dir}")
     total = sum(len(s) for s in splits.values())
