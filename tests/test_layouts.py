@@ -163,9 +163,13 @@ def test_val_fraction_holds_out_a_stratified_share_that_depends_only_on_the_file
 
 def test_a_run_with_val_fraction_records_its_split_and_eval_uses_it_again(tmp_path):
     root = flat(tmp_path)
+    (root / "ring" / "notes.txt").write_text("not an image")
     out = tmp_path / "run"
     p = run_here("train", "--data", root, "--val-fraction", "0.2", "--out", out, *SMALL)
     assert f"validation split: 6 images held out of {root} (--val-fraction 0.2, --split-seed 0)" in p.stdout
+    note = f"left out 1 file(s) of {root}'s class folders that are not images by their names (1 .txt)"
+    assert note in p.stdout
+    assert note in run_here("data", "pack", root, tmp_path / "pk", "--val-fraction", "0.2", "--workers", "0").stdout
     held = [Path(path).relative_to(root).as_posix() for path, _ in held_out(root, 0.2, 0)[2]]
     assert (out / "val_files.txt").read_text().split() == held
     saved = checkpoint.load_run(out / "checkpoints" / "last.pt")

@@ -159,7 +159,7 @@ def prepare(cfg, log):
         return replace(cfg, pack="no")
     try:
         _where(cfg, "raw")
-    except DataError:  # a folder without its splits: the loaders say what is wrong, as for --pack no
+    except (DataError, OSError):  # a folder without its splits, or unreadable: the loaders say what is wrong
         return cfg
     try:
         with _one_at_a_time(cfg, log):

@@ -86,7 +86,7 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
         say(f"validation split: {Path(root) / splits[1].split}")
     splits = [s if t is not None else None for s, t in zip(splits, transforms)]
     if note := left_out(sum((getattr(s, "left_out", Counter()) for s in splits if s is not None), Counter()), root):
-        say(f"{note}; `alexnet data check {root}` counts them")
+        say(note)
     if not packed.is_packed(root) or splits[0 if splits[0] is not None else 1].encoding == "jpeg":
         jpeg_on_gpu([s for s in splits if s is not None], device, jpeg_decode, say)
     return splits

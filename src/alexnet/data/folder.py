@@ -29,6 +29,7 @@ def val_dir_of(root: Path, name: str | None = None, hold_out: bool = True) -> st
     """The validation split's folder under `root`: `name` (--val-dir) when given, else the first of
     VAL_DIRS that exists. `hold_out`: the command takes --val-fraction (its error suggests it)."""
     if name:
+        name = name.rstrip("/") or name  # `test/`, as a shell completes it
         if Path(name).name != name or name in (".", ".."):
             raise DataError(f"--val-dir {name!r}: give the name of a folder inside {root}, not a path")
         if not (root / name).is_dir():
@@ -204,16 +205,18 @@ def pool_dir(root: Path) -> str:
     return "train" if (root / "train").is_dir() else "."
 
 
-def held_out(root: Path, fraction: float, split_seed: int) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+def held_out(root: Path, fraction: float, split_seed: int,
+             others: Counter | None = None) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """(classes, train samples, validation samples) of the image folder `root` with a share `fraction` of
     each class of pool_dir(root) held out for validation: round(fraction x n) of a class's n files, at least
     one where it has two or more, chosen by a hash of (split_seed, the file's path relative to the pool).
-    The split depends on the file list and `split_seed` only: not on --seed, the machine or the file order."""
+    The split depends on the file list and `split_seed` only: not on --seed, the machine or the file order.
+    `others`: as scan's."""
     pool = root / pool_dir(root)
     classes = find_classes(pool)
     train, val = [], []
     for label in range(len(classes)):
-        files = scan(pool, classes[label:label + 1])
+        files = scan(pool, classes[label:label + 1], others)
         ranked = sorted(files, key=lambda f: hashlib.sha256(
             f"{split_seed}/{Path(f[0]).relative_to(pool).as_posix()}".encode()).digest())
         n = len(ranked)
@@ -234,9 +237,11 @@ def open_splits(root: str | Path, train_transform: Compose, eval_transform: Comp
     if not root.is_dir():
         raise not_a_data_folder(root)
     if val_fraction:
-        classes, train_samples, val_samples = held_out(root, val_fraction, split_seed)
+        others = Counter()
+        classes, train_samples, val_samples = held_out(root, val_fraction, split_seed, others)
         pool = pool_dir(root)
         train = ImageFolder(root, pool, train_transform, seed, classes, on_bad_image, samples=train_samples)
+        train.left_out = others  # the pool's, said once
         val = ImageFolder(root, pool, eval_transform, seed, classes, on_bad_image, samples=val_samples)
         val.held_out = [Path(path).relative_to(root / pool).as_posix() for path, _ in val_samples]
         return train, val

@@ -263,22 +263,22 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         if out.resolve().is_relative_to(folder.resolve()):
             raise DataError(f"{out} lies inside {folder}, where the dataset's class folders are looked for; choose "
                             f"a folder outside it")
+    others = Counter()  # files of the class folders that are not images by their names
     if val_fraction:
-        classes, train, val = held_out(source, val_fraction, split_seed)
+        classes, train, val = held_out(source, val_fraction, split_seed, others)
         splits = {"train": train, "val": val}
         log(f"validation split: {len(val)} images held out of {source / pool_dir(source)} (--val-fraction "
             f"{val_fraction:g}, --split-seed {split_seed})")
     else:
         classes = find_classes(source / "train")
-        others = Counter()
         splits = {"train": scan(source / "train", classes, others)}
         val_dir = val_dir_of(source, val_dir)
         check_val_classes(source, val_dir, classes)
         splits["val"] = scan(source / val_dir, classes, others)
-        if note := left_out(others, source):
-            log(note)
         if val_dir != "val":
             log(f"validation split: {source / val_dir}")
+    if note := left_out(others, source):
+        log(note)
     total = sum(len(s) for s in splits.values())
     done = {"n": 0, "before": 0, "start": time.monotonic()}
     done["said"] = (0, done["start"])  # (images, time) of the last line
