@@ -65,18 +65,28 @@ def test_pack_round_trips(tmp_path, resize):
 
 
 def test_pack_pool_forked_or_spawned_gives_the_same_bytes(tmp_path, monkeypatch):
-    """The packing pool forks when this process runs no other thread and spawns when one runs; both give
-    the bytes of the in-process path."""
+    """The packing pool forks in a process that runs no other Python thread (a fresh one here, which has run
+    torch on two threads first: this test's process has threads left by earlier tests, and a fork there
+    could inherit a held lock) and spawns where one runs; both give the bytes of the in-process path."""
     src = odd_folder(tmp_path / "src")
+    reference = packed.pack(src, tmp_path / "in-process", "40", workers=0, log=lambda *_: None)
+    forked = tmp_path / "forked"
+    script = ("import sys, torch\n"
+              "from alexnet.data import packed\n"
+              "torch.set_num_threads(2)\n"
+              "torch.ones(4_000_000).mul(2).sum()  # torch's threads started before the fork\n"
+              "real = packed.multiprocessing.get_context\n"
+              "packed.multiprocessing.get_context = lambda method: print('start method', method) or real(method)\n"
+              "packed.pack(sys.argv[1], sys.argv[2], '40', workers=2, log=lambda *_: None)\n")
+    p = subprocess.run([sys.executable, "-c", script, str(src), str(forked)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout == "start method fork\n", p.stdout + p.stderr
     methods = []
     real = packed.multiprocessing.get_context
     monkeypatch.setattr(packed.multiprocessing, "get_context", lambda method: methods.append(method) or real(method))
-    reference = packed.pack(src, tmp_path / "in-process", "40", workers=0, log=lambda *_: None)
-    monkeypatch.setattr(packed.threading, "active_count", lambda: 1)  # whatever threads earlier tests left
-    forked = packed.pack(src, tmp_path / "forked", "40", workers=2, log=lambda *_: None)
-    monkeypatch.setattr(packed.threading, "active_count", lambda: 2)
+    monkeypatch.setattr(packed.threading, "active_count", lambda: 2)  # another thread runs: spawned
     spawned = packed.pack(src, tmp_path / "spawned", "40", workers=2, log=lambda *_: None)
-    assert methods == ["fork", "spawn"]
+    assert methods == ["spawn"]
     for split in ("train", "val"):
         for name in (f"{split}.u8", f"{split}.idx.npy", f"{split}.sum.npy"):
             assert (forked / name).read_bytes() == (reference / name).read_bytes() == (spawned / name).read_bytes()

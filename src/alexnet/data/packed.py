@@ -94,13 +94,22 @@ def available_cores() -> int:
 
 
 def _pool(workers: int):
-    """The packing processes. Forked where this process runs no other thread: they start at once, with the
-    modules (torch, torchvision's decoder) already imported here, where spawned ones would each import them
-    again, seconds of a first run's packing. Spawned otherwise (a thread may hold a lock at the fork)."""
+    """The packing processes. Forked where this process runs no other Python thread: they start at once,
+    with the modules (torch, torchvision's decoder) already imported here, where spawned ones would each
+    import them again, seconds of a first run's packing. Spawned otherwise (a thread may hold a lock at the
+    fork). Each runs torch on one thread (_one_thread)."""
     fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
     if fork:
         jpeg_decoder()  # imported once here rather than in each process
-    return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers)
+    return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers, initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    """A packing process's torch on one thread: one process a core already, and torch's operations then run
+    inline, never in an OpenMP region, whose thread pool a forked process inherits in a state it cannot use
+    (GNU OpenMP waits there for threads that were not forked: a hang) where this process had used one."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _decode(job: tuple[str, str, str, int]):
