@@ -11,7 +11,7 @@ import torch
 
 from .config import PredictConfig
 from .data import eval_transform, load_rgb
-from .data.images import DECODE_ERRORS, is_image_name, reason
+from .data.images import DECODE_ERRORS, is_image_name, unreadable
 from .export import load_predictor
 from .errors import ConfigError, DataError
 from .runtime import resolve_device
@@ -47,17 +47,17 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
     meta, classes = predictor.meta, predictor.classes
     transform = eval_transform(meta["resize"], meta["crop"], meta["mean"], meta["std"])
     k = min(cfg.topk, len(classes))
-    results, unreadable = [], 0
+    results, skipped = [], 0
     for i in range(0, len(files), cfg.batch_size):
-        opened = [(f, _open(f)) for f in files[i:i + cfg.batch_size]]
-        chunk = [f for f, img in opened if img is not None]
-        unreadable += len(opened) - len(chunk)
-        if not chunk:
+        asked = files[i:i + cfg.batch_size]
+        opened = [(f, img) for f in asked if (img := _open(f)) is not None]
+        skipped += len(asked) - len(opened)
+        if not opened:
             continue
-        batch = torch.stack([transform(img) for _, img in opened if img is not None]).to(device)
+        batch = torch.stack([transform(img) for _, img in opened]).to(device)
         probs = predictor(batch).float().softmax(dim=1)
         top = probs.topk(k, dim=1)
-        for f, p, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
+        for (f, _), p, idx in zip(opened, top.values.tolist(), top.indices.tolist()):
             results.append({"image": f, "top": [{"class": classes[j], "prob": q} for j, q in zip(idx, p)]})
     for r in results:
         if cfg.json:
@@ -65,13 +65,13 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
             print()
         else:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
-    if unreadable == len(files):
+    if skipped == len(files):
         raise DataError(f"{files[0] if len(files) == 1 else f'none of the {len(files)} images'} could not be read "
                         f"(see above)")
-    if unreadable:
-        print(f"alexnet predict: {unreadable} of {len(files)} images were unreadable and skipped (listed above)",
+    if skipped:
+        print(f"alexnet predict: {skipped} of {len(files)} images were unreadable and skipped (listed above)",
               file=sys.stderr)
-    return results, unreadable
+    return results, skipped
 
 
 def _open(path: str):
@@ -79,5 +79,5 @@ def _open(path: str):
     try:
         return load_rgb(path)
     except DECODE_ERRORS as e:
-        print(f"WARNING: skipping unreadable image {path}: {reason(e)}", file=sys.stderr, flush=True)
+        unreadable(path, e, strict=False)
         return None

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import DataError
-from .folder import check_val_classes, find_classes, held_out, scan, val_dir_of
+from .folder import check_val_classes, extension_of, find_classes, held_out, scan, val_dir_of
 from .images import DECODE_ERRORS, is_image_name, load_rgb, reason
 
 
@@ -55,7 +55,7 @@ def image_files(root: Path) -> tuple[list[Path], Counter]:
             if is_image_name(f):
                 images.append(Path(d) / f)
             elif not (hidden or f.startswith(".")):
-                others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
+                others[extension_of(f)] += 1
     return sorted(images), others
 
 

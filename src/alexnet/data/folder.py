@@ -109,11 +109,16 @@ def scan(split_dir: Path, classes: list[str], others: Counter | None = None) -> 
                 if is_image_name(f):
                     found.append(os.path.join(root, f))
                 elif others is not None and not f.startswith("."):
-                    others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
+                    others[extension_of(f)] += 1
         if not found:
             raise DataError(f"class folder {folder} holds no images ({', '.join(EXTENSIONS)})")
         samples += [(p, label) for p in sorted(found)]
     return samples
+
+
+def extension_of(name: str) -> str:
+    """What a file that is not an image by its name is counted under (scan's `others`)."""
+    return os.path.splitext(name)[1].lower() or "(no extension)"
 
 
 def by_extension(others: Counter) -> str:

@@ -301,7 +301,7 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
         now = time.monotonic()
         if not before and (done["n"] - said_n >= total / 20 and now - said_t >= 1 or done["n"] == total):
             done["said"] = (done["n"], now)
-            rate = (done["n"] - done["before"]) / max(time.monotonic() - done["start"], 1e-9)
+            rate = (done["n"] - done["before"]) / max(now - done["start"], 1e-9)
             left = int((total - done["n"]) / max(rate, 1e-9))
             log(f"  {done['n']}/{total} images, {rate:.0f} images/s, {left // 60}:{left % 60:02d} left")
 

@@ -80,7 +80,8 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     data_root, data = open_data(cfg, plan, device, say)
     plan = plan.with_steps(len(data.train), len(data.train_set), len(data.train.sampler))
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
-    state = resume(cfg, plan, trainer, data, data_root, say)
+    recorded = data_fingerprint(data, sizes=False) if plan.main else None  # what checkpoints record of the data
+    state = resume(cfg, plan, trainer, data.classes, recorded, data_root, say)
     record = Record(plan, say, log, autopack.unreadable(pack) if (pack := autopack.location(cfg)) else (0, 0))
     record.open(early, state.epoch, held_out=getattr(data.val_set, "held_out", None))
     if state.resumed:
@@ -94,7 +95,7 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
                              plan.world * cfg.accum_steps):
         say(f"WARNING: {tail}")
     try:
-        return run_epochs(plan, trainer, data, state, record, say)
+        return run_epochs(plan, trainer, data, state, record, say, recorded)
     finally:
         record.close()
 
@@ -115,16 +116,18 @@ def set_up(cfg: TrainConfig, log, early) -> tuple[Plan, object, int, object]:
     return make_plan(cfg, rank, world, out), device, threads, say
 
 
-def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, data, data_root: str, say) -> states.TrainState:
+def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], recorded: dict | None,
+           data_root: str, say) -> states.TrainState:
     """The state to start from: a fresh one, or a checkpoint's (--resume; restarted workers continue by
-    themselves from the newest checkpoint the ranks agree on)."""
+    themselves from the newest checkpoint the ranks agree on). `recorded`: what the data is now (rank 0's
+    data.build.fingerprint without sizes), compared with what the checkpoint recorded."""
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get("ALEXNET_RESTARTED") == "1"
     source, saved = states.find_resume(cfg.resume or ("auto" if restarted else None), plan.ckpt_dir, plan.rank, say)
     if source is None:
         return states.TrainState()
-    if list(saved["classes"]) != data.classes:
+    if list(saved["classes"]) != classes:
         raise CheckpointError(f"{source} was trained on other classes than {data_root}")
-    if plan.main and (what := changed(saved.get("data", {}), data_fingerprint(data, sizes=False))):
+    if recorded is not None and (what := changed(saved.get("data", {}), recorded)):
         split = [f"--{k.replace('_', '-')}" for k in ("val_dir", "val_fraction", "split_seed")
                  if saved["config"].get(k) != getattr(cfg, k)]
         cause = (f"the validation split is chosen otherwise now ({', '.join(split)})" if split else
@@ -146,11 +149,9 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, data, data_root: str,
     return state
 
 
-def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say) -> dict:
+def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say, recorded: dict | None = None) -> dict:
     cfg, classes, first = plan.resolved, data.classes, state.epoch
     last, v = {}, {}
-
-    recorded = data_fingerprint(data, sizes=False) if plan.main else None  # what the run's data is, for a resume
 
     def save(epoch: int, step_in_epoch: int, sums: dict | None, is_best: bool = False) -> None:
         states.save(trainer, state, plan, classes, epoch=epoch, step_in_epoch=step_in_epoch, sums=sums,
