@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,16 @@ from alexnet.data.synthetic import CLASSES, make_image
 from alexnet.models import create_model
 
 # The built-in dataset and the packs that `alexnet train --data DIR` makes on first use go to a cache of
-# the tests' own (shared by their processes and sessions), not to the user's ~/.cache/alexnet.
-os.environ.setdefault("ALEXNET_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"alexnet-tests-{os.getuid()}"))
+# the session's own, not to the user's ~/.cache/alexnet: made by the first process that loads this file
+# (pytest-xdist's controller, whose workers inherit the variable) and removed when that one finishes.
+_OWN_CACHE = None
+if "ALEXNET_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["ALEXNET_CACHE"] = tempfile.mkdtemp(prefix="alexnet-tests-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def write_folder(root: Path, classes=3, train_per_class=8, val_per_class=4, size=72, seed=0) -> Path:
@@ -144,6 +153,9 @@ def shas(text: str) -> dict[int, str]:
     return {int(r): h for h, r in re.findall(r"final weights sha256 ([0-9a-f]{64}) \(rank (\d+) of", text)}
 
 
+_EXACT_ROOTS: list[Path] = []  # the `exact` fixture's folder, once made
+
+
 @pytest.fixture(scope="session")
 def exact(tmp_path_factory):
     """Shared inputs of the equivalence runs: the data, the initial weights w0."""
@@ -152,7 +164,22 @@ def exact(tmp_path_factory):
     torch.manual_seed(1)
     model = create_model("alexnet", 3, dropout=0.0, fc_width=32)
     torch.save(model.state_dict(), root / "w0.pt")
+    _EXACT_ROOTS.append(root)
     return {"root": root, "data": data, "w0": model.state_dict()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_exact_runs():
+    """The run folders a module's tests and fixtures made beside the `exact` inputs are removed when the
+    module ends (step checkpoints of many runs add up to gigabytes over a session). The session fixtures
+    that train there keep only weights in memory."""
+    yield
+    for root in _EXACT_ROOTS:
+        for entry in root.iterdir():
+            if entry.is_dir() and entry.name != "data":
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file() and entry.name != "w0.pt":
+                entry.unlink()
 
 
 def train_run(exact, name, *flags, env=None):
