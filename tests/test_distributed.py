@@ -210,8 +210,8 @@ def test_batchnorm_statistics_end_the_same_on_every_process(exact):
 @pytest.mark.slow
 def test_runs_unchanged_under_torchrun(exact, two_processes):
     out = exact["root"] / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "alexnet",
-           "train", "--data", str(exact["data"]), "--weights", str(exact["root"] / "w0.pt"), "--out", str(out),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--log-dir", str(exact["root"] / "torchrun-logs"), "-m", "alexnet", "train", "--data", str(exact["data"]), "--weights", str(exact["root"] / "w0.pt"), "--out", str(out),
            *EXACT, "--batch-size", "4", "--parallel", "ddp"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -239,14 +239,34 @@ def test_compression_hooks_train_on_gloo(exact, hook, one_process):
 
 
 @pytest.mark.slow
-def test_an_error_on_a_worker_names_its_rank(exact):
+def test_an_error_on_a_worker_names_its_rank(exact, tmp_path):
     # Weights of another width load in each worker and fail there.
     torch.save(create_model("alexnet", 3, fc_width=16).state_dict(), exact["root"] / "narrow.pt")
+    temp = tmp_path / "temp"
+    temp.mkdir()
     p = run_cli("train", "--data", exact["data"], "--out", exact["root"] / "err", *EXACT, "--batch-size", "4",
-                "--weights", exact["root"] / "narrow.pt", "--nproc-per-node", "2", check=False)
+                "--weights", exact["root"] / "narrow.pt", "--nproc-per-node", "2", check=False,
+                env={"TMPDIR": str(temp)})
     assert p.returncode == 2
     assert re.search(r"alexnet train \(rank 1\): error: --weights .*narrow.pt", p.stderr)
     assert re.search(r"rank [01] failed \(exit code 2\)", p.stderr) and "Traceback" not in p.stderr
+    # The launch leaves nothing in the temporary folder (torch's agent, by default, a folder of its own each
+    # time) but torch's compiler cache, which is there to stay.
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_a_restart_tries_the_rendezvous_within_the_time_left(monkeypatch):
+    """torch tries a connection to the rendezvous's store again, after a pause, for the whole read timeout
+    each time: after a failure, where the node holding the store may be gone, the read timeout is a third
+    of the time left, and the join timeout that time."""
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ALEXNET_NETWORK_SET", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    args = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=(2, 2), rdzv_endpoint="127.0.0.1:29999"),
+                                "train", [], 30, None)
+    again = " ".join(launch._joining_within(args, 30))
+    assert "join_timeout=30," in again and "read_timeout=10," in again
+    assert "read_timeout=2," in " ".join(launch._joining_within(args, 7))
 
 
 # --------------------------------------------------------------------------------- exact evaluation
@@ -302,7 +322,7 @@ def test_shutdown_ends_the_groups_threads(tmp_path):
     script = tmp_path / "threads.py"
     script.write_text(GROUP_THREADS_AFTER_SHUTDOWN)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                        "--log-dir", str(tmp_path / "logs"), str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     for rank in (0, 1):

@@ -224,8 +224,13 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     host, port, _ = _endpoint(a)
     if (a.launch_nproc_per_node or 1) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun picks too, without its banner
-    notes = tempfile.mkdtemp(prefix="alexnet-launch-")  # where a worker that lost a node says which
+    scratch = tempfile.mkdtemp(prefix="alexnet-launch-")  # this launch's own, removed when it ends
+    notes = os.path.join(scratch, "notes")  # where a worker that lost a node says which
+    os.mkdir(notes)
     os.environ["ALEXNET_LAUNCH_NOTES"] = notes
+    # torch's agent makes a folder for its workers' error files in each run; by default a new one in /tmp,
+    # which it never removes
+    args = ["--log-dir", os.path.join(scratch, "torchelastic"), *args]
     ctrl_c = None
     if "--signals-to-handle" in args:
         ctrl_c = CtrlC(command)
@@ -246,7 +251,7 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
         if ctrl_c is not None:
             ctrl_c.restore()
             os.environ.pop("ALEXNET_SIGINT", None)
-        shutil.rmtree(notes, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _can_keep_ctrl_c() -> bool:
@@ -346,7 +351,10 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
         except _Failed as failed:
             if not failed.restartable or restarts == 0:
                 raise
-            restarts, restarted_at, args = restarts - 1, time.monotonic(), first  # the full join timeout again
+            # the full join timeout again (for the nodes that must start again), each try of the connection
+            # to the rendezvous (whose node may be gone) within the time left (_joining_within)
+            restarts, restarted_at = restarts - 1, time.monotonic()
+            args = _joining_within(first, max(1, int(timeout)))
             if log:
                 log(f"launch: {failed.message.split(';')[0]}; starting this node's workers again, from the newest "
                     f"checkpoint ({restarts} restart(s) left)")
@@ -365,8 +373,12 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
 
 
 def _joining_within(args: list[str], seconds: int) -> list[str]:
-    """torchrun's `args` with the rendezvous's join and read timeouts set to `seconds`."""
-    return [re.sub(r"\b(join_timeout|read_timeout)=\d+", rf"\1={seconds}", arg) for arg in args]
+    """torchrun's `args` for a try that ends within `seconds`: the rendezvous's join timeout set to that, and
+    its read timeout, which bounds the connection to the rendezvous's store, to a third of it. A connection
+    that times out is tried once more by torch after a random pause that grows with the time spent, each
+    try with the whole read timeout: up to three times that in all (53 s for a read timeout of 17 s)."""
+    args = [re.sub(r"\bjoin_timeout=\d+", f"join_timeout={seconds}", arg) for arg in args]
+    return [re.sub(r"\bread_timeout=\d+", f"read_timeout={max(1, seconds // 3)}", arg) for arg in args]
 
 
 def _unreachable(host: str, port: int, timeout: float, what: str) -> str:
