@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from PIL import Image
 from ..errors import DataError
 from . import packed
 from .cache import cannot_write, partial_of
-from .folder import find_classes, pool_dir, val_dir_of
+from .folder import find_classes, left_out, pool_dir, val_dir_of
 from .images import DECODE_ERRORS, is_image_name
 from .synthetic import default_cache_dir
 from .transforms import Resize, parse_resize
@@ -281,12 +282,17 @@ def _found_or_made(cfg, log):
     cores = packed.available_cores() if len(files) >= SMALL else 0  # a pool's start costs more than a few images
     packed.pack(folder, out, cfg.resize, workers=cores, log=log, val_dir=cfg.val_dir, encoding=chosen,
                 quality=QUALITY)
-    return _use(cfg, chosen, log)
+    return _use(cfg, chosen, log, packed_now=True)
 
 
-def _use(cfg, encoding: str, log):
+def _use(cfg, encoding: str, log, packed_now: bool = False):
     out = _where(cfg, encoding)[0]
     meta = packed.read_meta(out)
+    # the files packing left out as not images, said again for the runs after the first (by the launcher and
+    # rank 0: the one whose log is the run's train.log)
+    if not packed_now and os.environ.get("RANK", "0") == "0":
+        if note := left_out(Counter(meta.get("left_out", {})), cfg.data):
+            log(note)
     skipped = sum(len(s["skipped"]) for s in meta["splits"].values())
     if skipped and cfg.on_bad_image == "error":
         first = next(s["skipped"][0] for s in meta["splits"].values() if s["skipped"])

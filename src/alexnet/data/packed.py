@@ -318,7 +318,8 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
     def build(tmp: Path) -> None:
         meta = {"format_version": FORMAT_VERSION, "source": str(source.resolve()), "resize": resize, **coding,
                 "classes": classes, "splits": {},
-                **({"val_fraction": val_fraction, "split_seed": split_seed} if val_fraction else {})}
+                **({"val_fraction": val_fraction, "split_seed": split_seed} if val_fraction else {}),
+                **({"left_out": dict(others)} if others else {})}  # files not images by their names, by extension
         files = hashlib.sha256("\n".join(f"{path}\t{label}" for samples in splits.values()
                                           for path, label in samples).encode()).hexdigest()
         plan = {**meta, "files": files}
