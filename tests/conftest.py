@@ -16,17 +16,23 @@ from alexnet import checkpoint
 from alexnet.data.synthetic import CLASSES, make_image
 from alexnet.models import create_model
 
-# The built-in dataset and the packs that `alexnet train --data DIR` makes on first use go to a cache of
-# the session's own, not to the user's ~/.cache/alexnet: made by the first process that loads this file
-# (pytest-xdist's controller, whose workers inherit the variable) and removed when that one finishes.
-_OWN_CACHE = None
-if "ALEXNET_CACHE" not in os.environ:
-    _OWN_CACHE = os.environ["ALEXNET_CACHE"] = tempfile.mkdtemp(prefix="alexnet-tests-")
+# A folder of the session's own, made by the first process that loads this file (pytest-xdist's controller,
+# whose workers inherit the variables) and removed when that one finishes. It holds the cache of the
+# built-in dataset and of the packs that `alexnet train --data DIR` makes on first use (not the user's
+# ~/.cache/alexnet), and the temporary folder (TMPDIR) of the processes the tests start, where a launcher that
+# a test kills leaves its own. This process's temporary folder, and pytest's folders for the tests, stay where
+# they were: mkdtemp has fixed it for this process before TMPDIR changes.
+_SCRATCH = None
+if "ALEXNET_TESTS_SCRATCH" not in os.environ:
+    _SCRATCH = os.environ["ALEXNET_TESTS_SCRATCH"] = tempfile.mkdtemp(prefix="alexnet-tests-")
+    os.environ["TMPDIR"] = os.path.join(_SCRATCH, "tmp")
+    os.mkdir(os.environ["TMPDIR"])
+    os.environ.setdefault("ALEXNET_CACHE", os.path.join(_SCRATCH, "cache"))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWN_CACHE is not None:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    if _SCRATCH is not None:
+        shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 def write_folder(root: Path, classes=3, train_per_class=8, val_per_class=4, size=72, seed=0) -> Path:
