@@ -287,6 +287,7 @@ def odd_val(tmp_path_factory):
 @pytest.mark.slow
 def test_evaluation_is_exact_for_any_number_of_processes(odd_val):
     data, ckpt = odd_val
+    (data / "val" / "square" / "notes.txt").write_text("not an image")  # said once, whatever the processes
     results = []
     for n in (1, 2, 3):
         flags = [] if n == 1 else ["--nproc-per-node", str(n)]
@@ -294,6 +295,7 @@ def test_evaluation_is_exact_for_any_number_of_processes(odd_val):
         p = run("eval", "--checkpoint", ckpt, "--data", data, "--json", "--workers", "0", "--batch-size", "8",
                 *flags)
         results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        assert p.stderr.count("left out 1 file(s)") == 1, p.stderr
     for m in results:
         assert m["count"] == 101
         assert (m["correct1"], m["correct5"]) == (results[0]["correct1"], results[0]["correct5"])

@@ -83,6 +83,11 @@ def split_name(val_set) -> str:
     return f"the {val_set.split} split of {val_set.root}" if packed.is_packed(val_set.root) else str(folder)
 
 
+def _say(note: str) -> None:
+    """What evaluating says of the data: on stderr, so that stdout holds the result alone (--json)."""
+    print(note, file=sys.stderr, flush=True)
+
+
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     tune_allocator()
     state = checkpoint.load_run(cfg.checkpoint)
@@ -107,7 +112,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                           val_dir=cfg.val_dir or (tcfg.get("val_dir") if cfg.data is None else None),
                           val_files=state.get("val_files") if _same_data(cfg.data, tcfg["data"]) and not cfg.val_dir
                           else None,
-                          say=lambda warning: print(warning, file=sys.stderr, flush=True))
+                          say=_say if distributed.is_main() else lambda *a: None)  # the same on every rank
     if loaders.val_set.classes != list(state["classes"]):
         raise CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
     loader, augment = loaders.val, loaders.val_augment
