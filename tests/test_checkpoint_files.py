@@ -37,6 +37,24 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_line(command, not_checkpoints,
         assert not (tmp_path / "run").exists()  # no run folder left behind
 
 
+@pytest.mark.parametrize("command", ["eval", "export", "predict", "train --resume", "train --weights"])
+def test_a_folder_given_for_a_checkpoint_gets_the_files_to_give(command, tiny_data, tmp_path, capsys):
+    run = tmp_path / "given" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    said = {run: f"{run} is a run folder: give one of its files, {run}/checkpoints/best.pt (the best validation "
+                 f"top-1) or {run}/checkpoints/last.pt (the newest)",
+            run / "checkpoints": f"{run}/checkpoints is a checkpoint folder: give one of its files, "
+                                 f"{run}/checkpoints/best.pt",
+            tmp_path / "given": f"{tmp_path / 'given'} is a folder, not a checkpoint file",
+            tmp_path / "gone": "does not exist"}  # (train's flags say it quoted, before this check)
+    for path, words in said.items():
+        code, out, err = cli(capsys, *uses(path, tiny_data, tmp_path)[command])
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0] and str(path) in lines[0], (path, err)
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_pickle_of_other_objects_is_refused_without_suggesting_unsafe_loading(tmp_path, capsys):
     import argparse
     import torch

@@ -57,13 +57,24 @@ def atomic_path(path: Path):
             os.unlink(tmp)
 
 
+def not_a_file(path: Path) -> str:
+    """What is wrong with a checkpoint's path that is not a file, and which file to give instead."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if (path / "checkpoints").is_dir() or path.name == "checkpoints" and any(path.glob("*.pt")):
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        return (f"{path} is a {'run' if folder != path else 'checkpoint'} folder: give one of its files, "
+                f"{folder / 'best.pt'} (the best validation top-1) or {folder / 'last.pt'} (the newest)")
+    return f"{path} is a folder, not a checkpoint file"
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Load a file with `weights_only=True`: tensors and plain types only, never arbitrary code. A file that
     is not a PyTorch file (empty, text, an image), a damaged one and one that holds other objects each get
     one message; none suggests loading unsafely."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist or is not a file")
+        raise CheckpointError(not_a_file(path))
     if what := _not_a_torch_file(path):
         raise CheckpointError(f"{path} is not a checkpoint: it is {what}. Give a .pt file written by "
                               "`alexnet train` (RUN/checkpoints/last.pt or best.pt) or by torch.save")

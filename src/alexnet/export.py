@@ -169,7 +169,7 @@ def load_predictor(path: str, device: torch.device, device_asked: bool = False) 
     from .train.state import model_from_checkpoint
     from .models import create_model
     if not Path(path).is_file():
-        raise ConfigError(f"--checkpoint: {path!r} is not a file")
+        raise ConfigError(f"--checkpoint: {checkpoint.not_a_file(Path(path))}")
     kind = kind_of(path)
     try:
         if kind == "checkpoint":
