@@ -97,11 +97,15 @@ def test_empty_class_folder(tmp_path, tiny_data, capsys):
     assert code == 2 and "holds no images" in stderr and "empty" in stderr
 
 
-def test_unwritable_output_folder(tmp_path, tiny_data, capsys):
+def test_a_file_where_the_run_folder_goes_is_a_clear_error(tmp_path, tiny_data, capsys):
+    """Said before any work, with the file left as it was: a file given as --out, or on its way."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code, _, stderr = cli(capsys, "train", "--data", tiny_data, "--out", blocker / "run", *TINY)
-    assert code == 1 and "error: Not a directory" in stderr and str(blocker) in stderr
+    for out in (blocker, blocker / "run"):
+        code, _, stderr = cli(capsys, "train", "--data", tiny_data, "--out", out, *TINY)
+        assert code == 2 and stderr == (f"alexnet train: error: --out: {blocker} is a file; give a folder for the "
+                                        f"run (it is made if missing)\n"), stderr
+    assert blocker.read_text() == "not a folder"
 
 
 def test_linear_lr_scaling_brings_a_warm_up_unless_one_is_given():

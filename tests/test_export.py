@@ -114,6 +114,9 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
                               "--out", tmp_path / "model")
     assert code == 2 and "name ends in .onnx" in stderr and not (tmp_path / "model").exists()
+    code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
+                              "--out", tmp_path)
+    assert code == 2 and f"--out: {tmp_path} is a folder; give the file to write, such as {tmp_path}/model.onnx" in stderr
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", junk, "--format", "safetensors",
                               "--out", tmp_path / "m.safetensors")
     assert code == 2 and f"{junk} is not a checkpoint: it is a text file" in stderr

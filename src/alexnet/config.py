@@ -474,6 +474,9 @@ def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
             raise ConfigError(missing)
     need(cfg.resume != "auto" or cfg.out is not None, "resume",
          "auto needs --out: the run folder whose checkpoints to continue from")
+    if cfg.out is not None:  # the run folder, or the first of the folders to make for it, must not be a file
+        there = next(p for p in (Path(cfg.out), *Path(cfg.out).absolute().parents) if p.exists() or p == p.parent)
+        need(there.is_dir(), "out", f"{there} is a file; give a folder for the run (it is made if missing)")
     for name in ("data", "weights", "resume") if check_data else ("weights", "resume"):
         value = getattr(cfg, name)
         need(value is None or value == "auto" and name == "resume" or Path(value).exists(), name,

@@ -63,10 +63,13 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     out_path = Path(out)
+    if out_path.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; give the file to write, such as {out_path / 'model'}"
+                          f"{FORMATS[fmt]}")
     if not out_path.parent.is_dir():
         raise ConfigError(f"--out: the folder {out_path.parent} does not exist")
     if kind_of(out) != fmt:  # predict tells the formats apart by the name
-        raise ConfigError(f"--out: a {fmt} file's name ends in {FORMATS[fmt]} (got {out_path.name!r})")
+        raise ConfigError(f"--out: for --format {fmt} the file's name ends in {FORMATS[fmt]} (got {out_path.name!r})")
     state = checkpoint.load_run(checkpoint_path)
     meta = metadata(state)
     text = json.dumps(meta)
