@@ -83,3 +83,8 @@ def test_resume_auto_on_a_finished_run_says_it_is_complete(tiny_data, tmp_path):
     p = run_here("train", "--data", tiny_data, "--out", out, *TINY, "--resume", "auto")
     assert "the run is already complete" in p.stdout and "holds all 1 epoch (--epochs 1)" in p.stdout
     assert "resumed from" not in p.stdout
+    # the same checkpoint resumed in a new run folder: said alike, with no table of epochs there to show
+    elsewhere = tmp_path / "elsewhere"
+    p = run_here("train", "--data", tiny_data, "--out", elsewhere, *TINY, "--resume", out / "checkpoints" / "last.pt")
+    assert "the run is already complete" in p.stdout and "nothing trained, so no checkpoint written" in p.stdout
+    assert not any((elsewhere / "checkpoints").iterdir())

@@ -98,13 +98,15 @@ class Record:
 
     def finish(self, v: dict, classes: list[str], best_acc1: float, model) -> None:
         """The table of epochs and report.md (rank 0), the best top-1, and every rank's weights hash."""
-        if self.plan.main:
-            lines = (self.plan.out / "metrics.jsonl").read_text().splitlines()
-            history = [json.loads(line) for line in lines if line.strip()]
+        metrics = self.plan.out / "metrics.jsonl"  # none in a new run folder resumed from a complete run's checkpoint
+        if self.plan.main and metrics.exists():
+            history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             self.say("epochs (* best top-1):\n" + logs.summary_table(history))
             if "confusion" in v:
                 self.say(f"report: {report.write(self.plan.out, history, v['confusion'], classes, to_dict(self.plan.resolved))}")
-        self.say(f"done: best val top-1 {best_acc1:.2%}; checkpoints in {self.plan.ckpt_dir}")
+        saved = (f"checkpoints in {self.plan.ckpt_dir}" if any(self.plan.ckpt_dir.glob("*.pt"))
+                 else "nothing trained, so no checkpoint written")  # a complete run's checkpoint, resumed elsewhere
+        self.say(f"done: best val top-1 {best_acc1:.2%}; {saved}")
         self.log(f"final weights sha256 {distributed.weights_sha256(model)} (rank {self.plan.rank} of {self.plan.world})")
 
     def close(self) -> None:
