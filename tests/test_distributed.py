@@ -140,6 +140,19 @@ def test_nnodes_refuses_what_is_not_a_number_or_a_range(text, capsys):
     assert e.value.code == 2 and "--nnodes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,flag,text,said", [
+    ("train", "--nproc-per-node", "0", "'0': must be at least 1"),
+    ("eval", "--nproc-per-node", "-2", "'-2': must be at least 1"),
+    ("train", "--nproc-per-node", "two", "'two' is not a whole number"),
+    ("train", "--max-restarts", "-1", "'-1': must be at least 0"),
+])
+def test_process_and_restart_counts_are_checked_before_anything_runs(command, flag, text, said, capsys):
+    from alexnet.cli import main
+    with pytest.raises(SystemExit) as e:  # (--nproc-per-node 0 used to run one process)
+        main([command, flag, text])
+    assert e.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
+
+
 def test_the_continue_command_resumes_in_the_run_folder():
     argv = ["--data", "D", "--resume", "runs/x/checkpoints/step-1.pt", "--out=elsewhere", "--nnodes", "2"]
     assert launch.continue_command("train", argv, "/r/run") == ("alexnet train --data D --nnodes 2 --out /r/run "

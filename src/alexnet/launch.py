@@ -46,9 +46,22 @@ def node_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def at_least(least: int):
+    """An argparse type: a whole number of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {least}")
+        return value
+    return parse
+
+
 # name -> (metavar, type, help)
 FLAGS = {
-    "nproc_per_node": ("N", int, "start N worker processes on this node (one per GPU on CUDA machines)"),
+    "nproc_per_node": ("N", at_least(1), "start N worker processes on this node (one per GPU on CUDA machines)"),
     "nnodes": ("M|MIN:MAX", node_range, "number of nodes (machines) in the job (default 1); "
                "MIN:MAX: elastic, the job goes on with as few as MIN nodes when one is lost and takes it back "
                "when it returns (implies --max-restarts 3 unless given, and continues from the newest "
@@ -58,7 +71,7 @@ FLAGS = {
     "master_addr": ("HOST", str, "the same as --rdzv-endpoint HOST:--master-port, for torch.distributed.launch habits"),
     "master_port": ("PORT", int, f"with --master-addr (default {STATIC_PORT})"),
     "node_rank": ("R", int, "fix this node's rank (static rendezvous on --master-addr); optional"),
-    "max_restarts": ("K", int, "restart the workers up to K times when one fails (default 0)"),
+    "max_restarts": ("K", at_least(0), "restart the workers up to K times when one fails (default 0)"),
     "rdzv_id": ("ID", str, "job id, the same on every node, to tell jobs apart on one endpoint (default alexnet)"),
 }
 
@@ -136,7 +149,7 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     if distributed.launched():
         raise ConfigError("this process is already a worker of a distributed launch (torchrun sets RANK); "
                           "drop --nproc-per-node, --nnodes and the rendezvous flags")
-    nproc = a.launch_nproc_per_node or 1
+    nproc = 1 if a.launch_nproc_per_node is None else a.launch_nproc_per_node
     low, nnodes = nodes(a)
     if nproc < 1:
         raise ConfigError("--nproc-per-node must be at least 1")
