@@ -269,17 +269,55 @@ def test_an_error_on_a_worker_names_its_rank(exact, tmp_path):
 
 
 def test_a_restart_tries_the_rendezvous_within_the_time_left(monkeypatch):
-    """torch tries a connection to the rendezvous's store again, after a pause, for the whole read timeout
-    each time: after a failure, where the node holding the store may be gone, the read timeout is a third
-    of the time left, and the join timeout that time."""
+    """torch tries a connection to the rendezvous's store again, after a pause, for the whole timeout each
+    time: after a failure, where the node holding the store may be gone, the connection is given a third
+    of the time left, and the join that time; what the agent reads from the store afterwards keeps the
+    whole --dist-timeout."""
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "ALEXNET_NETWORK_SET", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     args = launch.torchrun_args(_launch_args(nproc_per_node=1, nnodes=(2, 2), rdzv_endpoint="127.0.0.1:29999"),
                                 "train", [], 30, None)
-    again = " ".join(launch._joining_within(args, 30))
-    assert "join_timeout=30," in again and "read_timeout=10," in again
-    assert "read_timeout=2," in " ".join(launch._joining_within(args, 7))
+    again = " ".join(launch._joining_within(args, 12))
+    assert "join_timeout=12," in again and "read_timeout=30,connect_timeout=4," in again
+    twice = " ".join(launch._joining_within(launch._joining_within(args, 12), 7))
+    assert "join_timeout=7," in twice and twice.count("connect_timeout") == 1 and "connect_timeout=2," in twice
+
+
+def test_a_failure_after_the_job_ran_again_counts_from_itself(tmp_path):
+    """The launcher's time to reach the rendezvous counts from the latest failure: one after the workers
+    joined again (their notes say when) is a failure of its own, not the end of the previous one's time."""
+    assert not launch._joined_after(str(tmp_path), 0.0)
+    (tmp_path / "joined-rank-1.json").write_text(json.dumps({"joined": 1000.0}))
+    (tmp_path / "lost-rank-1.json").write_text(json.dumps({"lost": {}}))
+    assert launch._joined_after(str(tmp_path), 0.0) and not launch._joined_after(str(tmp_path), 1000.0)
+    (tmp_path / "joined-rank-0.json").write_text("{half written")
+    assert launch._joined_after(str(tmp_path), 999.0) and not launch._joined_after(str(tmp_path), 1001.0)
+
+
+def test_the_store_connects_within_its_connect_timeout_and_reads_with_the_whole_timeout():
+    from datetime import timedelta
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as backend
+    launch._connect_within_its_timeout()
+    launch._connect_within_its_timeout()  # once is enough: not wrapped twice
+    assert getattr(backend._create_tcp_store, "connects_within", False)
+    with socket.socket() as s:  # a port nobody listens on: the rendezvous's node is gone
+        s.bind(("127.0.0.1", 0))
+        gone = s.getsockname()[1]
+    params = RendezvousParameters("c10d", f"127.0.0.1:{gone}", "job", 2, 2, is_host="false", read_timeout="30",
+                                  connect_timeout="2")
+    t0 = time.monotonic()
+    with pytest.raises(RendezvousConnectionError):
+        backend._create_tcp_store(params)
+    assert time.monotonic() - t0 < 15  # about 3 x 2 s, not 3 x 30 s
+    assert params.config["read_timeout"] == "30"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    host = backend._create_tcp_store(RendezvousParameters("c10d", f"127.0.0.1:{free}", "job", 2, 2, is_host="true",
+                                                          read_timeout="30", connect_timeout="2"))
+    assert host.timeout == timedelta(seconds=30)
 
 
 # --------------------------------------------------------------------------------- exact evaluation

@@ -355,25 +355,27 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
     from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousConnectionError
 
     restarts, restarted_at, first = a.launch_max_restarts or 0, None, args
+    since = 0.0  # the wall-clock time of the last restart: workers that joined after it ran the job again
     if elastic(a):  # every change of size restarts the workers, which continue from the newest checkpoint
         restarts = ELASTIC_RESTARTS if a.launch_max_restarts is None else restarts
         os.environ["ALEXNET_RESTARTED"] = "1"
+    _connect_within_its_timeout()
     while True:
         try:
             return _run_once(a, command, torchrun.get_args_parser().parse_args(args), timeout, host, port)
         except _Failed as failed:
             if not failed.restartable or restarts == 0:
                 raise
-            # the full join timeout again (for the nodes that must start again), each try of the connection
-            # to the rendezvous (whose node may be gone) within the time left (_joining_within)
-            restarts, restarted_at = restarts - 1, time.monotonic()
+            # the full join timeout again (for the nodes that must start again), the connection to the
+            # rendezvous (whose node may be gone) within a third of it (_joining_within)
+            restarts, restarted_at, since = restarts - 1, time.monotonic(), time.time()
             args = _joining_within(first, max(1, int(timeout)))
             if log:
                 log(f"launch: {failed.message.split(';')[0]}; starting this node's workers again, from the newest "
                     f"checkpoint ({restarts} restart(s) left)")
         except (RendezvousConnectionError, RendezvousClosedError):  # closed: a failed agent closes it on its way out
-            if restarted_at is None and restarts > 0 and any(Path(notes).iterdir()):  # the job had been running
-                restarts, restarted_at = restarts - 1, time.monotonic()
+            if restarts > 0 and _joined_after(notes, since):  # the job had been running again: a failure of its own
+                restarts, restarted_at, since = restarts - 1, time.monotonic(), time.time()
             left = timeout - (time.monotonic() - restarted_at) if restarted_at is not None else 0
             if left <= 0:
                 raise _Failed(_unreachable(host, port, timeout, "RendezvousConnectionError"), 1) from None
@@ -385,13 +387,55 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
         os.environ["ALEXNET_RESTARTED"] = "1"
 
 
+def _joined_after(notes: str, since: float) -> bool:
+    """Whether a worker of this node joined its process group after the wall-clock time `since`."""
+    for path in Path(notes).glob("joined-rank-*.json"):
+        try:
+            if json.loads(path.read_text())["joined"] > since:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
+
+
 def _joining_within(args: list[str], seconds: int) -> list[str]:
     """torchrun's `args` for a try that ends within `seconds`: the rendezvous's join timeout set to that, and
-    its read timeout, which bounds the connection to the rendezvous's store, to a third of it. A connection
-    that times out is tried once more by torch after a random pause that grows with the time spent, each
-    try with the whole read timeout: up to three times that in all (53 s for a read timeout of 17 s)."""
+    the connection to its store to a third of it (connect_timeout, _connect_within_its_timeout). torch
+    tries a connection that timed out once more, after a pause that grows with the time spent, each try for
+    the whole timeout: up to about three times that in all (53 s for 17 s)."""
     args = [re.sub(r"\bjoin_timeout=\d+", f"join_timeout={seconds}", arg) for arg in args]
-    return [re.sub(r"\bread_timeout=\d+", f"read_timeout={max(1, seconds // 3)}", arg) for arg in args]
+    args = [re.sub(r",connect_timeout=\d+", "", arg) for arg in args]
+    return [re.sub(r"\b(read_timeout=\d+)", rf"\1,connect_timeout={max(1, seconds // 3)}", arg) for arg in args]
+
+
+def _connect_within_its_timeout() -> None:
+    """Make torch's c10d rendezvous connect to its store within the rendezvous setting connect_timeout,
+    where given, and keep read_timeout for what the agent reads from it afterwards (torch uses read_timeout
+    for both): a restarted agent gives up on a rendezvous whose node is gone soon enough to try again within
+    --dist-timeout, and waits as long as before on a live one."""
+    from datetime import timedelta
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as backend
+    create = getattr(backend, "_create_tcp_store", None)
+    if create is None or getattr(create, "connects_within", False):
+        return
+
+    def create_store(params):
+        connect = params.get_as_int("connect_timeout")
+        if connect is None:
+            return create(params)
+        given = params.config.get("read_timeout")
+        params.config["read_timeout"] = connect
+        try:
+            store = create(params)
+        finally:
+            params.config.pop("read_timeout")
+            if given is not None:
+                params.config["read_timeout"] = given
+        store.set_timeout(timedelta(seconds=params.get_as_int("read_timeout", 60)))
+        return store
+
+    create_store.connects_within = True
+    backend._create_tcp_store = create_store
 
 
 def _unreachable(host: str, port: int, timeout: float, what: str) -> str:
