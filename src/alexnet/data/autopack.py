@@ -292,7 +292,7 @@ def _use(cfg, encoding: str, log, packed_now: bool = False):
     # rank 0: the one whose log is the run's train.log)
     if not packed_now and os.environ.get("RANK", "0") == "0":
         if note := left_out(Counter(meta.get("left_out", {})), cfg.data):
-            log(note)
+            log(f"{note}, when it was packed")
     skipped = sum(len(s["skipped"]) for s in meta["splits"].values())
     if skipped and cfg.on_bad_image == "error":
         first = next(s["skipped"][0] for s in meta["splits"].values() if s["skipped"])

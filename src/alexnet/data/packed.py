@@ -322,7 +322,7 @@ def pack(source: str | Path, out: str | Path, resize: str = "256", workers: int 
                 **({"left_out": dict(others)} if others else {})}  # files not images by their names, by extension
         files = hashlib.sha256("\n".join(f"{path}\t{label}" for samples in splits.values()
                                           for path, label in samples).encode()).hexdigest()
-        plan = {**meta, "files": files}
+        plan = {**{k: v for k, v in meta.items() if k != "left_out"}, "files": files}  # what the images are
         started = tmp / "plan.json"
         if started.exists() and json.loads(started.read_text()) == plan:
             log(f"continuing the interrupted pack of {source} into {out}: {already(tmp)} of {total} images "
