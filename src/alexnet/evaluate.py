@@ -84,8 +84,13 @@ def split_name(val_set) -> str:
 
 
 def _say(note: str) -> None:
-    """What evaluating says of the data: on stderr, so that stdout holds the result alone (--json)."""
-    print(note, file=sys.stderr, flush=True)
+    """What evaluating says of the data, on stderr, so that stdout holds the result alone (--json): notes
+    once (rank 0), the same for every rank; warnings, which may be a rank's own (its device), by every rank."""
+    if note.startswith("WARNING"):
+        print(f"[rank {distributed.rank()}] {note}" if distributed.world_size() > 1 else note, file=sys.stderr,
+              flush=True)
+    elif distributed.is_main():
+        print(note, file=sys.stderr, flush=True)
 
 
 def run(cfg: EvalConfig, log=print) -> dict[str, float]:
@@ -112,7 +117,7 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                           val_dir=cfg.val_dir or (tcfg.get("val_dir") if cfg.data is None else None),
                           val_files=state.get("val_files") if _same_data(cfg.data, tcfg["data"]) and not cfg.val_dir
                           else None,
-                          say=_say if distributed.is_main() else lambda *a: None)  # the same on every rank
+                          say=_say)
     if loaders.val_set.classes != list(state["classes"]):
         raise CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
     loader, augment = loaders.val, loaders.val_augment
