@@ -30,7 +30,7 @@ if "ALEXNET_TESTS_SCRATCH" not in os.environ:
     os.environ.setdefault("ALEXNET_CACHE", os.path.join(_SCRATCH, "cache"))
 
 
-def pytest_sessionfinish(session, exitstatus):
+def pytest_unconfigure(config):
     if _SCRATCH is not None:
         shutil.rmtree(_SCRATCH, ignore_errors=True)
 
@@ -175,11 +175,15 @@ def exact(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _remove_exact_runs():
+def _remove_exact_runs(request):
     """The run folders a module's tests and fixtures made beside the `exact` inputs are removed when the
-    module ends (step checkpoints of many runs add up to gigabytes over a session). The session fixtures
-    that train there keep only weights in memory."""
+    module ends (step checkpoints of many runs add up to gigabytes over a session), unless one of its tests
+    failed: they are kept for a look, as pytest keeps a failed test's tmp_path. The session fixtures that
+    train there keep only weights in memory."""
+    failed = request.session.testsfailed
     yield
+    if request.session.testsfailed > failed:
+        return
     for root in _EXACT_ROOTS:
         for entry in root.iterdir():
             if entry.is_dir() and entry.name != "data":
