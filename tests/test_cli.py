@@ -253,3 +253,21 @@ def test_alexnet2012_trains_through_the_cli(tiny_data, tmp_path):
 def test_an_invalid_choice_is_one_line_like_any_invalid_value(args, capsys):
     code, _, err = cli(capsys, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err and "usage:" not in err, err
+
+
+@pytest.mark.parametrize("args,said", [
+    (["bench", "--data", "{tmp}/gone"], "alexnet bench: error: --data: '{tmp}/gone' does not exist"),
+    (["bench", "--packed", "{tmp}/gone"], "alexnet bench: error: --packed: '{tmp}/gone' does not exist"),
+    (["data", "check", "{tmp}/gone"], "alexnet data check: error: {tmp}/gone does not exist"),
+    (["data", "check", "{tmp}/file.txt"], "alexnet data check: error: {tmp}/file.txt is not a folder"),
+    (["data", "pack", "{data}", "{tmp}/p", "--resize", "0"],
+     "alexnet data pack: error: --resize: '0': a size must be at least 1 pixel"),
+    (["train", "--data", "{data}", "--resize", "64x0"], "alexnet train: error: --resize: '64x0': a size must be at "
+                                                        "least 1 pixel"),
+])
+def test_a_path_or_size_that_cannot_be_is_said_as_given(args, said, tiny_data, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    fill = {"tmp": tmp_path, "data": tiny_data}
+    code, _, err = cli(capsys, *[a.format(**fill) for a in args])
+    assert code == 2 and err == said.format(**fill) + "\n", err
+    assert not (tmp_path / "p").exists()

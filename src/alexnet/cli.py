@@ -116,7 +116,7 @@ def _data_check(folder: str, val_dir: str | None, val_fraction: float, split_see
     from .progress import Progress
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(f"data check: {root} is not a folder")
+        raise ConfigError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}")
     if packed.is_packed(root):
         meta = packed.read_meta(root)
         images = sum(m["images"] for m in meta["splits"].values())

@@ -540,6 +540,9 @@ def validate_bench(cfg: BenchConfig) -> None:
     for w in cfg.what:
         if w not in BENCH_WHAT:
             raise ConfigError(f"--what: {w!r} is not one of {', '.join(BENCH_WHAT)}")
+    for name in ("data", "packed"):
+        if (value := getattr(cfg, name, None)) and not Path(value).exists():
+            raise ConfigError(f"--{name}: {value!r} does not exist")
 
 
 def validate_predict(cfg: PredictConfig) -> None:

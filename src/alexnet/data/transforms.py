@@ -334,6 +334,8 @@ def parse_resize(text: str) -> tuple[int, int] | int:
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
     if not m:
         raise ConfigError(f"--resize: {text!r} is not N or WxH (for example 256 or 256x256)")
+    if int(m.group(1)) < 1 or m.group(2) is not None and int(m.group(2)) < 1:
+        raise ConfigError(f"--resize: {text!r}: a size must be at least 1 pixel")
     if m.group(2) is None:
         return int(m.group(1))
     w, h = int(m.group(1)), int(m.group(2))
