@@ -76,6 +76,23 @@ def test_last_and_best_are_links_to_step_files_not_copies(tiny_data, tmp_path):
     assert len({p.stat().st_ino for p in ckpts.iterdir()}) == 2  # four names, two files
 
 
+def test_a_new_run_in_the_folder_of_an_earlier_one_is_refused_and_leaves_it_as_it_was(tiny_data, tmp_path, capsys):
+    """Without --resume, a run folder that holds checkpoints is refused: a new run there would replace
+    last.pt and best.pt, and --resume auto would later take the earlier run's newest step file for its own."""
+    from conftest import run_here
+    out = tmp_path / "run"
+    run_here("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2")
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "checkpoints").iterdir()}
+    metrics = (out / "metrics.jsonl").read_text()
+    code, _, err = cli(capsys, "train", "--data", tiny_data, "--out", out, *TINY)
+    assert code == 2 and err == (f"alexnet train: error: --out {out} holds the checkpoints of an earlier run (the "
+                                 f"newest: {max(n for n in before if n.startswith('step-'))}): continue it with "
+                                 f"--resume auto (with a larger --epochs to train it on), or give another --out for "
+                                 f"a new run\n"), err
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "checkpoints").iterdir()} == before
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
 def test_resume_auto_on_a_finished_run_says_it_is_complete(tiny_data, tmp_path):
     from conftest import run_here
     out = tmp_path / "run"

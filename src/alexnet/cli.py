@@ -156,13 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from .train import batch_sizes, fit
-            from .train.state import saved_config
+            from .train.state import earlier_run, restarted, saved_config
             early = logs.hold_early()  # what resolving the settings says belongs in the run's train.log
             try:
                 # A node of a multi-node job whose --data is missing says so through the ranks' agreement on
                 # the data (train.open_data), which stops its peers too, not here, where they would wait for it.
                 agreed = launch.nodes(args)[1] > 1 if launch.requested(args) else ranked
                 cfg, _ = resolve_train(_settings(args), saved_config, check_data=not agreed)
+                if not cfg.resume and not restarted() and (earlier := earlier_run(cfg.out)):
+                    raise ConfigError(earlier)
                 from .data import autopack  # packed on first use here, before any process group is joined
                 cfg = autopack.prepare(cfg, log)
                 if launch.requested(args):  # settings are checked once, here, before any worker starts

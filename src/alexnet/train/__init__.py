@@ -6,7 +6,6 @@ agreed stops), record (metrics, log lines, report), schedule (the learning rate 
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -121,8 +120,8 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], r
     """The state to start from: a fresh one, or a checkpoint's (--resume; restarted workers continue by
     themselves from the newest checkpoint the ranks agree on). `recorded`: what the data is now (rank 0's
     data.build.fingerprint without sizes), compared with what the checkpoint recorded."""
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get("ALEXNET_RESTARTED") == "1"
-    source, saved = states.find_resume(cfg.resume or ("auto" if restarted else None), plan.ckpt_dir, plan.rank, say)
+    source, saved = states.find_resume(cfg.resume or ("auto" if states.restarted() else None), plan.ckpt_dir,
+                                       plan.rank, say)
     if source is None:
         return states.TrainState()
     if list(saved["classes"]) != classes:

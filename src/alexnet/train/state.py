@@ -9,6 +9,7 @@ the last epoch's metrics."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,26 @@ def saved_config(resume: str, out: str | None) -> dict:
         return checkpoint.load_run(resume)["config"]
     found = checkpoint.newest_valid(Path(out) / "checkpoints")
     return found[1]["config"] if found else {}
+
+
+def restarted() -> bool:
+    """Whether this worker was started again by its launcher (ours, or torchrun's --max-restarts): it
+    continues from the newest checkpoint by itself."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get("ALEXNET_RESTARTED") == "1"
+
+
+def earlier_run(out: str | None) -> str | None:
+    """What stops a new run (no --resume) in `out`: the checkpoints of an earlier run there, which a new
+    run would mix with its own (--resume auto takes the newest step file, whichever run wrote it)."""
+    folder = Path(out) / "checkpoints" if out else None
+    if folder is None or not folder.is_dir():
+        return None
+    found = checkpoint.newest_step(folder) or next((folder / n for n in ("last.pt", "best.pt") if (folder / n).exists()),
+                                                   None)
+    if found is None:
+        return None
+    return (f"--out {out} holds the checkpoints of an earlier run (the newest: {found.name}): continue it with "
+            f"--resume auto (with a larger --epochs to train it on), or give another --out for a new run")
 
 
 def find_resume(resume: str | None, ckpt_dir: Path, rank: int, say) -> tuple[Path | str | None, dict | None]:
