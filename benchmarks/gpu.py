@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ def jpeg_paths(a, work: Path, alexnet: list[str]) -> dict:
     speeds = {}
     for decode in ("device", "workers"):
         out = work / f"jpeg-{decode}"
+        shutil.rmtree(out, ignore_errors=True)  # a new run each time (a run folder with checkpoints is refused)
         cmd = [*alexnet, "train", "--data", str(work / "src"), "--out", str(out), "--device", a.device,
                "--epochs", str(a.jpeg_epochs), "--batch-size", str(a.batch_size), "--precision", a.precision,
                "--resize", str(round(a.image_size * 256 / 224)), "--crop", str(a.image_size), "--workers",

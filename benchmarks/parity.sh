@@ -15,6 +15,7 @@ data=${1:?usage: parity.sh IMAGEFOLDER [WORKDIR] [flags...]}
 work=${2:-/tmp/alexnet-parity}
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$work"
+rm -rf "$work/fast" "$work/reference"  # new runs (a run folder with checkpoints is refused without --resume)
 resize=256
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == --resize ]] && resize=${args[i + 1]}; done
