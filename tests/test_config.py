@@ -124,3 +124,20 @@ def test_checkpoint_every_takes_steps_or_minutes():
     for bad in ("5h", "1.5", "-3", "m"):
         with pytest.raises(ConfigError, match="--checkpoint-every"):
             parse_every(bad)
+
+
+@pytest.mark.parametrize("text,said", [
+    ("epochs: [1\n", "line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("epochs: 1\n  lr: 2\n", "line 2, column 5: mapping values are not allowed here"),
+])
+def test_a_config_file_that_is_not_yaml_is_one_line_that_says_where(text, said, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(text)
+    code, _, err = cli(capsys, "train", "--config", tmp_path / "run.yaml")
+    assert code == 2 and err == f"alexnet train: error: config: {tmp_path / 'run.yaml'} is not valid YAML ({said})\n"
+
+
+def test_a_config_file_of_a_list_is_refused(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("- 1\n- 2\n")
+    code, _, err = cli(capsys, "train", "--config", tmp_path / "run.yaml")
+    assert code == 2 and err == (f"alexnet train: error: config: {tmp_path / 'run.yaml'} must hold a mapping of "
+                                 f"settings, not list\n")

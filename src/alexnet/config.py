@@ -286,7 +286,10 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped, 0-based; its message spans lines
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"config: {p} is not valid YAML ({where}{problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {p} must hold a mapping of settings, not {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
