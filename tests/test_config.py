@@ -27,7 +27,8 @@ def test_yaml_then_flags(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     ({"batch_size": "0"}, "--batch-size: must be at least 1"),
-    ({"batch_size": "many"}, "--batch-size: 'many' is not int"),
+    ({"batch_size": "many"}, "--batch-size: 'many' is not a whole number"),
+    ({"lr": "fast"}, "--lr: 'fast' is not a number"),
     ({"arch": "resnet"}, "--arch: 'resnet' is not one of alexnet, alexnet2012"),
     ({"crop": "300", "resize": "256"}, "--crop: 300 is larger than the resized image"),
     ({"crop": "32"}, "--crop: 32 is below AlexNet's smallest input, 63"),

@@ -335,7 +335,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         what = "a list of numbers" if isinstance(default, list) else (
-            "true or false" if isinstance(default, bool) else (kind.__name__ if kind else "a value"))
+            "true or false" if isinstance(default, bool) else
+            {int: "a whole number", float: "a number"}.get(kind, "a value"))
         raise ConfigError(f"{name}: {value!r} is not {what}") from None
 
 
