@@ -49,7 +49,16 @@ def test_plot_command_writes_a_png(shipped, tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (850, 1500)
     code, _, stderr = cli(capsys, "plot", tmp_path / "nothing", "--out", tmp_path / "x.png")
-    assert code == 2 and "has no metrics.jsonl" in stderr and not (tmp_path / "x.png").exists()
+    assert code == 2 and stderr == (f"alexnet plot: error: {tmp_path / 'nothing'} does not exist (give the run "
+                                    f"folders of alexnet train, the --out folders)\n")
+    (tmp_path / "nothing").mkdir()
+    code, _, stderr = cli(capsys, "plot", tmp_path / "nothing", "--out", tmp_path / "x.png")
+    assert code == 2 and stderr == (f"alexnet plot: error: {tmp_path / 'nothing'} has no metrics.jsonl (give the "
+                                    f"run folders of alexnet train, the --out folders)\n")
+    assert not (tmp_path / "x.png").exists()
+    # a run's metrics.jsonl given for its folder is taken for it
+    code, stdout, _ = cli(capsys, "plot", other / "metrics.jsonl", "--out", tmp_path / "one.png")
+    assert code == 0 and (tmp_path / "one.png").exists()
 
 
 def test_confusion_matrix_counts_and_figure(shipped, tiny_data, tmp_path, capsys):

@@ -31,14 +31,15 @@ def _need_matplotlib() -> None:
 def load_runs(folders) -> list[tuple[str, list[dict]]]:
     """(name, epochs) of each run folder, from its metrics.jsonl; the name is the folder's, or its path when
     two folders share a name. A resumed run that repeated an epoch keeps the epoch's last line."""
-    paths = [Path(f) for f in folders]
+    paths = [Path(f).parent if Path(f).name == "metrics.jsonl" and Path(f).is_file() else Path(f) for f in folders]
     names = [p.resolve().name for p in paths]
     runs = []
     for p, name in zip(paths, names):
         metrics = p / "metrics.jsonl"
+        if not p.exists():
+            raise ConfigError(f"{p} does not exist (give the run folders of alexnet train, the --out folders)")
         if not metrics.is_file():
-            raise ConfigError(f"plot: {p} has no metrics.jsonl (give the run folders of alexnet train, "
-                              f"the --out folders)")
+            raise ConfigError(f"{p} has no metrics.jsonl (give the run folders of alexnet train, the --out folders)")
         history = []
         for n, line in enumerate(metrics.read_text().splitlines(), 1):
             if not line.strip():
@@ -47,9 +48,9 @@ def load_runs(folders) -> list[tuple[str, list[dict]]]:
                 m = json.loads(line)
                 history.append({**m, "epoch": int(m["epoch"])})
             except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"plot: {metrics} line {n} is not a metrics record") from None
+                raise ConfigError(f"{metrics} line {n} is not a metrics record") from None
         if not history:
-            raise ConfigError(f"plot: {metrics} has no finished epoch yet")
+            raise ConfigError(f"{metrics} has no finished epoch yet")
         runs.append((name if names.count(name) == 1 else str(p), by_epoch(history)))
     return runs
 
