@@ -134,11 +134,14 @@ def test_predict_skips_unreadable_images_says_which_and_predicts_the_others(trai
         shutil.copy(image, folder / f"{i}-good.jpg")
     (folder / "1-notes.jpg").write_text("not an image")
     (folder / "2-gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (folder / "3-photo.heic").write_bytes(b"x")  # not an image by its name: left out, and said
+    (folder / ".DS_Store").write_bytes(b"x")  # hidden: left out silently
     code, stdout, stderr = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "best.pt", folder,
                                folder / "0-good.jpg")
     assert code == 1
     assert [line.split(": ")[0] for line in stdout.splitlines()] == [str(folder / n) for n in ("0-good.jpg", "1-good.jpg", "0-good.jpg")]
-    assert stderr.splitlines() == [f"WARNING: skipping unreadable image {folder / '1-notes.jpg'}: not an image file",
+    assert stderr.splitlines() == [f"left out 1 file(s) of {folder} that are not images by their names (1 .heic)",
+                                   f"WARNING: skipping unreadable image {folder / '1-notes.jpg'}: not an image file",
                                    f"WARNING: skipping unreadable image {folder / '2-gone.jpg'}: No such file or "
                                    "directory (a link to a file that is gone)",
                                    "alexnet predict: 2 of 5 images were unreadable and skipped (listed above)"]

@@ -6,11 +6,13 @@ import glob
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 
 from .config import PredictConfig
 from .data import eval_transform, load_rgb
+from .data.folder import by_extension, extension_of
 from .data.images import DECODE_ERRORS, is_image_name, unreadable
 from .export import load_predictor
 from .errors import ConfigError, DataError
@@ -23,7 +25,11 @@ def expand(paths) -> list[str]:
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if is_image_name(f))
+            found = [(r, f) for r, _, fs in os.walk(p) for f in fs]
+            files += sorted(os.path.join(r, f) for r, f in found if is_image_name(f))
+            if others := Counter(extension_of(f) for _, f in found if not is_image_name(f) and not f.startswith(".")):
+                print(f"left out {sum(others.values())} file(s) of {p} that are not images by their names "
+                      f"({by_extension(others)})", file=sys.stderr, flush=True)
         elif os.path.isfile(p):
             files.append(p)
         elif glob.has_magic(p):
