@@ -481,10 +481,15 @@ def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
     if cfg.out is not None:  # the run folder, or the first of the folders to make for it, must not be a file
         there = next(p for p in (Path(cfg.out), *Path(cfg.out).absolute().parents) if p.exists() or p == p.parent)
         need(there.is_dir(), "out", f"{there} is a file; give a folder for the run (it is made if missing)")
-    for name in ("data", "weights", "resume") if check_data else ("weights", "resume"):
+    _paths_exist(cfg, ("data", "weights", "resume") if check_data else ("weights", "resume"))
+
+
+def _paths_exist(cfg, names) -> None:
+    """The paths given as these settings exist (--resume's "auto" aside)."""
+    for name in names:
         value = getattr(cfg, name)
-        need(value is None or value == "auto" and name == "resume" or Path(value).exists(), name,
-             f"{value!r} does not exist")
+        if value is not None and not (name == "resume" and value == "auto") and not Path(value).exists():
+            raise ConfigError(f"--{name}: {value!r} does not exist")
 
 
 def parse_every(text: str) -> tuple[int, float]:
@@ -519,8 +524,7 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError("--workers: must be 0 or more")
     if cfg.dist_timeout <= 0:
         raise ConfigError("--dist-timeout: must be a positive number of seconds")
-    if cfg.data is not None and not Path(cfg.data).exists():
-        raise ConfigError(f"--data: {cfg.data!r} does not exist")
+    _paths_exist(cfg, ("data",))
     if cfg.confusion is not None:
         from .plots import matplotlib_missing, png_target_problem
         problem = matplotlib_missing() or png_target_problem(cfg.confusion)
@@ -544,9 +548,7 @@ def validate_bench(cfg: BenchConfig) -> None:
     for w in cfg.what:
         if w not in BENCH_WHAT:
             raise ConfigError(f"--what: {w!r} is not one of {', '.join(BENCH_WHAT)}")
-    for name in ("data", "packed"):
-        if (value := getattr(cfg, name, None)) and not Path(value).exists():
-            raise ConfigError(f"--{name}: {value!r} does not exist")
+    _paths_exist(cfg, ("data", "packed"))
 
 
 def validate_predict(cfg: PredictConfig) -> None:
