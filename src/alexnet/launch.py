@@ -149,12 +149,8 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
     if distributed.launched():
         raise ConfigError("this process is already a worker of a distributed launch (torchrun sets RANK); "
                           "drop --nproc-per-node, --nnodes and the rendezvous flags")
-    nproc = 1 if a.launch_nproc_per_node is None else a.launch_nproc_per_node
+    nproc = a.launch_nproc_per_node or 1  # at least 1 when given (at_least, the flag's type)
     low, nnodes = nodes(a)
-    if nproc < 1:
-        raise ConfigError("--nproc-per-node must be at least 1")
-    if a.launch_max_restarts is not None and a.launch_max_restarts < 0:
-        raise ConfigError("--max-restarts must be 0 or more")
     if nnodes > 1 and not (a.launch_rdzv_endpoint or a.launch_master_addr):
         raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (or --master-addr HOST "
                           "--master-port PORT): the address of one of the nodes, the same on every node")
