@@ -12,7 +12,7 @@ import torch
 
 from .config import PredictConfig
 from .data import eval_transform, load_rgb
-from .data.folder import by_extension, extension_of
+from .data.folder import extension_of, left_out
 from .data.images import DECODE_ERRORS, is_image_name, unreadable
 from .export import load_predictor
 from .errors import ConfigError, DataError
@@ -27,9 +27,9 @@ def expand(paths) -> list[str]:
         if os.path.isdir(p):
             found = [(r, f) for r, _, fs in os.walk(p) for f in fs]
             files += sorted(os.path.join(r, f) for r, f in found if is_image_name(f))
-            if others := Counter(extension_of(f) for _, f in found if not is_image_name(f) and not f.startswith(".")):
-                print(f"left out {sum(others.values())} file(s) of {p} that are not images by their names "
-                      f"({by_extension(others)})", file=sys.stderr, flush=True)
+            others = Counter(extension_of(f) for _, f in found if not is_image_name(f) and not f.startswith("."))
+            if note := left_out(others, p, class_folders=False):
+                print(note, file=sys.stderr, flush=True)
         elif os.path.isfile(p):
             files.append(p)
         elif glob.has_magic(p):

@@ -126,12 +126,14 @@ def by_extension(others: Counter) -> str:
     return ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def left_out(others: Counter, root) -> str:
-    """The note for files a dataset's class folders hold that are not read (empty when there are none)."""
+def left_out(others: Counter, root, class_folders: bool = True) -> str:
+    """The note for files that are not read, not being images by their names (empty when there are none):
+    those of a dataset's class folders, or (`class_folders` false) of the folder `root` itself."""
     if not others:
         return ""
-    return (f"left out {sum(others.values())} file(s) of {root}'s class folders that are not images by their "
-            f"names ({by_extension(others)})")
+    where = f"{root}'s class folders" if class_folders else str(root)
+    return (f"left out {sum(others.values())} file(s) of {where} that are not images by their names "
+            f"({by_extension(others)})")
 
 
 class ImageFolder(Dataset):
