@@ -295,6 +295,36 @@ def test_a_failure_after_the_job_ran_again_counts_from_itself(tmp_path):
     assert launch._joined_after(str(tmp_path), 999.0) and not launch._joined_after(str(tmp_path), 1001.0)
 
 
+def test_ctrl_c_stays_the_launchers_where_the_agent_takes_sigint_each_time_it_starts(monkeypatch):
+    """Before torch 2.9 the agent cannot be told to leave SIGINT alone and installs its own handler each time
+    it starts the workers (torch 2.4 to 2.8's PContext.start, imitated here): the launcher's is put back
+    right after, so Ctrl-C means the same on every torch (tests/test_resume.py runs it for real), and both
+    are given back when the launch ends."""
+    import signal
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    def agents(signum, frame):
+        pass
+
+    def start(context):  # what the agent does before torch 2.9
+        signal.signal(signal.SIGINT, agents)
+    monkeypatch.setattr(PContext, "start", start)
+    before = signal.getsignal(signal.SIGINT)
+    ctrl_c = launch.CtrlC("train", agent_takes_it=True)
+    try:
+        PContext.start(None)
+        assert signal.getsignal(signal.SIGINT) == ctrl_c._handle
+    finally:
+        ctrl_c.restore()
+    assert signal.getsignal(signal.SIGINT) == before and PContext.start is start
+    ctrl_c = launch.CtrlC("train")  # torch 2.9 on: the agent is told to leave SIGINT alone
+    try:
+        PContext.start(None)
+        assert signal.getsignal(signal.SIGINT) == agents
+    finally:
+        ctrl_c.restore()
+
+
 def test_the_store_connects_within_its_connect_timeout_and_reads_with_the_whole_timeout():
     from datetime import timedelta
     from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters

@@ -240,10 +240,8 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     # torch's agent makes a folder for its workers' error files in each run; by default a new one in /tmp,
     # which it never removes
     args = ["--log-dir", os.path.join(scratch, "torchelastic"), *args]
-    ctrl_c = None
-    if "--signals-to-handle" in args:
-        ctrl_c = CtrlC(command)
-        os.environ["ALEXNET_SIGINT"] = "launcher"  # for the workers: they leave Ctrl-C to the launcher
+    ctrl_c = CtrlC(command, agent_takes_it="--signals-to-handle" not in args)
+    os.environ["ALEXNET_SIGINT"] = "launcher"  # for the workers: they leave Ctrl-C to the launcher
     try:
         return _run(a, command, args, timeout, host, port, log, notes)
     except _Failed as failed:
@@ -257,15 +255,14 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
               file=sys.stderr)
         return 128 + (signal.SIGINT if str(e) == "Ctrl-C" else int(e.sigval))
     finally:
-        if ctrl_c is not None:
-            ctrl_c.restore()
-            os.environ.pop("ALEXNET_SIGINT", None)
+        ctrl_c.restore()
+        os.environ.pop("ALEXNET_SIGINT", None)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _can_keep_ctrl_c() -> bool:
     """Whether torch's agent can be told to leave SIGINT alone (torchrun's --signals-to-handle, torch 2.9 on);
-    before, it takes SIGINT as it takes SIGTERM and passes it on to the workers."""
+    before, it takes SIGINT as it takes SIGTERM and passes it on to the workers (CtrlC takes it back)."""
     from torch.distributed import run as torchrun
     return any(action.dest == "signals_to_handle" for action in torchrun.get_args_parser()._actions)
 
@@ -275,11 +272,23 @@ class CtrlC:
     SIGTERM: they stop at their next step, rank 0 saves, and the agent waits for them); a second stops them
     at once (SIGKILL: checkpoints are written to a temporary file and renamed, so none is left half written).
     The workers ignore SIGINT meanwhile (ALEXNET_SIGINT), so that a Ctrl-C that reaches them too (they share
-    the terminal's process group on some torch versions) is not taken for a second request."""
+    the terminal's process group on some torch versions) is not taken for a second request.
 
-    def __init__(self, command: str) -> None:
+    Before torch 2.9 (`agent_takes_it`) the agent cannot be told to leave SIGINT alone: it installs its own
+    handler each time it starts the workers, so this one is put back right after."""
+
+    def __init__(self, command: str, agent_takes_it: bool = False) -> None:
         self.command, self.pressed = command, 0
         self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._start = None
+        if agent_takes_it:
+            from torch.distributed.elastic.multiprocessing.api import PContext
+            self._start = original = PContext.start
+
+            def start(context) -> None:
+                original(context)
+                signal.signal(signal.SIGINT, self._handle)
+            PContext.start = start
 
     def _handle(self, signum, frame) -> None:
         from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -296,6 +305,9 @@ class CtrlC:
 
     def restore(self) -> None:
         signal.signal(signal.SIGINT, self._previous)
+        if self._start is not None:
+            from torch.distributed.elastic.multiprocessing.api import PContext
+            PContext.start = self._start
 
 
 class _Stopped(Exception):
