@@ -122,6 +122,17 @@ def test_resume_auto_skips_an_unusable_checkpoint_and_keeps_the_last_k(exact, st
     p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--resume", "auto")
     assert "skipping an unusable checkpoint" in p.stdout and "step-000000006.pt" in p.stdout
     assert "at epoch 1, step 5 of it" in p.stdout
+    # When none is usable, the run is refused and the folder left as it was: starting afresh would replace
+    # the run's record and checkpoints.
+    for step in (out / "checkpoints").glob("step-*.pt"):
+        step.write_bytes(step.read_bytes()[:1000])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "3", "--resume", "auto",
+                 check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "holds checkpoints, but none that the run can continue from" in p.stderr
+    assert "step-000000011.pt, step-000000012.pt, last.pt" in p.stderr and "starting afresh" not in p.stdout
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 class Evil:

@@ -181,6 +181,13 @@ def point(name: Path, path: Path, state: dict[str, Any]) -> None:
         save(state, name)
 
 
+def unusable(folder: str | Path) -> list[str]:
+    """The names of the checkpoint files in `folder` (step files, last.pt, best.pt): where newest_valid found
+    none that loads, those that failed (and a best.pt, which it does not continue from)."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.glob(STEP_GLOB)) + [n for n in ("last.pt", "best.pt") if (folder / n).is_file()]
+
+
 def newest_valid(folder: str | Path, log=None) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in `folder` that loads, with its state; a file that fails to load (truncated,
     corrupt) is reported and the one before it is tried. None when there is none."""

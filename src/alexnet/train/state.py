@@ -158,8 +158,17 @@ def newest_agreed(ckpt_dir: Path, rank: int, say) -> tuple[Path | str | None, di
     machines hold it: the ranks agree on the newest global step any of them has, and one holder sends
     it to the others, so that no rank silently starts afresh while others resume."""
     found = checkpoint.newest_valid(ckpt_dir, log=say)
-    steps = distributed.all_gather_objects(found[1]["global_step"] if found else -1)
-    newest = max(steps)
+    held = [] if found else checkpoint.unusable(ckpt_dir)
+    steps = distributed.all_gather_objects((found[1]["global_step"] if found else -1, held))
+    newest = max(step for step, _ in steps)
+    if newest < 0 and any(files for _, files in steps):
+        rank_, files = next((r, files) for r, (_, files) in enumerate(steps) if files)
+        where = f" (on rank {rank_}'s machine)" if len(steps) > 1 else ""
+        raise CheckpointError(
+            f"--resume auto: {ckpt_dir}{where} holds checkpoints, but none that the run can continue from "
+            f"({', '.join(files)}). Nothing in the run folder was changed. Copy good checkpoints there (or give "
+            f"one with --resume FILE), or move these away to start the run afresh")
+    steps = [step for step, _ in steps]
     if newest < 0:
         say(f"no checkpoint in {ckpt_dir}: starting afresh")
         return None, None
