@@ -142,3 +142,34 @@ def test_a_config_file_of_a_list_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, "train", "--config", tmp_path / "run.yaml")
     assert code == 2 and err == (f"alexnet train: error: config: {tmp_path / 'run.yaml'} must hold a mapping of "
                                  f"settings, not list\n")
+
+
+def test_a_config_file_that_is_not_text_is_refused(tmp_path, capsys):
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)))
+    code, _, err = cli(capsys, "train", "--config", tmp_path / "photo.jpg")
+    assert code == 2 and err.startswith(f"alexnet train: error: config: {tmp_path / 'photo.jpg'} is not a YAML file")
+
+
+def test_paths_expand_the_home_folder_and_the_runs_are_absolute(tmp_path, monkeypatch):
+    """`~` in a flag the shell left alone (--out=~/runs/a) or in a YAML file is the home folder; the paths a
+    run keeps in its saved config are absolute, so that its checkpoint means the same from any folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "data").mkdir(parents=True)
+    (tmp_path / "run.yaml").write_text("cache-dir: ~/cache\n")
+    cfg, _ = resolve_train({"data": "~/data", "out": "~/runs/a", "config": str(tmp_path / "run.yaml")})
+    assert (cfg.data, cfg.out, cfg.cache_dir) == (str(tmp_path / "home" / "data"), str(tmp_path / "home" / "runs" / "a"),
+                                                   str(tmp_path / "home" / "cache"))
+    monkeypatch.chdir(tmp_path / "home")
+    cfg, _ = resolve_train({"data": "data", "out": "runs/b"})
+    assert (cfg.data, cfg.out) == (str(tmp_path / "home" / "data"), str(tmp_path / "home" / "runs" / "b"))
+
+
+def test_a_resumed_runs_data_folder_that_is_not_here_is_said_to_come_from_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"--data: the run's data folder, 'tiny' \(from its checkpoint, a path "
+                                          r"relative to the folder the run was started in\), does not exist here"):
+        resolve_train({"resume": "last.pt"}, checkpoint_config=lambda resume, out: {"data": "tiny"})
+    cfg, _ = resolve_train({"resume": "last.pt", "data": str(tmp_path)},
+                           checkpoint_config=lambda resume, out: {"data": "tiny"})
+    assert cfg.data == str(tmp_path)

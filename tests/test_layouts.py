@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -36,6 +37,28 @@ def test_a_validation_folder_under_another_common_name_is_found_and_logged(tmp_p
     assert (out / "metrics.jsonl").read_text().count("val_acc1") == 1
     e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0")  # the run's data, found again
     assert f"last.pt on {root / name} (6 images" in e.stdout and "top-1" in e.stdout
+
+
+def test_a_run_given_relative_paths_is_evaluated_from_any_folder(tmp_path, monkeypatch):
+    """The run keeps its --data and --out as absolute paths: its checkpoint is evaluated, and the run
+    resumed, from another working folder. A checkpoint that holds a relative data folder which is not there
+    (one written before) is said to, with the fix."""
+    renamed(tmp_path, "val")
+    monkeypatch.chdir(tmp_path)
+    run_here("train", "--data", "data-val", "--out", "run", *SMALL)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    e = run_here("eval", "--checkpoint", "../run/checkpoints/last.pt", "--workers", "0")
+    assert f"last.pt on {tmp_path / 'data-val' / 'val'} (6 images" in e.stdout
+    r = run_here("train", "--resume", "../run/checkpoints/last.pt", "--epochs", "2", "--workers", "0")
+    assert f"checkpoints in {tmp_path / 'run' / 'checkpoints'}" in r.stdout and not (elsewhere / "run").exists()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    saved["config"]["data"] = "data-val"
+    torch.save(saved, tmp_path / "old.pt")
+    e = run_here("eval", "--checkpoint", "../old.pt", "--workers", "0", check=False)
+    assert e.returncode == 2 and ("../old.pt was trained on 'data-val', a path relative to the folder the training "
+                                  "started in, which does not exist here: give the data's folder with --data") in e.stderr
 
 
 def test_val_is_preferred_to_test_and_val_dir_picks_another(tmp_path):

@@ -40,6 +40,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
 
 
+def _path(text: str) -> str:
+    """A file or folder named on the command line, with `~` expanded as the shell does (it does not in
+    --out=~/x)."""
+    return os.path.expanduser(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alexnet", description="Train, evaluate and predict with AlexNet.")
     parser.add_argument("--version", action="version", version=f"alexnet {__version__}")
@@ -59,15 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(pr, PredictConfig, suppress=False)
 
     ex = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript, torch.export or safetensors")
-    ex.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by alexnet train")
+    ex.add_argument("--checkpoint", required=True, type=_path, help="checkpoint (.pt) written by alexnet train")
     ex.add_argument("--format", required=True, choices=list(FORMATS),
                     help="onnx (dynamic batch, checked with onnxruntime), torchscript, pt2 (torch.export) or "
                          "safetensors (weights only)")
-    ex.add_argument("--out", required=True, help="file to write; the metadata also goes to the same name .json")
+    ex.add_argument("--out", required=True, type=_path, help="file to write; the metadata also goes to the same name .json")
 
     pl = sub.add_parser("plot", help="curves of loss, top-1, top-5, learning rate and images/s of runs")
-    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (alexnet train --out)")
-    pl.add_argument("--out", default="curves.png", help="PNG file to write (default: curves.png)")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", type=_path, help="run folders (alexnet train --out)")
+    pl.add_argument("--out", default="curves.png", type=_path, help="PNG file to write (default: curves.png)")
 
     bn = sub.add_parser("bench", help="images/s of our pipeline and the reference pipeline (the PyTorch ImageNet "
                                       "example's), data, model step and end to end, alternating, medians")
@@ -78,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.required = True
     stats = dsub.add_parser("stats", help="per-channel mean and std of a dataset's images (for --mean/--std) and "
                                           "their RGB principal components (for --pca-eigval/--pca-eigvec)")
-    stats.add_argument("dir", help="ImageFolder root (with train/) or a split folder")
+    stats.add_argument("dir", type=_path, help="ImageFolder root (with train/) or a split folder")
     stats.add_argument("--split", default="train", help="split to measure (default: train)")
     stats.add_argument("--max-images", type=int, default=0, help="sample at most this many images (0: all)")
     pk = dsub.add_parser("pack", help="decode and resize a dataset once into a packed, memory-mapped form that "
                                       "alexnet train --data OUT reads with almost no CPU work")
-    pk.add_argument("dir", help="ImageFolder root: train/<class>/ and val/<class>/ (or valid/, validation/, "
+    pk.add_argument("dir", type=_path, help="ImageFolder root: train/<class>/ and val/<class>/ (or valid/, validation/, "
                                 "test/), or class folders alone with --val-fraction")
-    pk.add_argument("out", help="folder to write (made once: several processes may ask for it at the same time)")
+    pk.add_argument("out", type=_path, help="folder to write (made once: several processes may ask for it at the same time)")
     pk.add_argument("--resize", default="256", help="resize as alexnet train's --resize (default: 256); training "
                                                     "from the packed form must use the same")
     pk.add_argument("--workers", type=int, default=None, help="decoding processes (default: the cores available)")
@@ -97,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--quality", type=int, default=None, help="JPEG quality of --encoding jpeg, 1 to 100 (default: 90)")
     check = dsub.add_parser("check", help="decode every image and list the unreadable ones and layout problems; "
                                           "for a packed dataset, check every image against its checksum")
-    check.add_argument("dir", help="ImageFolder root (as alexnet data pack takes it), or a packed dataset")
+    check.add_argument("dir", type=_path, help="ImageFolder root (as alexnet data pack takes it), or a packed dataset")
     for sub in (pk, check):
         sub.add_argument("--val-dir", default=None, help="the validation split's folder under DIR (default: the first "
                                                          "of val, valid, validation and test that exists)")

@@ -285,6 +285,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config: file {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {p} is not a YAML file (not even text: give the run's settings file, such "
+                          f"as a run folder's config.yaml)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # where the parser stopped, 0-based; its message spans lines
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -340,13 +343,30 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not {what}") from None
 
 
+# Settings that name files or folders: `~` is expanded in them wherever they come from (a flag written
+# --out=~/runs, which the shell leaves alone, or a YAML file), and those a run keeps in its saved config
+# are made absolute, so that the run's checkpoint means the same from any working directory.
+PATHS = ("data", "cache_dir", "weights", "out", "resume", "config", "checkpoint", "confusion", "images", "packed",
+         "profile")
+ABSOLUTE = ("data", "cache_dir", "weights", "out")
+
+
+def _path(name: str, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_path(name, v) for v in value]
+    if not isinstance(value, str) or (name == "resume" and value == "auto"):
+        return value
+    value = os.path.expanduser(value)
+    return os.path.abspath(value) if name in ABSOLUTE and value else value
+
+
 def build(cls, values: dict[str, Any]):
     """Make a config of class `cls` from `values`, refusing unknown keys and badly typed values."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
-    return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
+    return cls(**{k: _coerce(known[k], _path(k, v) if k in PATHS else v) for k, v in values.items()})
 
 
 def check_crop(resize: str, crop: int, setting: str = "crop") -> None:
@@ -617,8 +637,9 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
     `checkpoint_config(resume, out)` returns the saved config of the checkpoint that --resume names (for
     auto: the newest in `out`; an empty dict when there is none). Returns the validated config and the
     names of the settings the user gave."""
-    given = dict(flags)
+    given = {k: _path(k, v) if k in PATHS else v for k, v in flags.items()}
     from_file = load_yaml(given["config"]) if given.get("config") else {}
+    from_file = {k: _path(k, v) if k in PATHS else v for k, v in from_file.items()}
     recipe = given.get("recipe") or from_file.get("recipe")
     explicit = {**(load_recipe(recipe) if recipe else {}), **from_file, **given}
     values: dict[str, Any] = {}
@@ -646,6 +667,10 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
     if values.get("global_batch_size"):
         values.pop("batch_size", None)  # derived from the global batch at start, once the world size is known
     data = values.get("data")
+    if data is not None and "data" not in explicit and check_data and not Path(str(data)).exists():
+        relative = "" if os.path.isabs(str(data)) else ", a path relative to the folder the run was started in"
+        raise ConfigError(f"--data: the run's data folder, {str(data)!r} (from its checkpoint{relative}), does not "
+                          f"exist here: give the data's folder with --data")
     if data is None:
         for k, v in SYNTHETIC_DEFAULTS.items():
             if k not in values:

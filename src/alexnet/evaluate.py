@@ -18,7 +18,7 @@ from .data import packed
 from .data.batch import on_device
 from .data.build import build_loaders
 from .data.synthetic import ensure_dataset
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
 
 
@@ -100,6 +100,10 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
     resize = cfg.resize if cfg.resize is not None else tcfg["resize"]
     crop = cfg.crop if cfg.crop is not None else eval_crop(tcfg)
     data = cfg.data or tcfg["data"]
+    if cfg.data is None and data is not None and not Path(data).exists():
+        relative = "" if Path(data).is_absolute() else ", a path relative to the folder the training started in"
+        raise ConfigError(f"{cfg.checkpoint} was trained on {data!r}{relative}, which does not exist here: give "
+                          f"the data's folder with --data")
     if data is not None and packed.is_packed(data):  # the stored size first: it is what --resize must be
         packed.check_resize(data, resize)
     check_crop(resize, crop)
