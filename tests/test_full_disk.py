@@ -34,6 +34,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_cleanly_and_it_resumes(exa
     message = [line for line in p.stderr.splitlines() if "error:" in line][0]
     assert f"could not write the checkpoint {checkpoint.step_path(out / 'checkpoints', 4)}" in message, message
     assert "No space left on device" in message and f"the newest complete checkpoint is {newest}" in message
+    assert "Make room (or move the run folder to a disk with room)" in message
     assert sorted(f.name for f in (out / "checkpoints").iterdir()) == ["last.pt", newest.name]  # no partial file
     # The earlier checkpoint is whole: moved to a disk with room, the run continues from it and ends as
     # the run that never stopped.

@@ -75,3 +75,29 @@ def test_confusion_matrix_counts_and_figure(shipped, tiny_data, tmp_path, capsys
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["circle", "ring", "square"]
     assert [t.get_text() for t in ax.texts] == [str(v) for v in matrix.ravel()]
+
+
+def test_a_confusion_file_that_cannot_be_written_is_refused_at_start_and_loses_no_result(shipped, tiny_data,
+                                                                                          tmp_path, capsys, monkeypatch):
+    """A folder given as --confusion, or one without permission to write (root may write anywhere, so that
+    permission is taken away by os.access here), is refused before the evaluation; a write that fails at
+    the end (a full disk) comes after the metrics were printed."""
+    import os
+    import alexnet.plots
+    out, _ = shipped
+    flags = ["eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", tiny_data, "--workers", "0"]
+    code, stdout, err = cli(capsys, *flags, "--confusion", tmp_path)
+    assert code == 2 and stdout == "" and "--confusion: " in err and "is a folder" in err
+    (tmp_path / "ro").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else access(p, mode))
+    code, stdout, err = cli(capsys, *flags, "--confusion", tmp_path / "ro" / "c.png")
+    assert code == 2 and stdout == "" and f"no permission to write in {tmp_path / 'ro'}" in err
+    monkeypatch.setattr(os, "access", access)
+
+    def full(fig, path):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(alexnet.plots, "save", full)
+    code, stdout, err = cli(capsys, *flags, "--json", "--confusion", tmp_path / "c.png")
+    assert code != 0 and json.loads(stdout.strip().splitlines()[-1])["count"] == 12
+    assert "No space left on device" in err and "Traceback" not in err

@@ -66,3 +66,26 @@ def test_sigterm_stops_at_the_next_step_with_a_checkpoint():
     finally:
         h.close()
     assert signal.getsignal(signal.SIGTERM) == previous  # given back at the end of the run
+
+
+def test_a_write_that_fails_says_what_to_do_for_its_cause(tmp_path):
+    """The advice follows the cause: room for a full disk, permission for a folder that is not writable."""
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    import pytest
+    from alexnet.errors import WriteError
+    from alexnet.train.hooks import written
+    plan = SimpleNamespace(main=True, ckpt_dir=tmp_path / "checkpoints", out=tmp_path)
+    path = tmp_path / "checkpoints" / "step-000000004.pt"
+    for number, fix in ((errno.ENOSPC, "Make room (or move the run folder to a disk with room) and continue with"),
+                        (errno.EACCES, f"Give yourself permission to write in {path.parent} (or move the run folder) "
+                                       f"and continue with"),
+                        (errno.EIO, "Fix the cause and continue with")):
+        def write():
+            raise RuntimeError("torch.save failed") from OSError(number, os.strerror(number), str(path))
+        with pytest.raises(WriteError) as e:
+            written("the checkpoint", path, write, plan)
+        assert f"could not write the checkpoint {path}: " in str(e.value) and fix in str(e.value), str(e.value)
+        assert f"(errno {number})" in str(e.value) and ("Make room" in str(e.value)) == (number == errno.ENOSPC)

@@ -133,20 +133,20 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                        amp_dtype=amp_dtype, augment=augment)
     if not distributed.is_main():
         return metrics
-    if cfg.confusion:
-        from .plots import confusion_figure, save
-        title = (f"{Path(cfg.checkpoint).name} on {split_name(loaders.val_set)}: top-1 {metrics['acc1']:.2%} of "
-                 f"{metrics['count']}")
-        save(confusion_figure(metrics["confusion"], classes, title), cfg.confusion)
     if cfg.json:
         json.dump({**metrics, "resize": resize, "crop": crop, "tta": cfg.tta}, sys.stdout)
-        print()
+        print(flush=True)
     else:
         views = {"none": "", "flip": ", 2 views each", "10crop": ", 10 views each"}[cfg.tta]
         print(f"{cfg.checkpoint} on {split_name(loaders.val_set)} ({metrics['count']} images, resize {resize}, "
               f"crop {crop}{views}): "
               f"loss {metrics['loss']:.4f}  "
-              f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}")
-        if cfg.confusion:
+              f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}", flush=True)
+    if cfg.confusion:  # after the figures are out: a failed write loses no result
+        from .plots import confusion_figure, save
+        title = (f"{Path(cfg.checkpoint).name} on {split_name(loaders.val_set)}: top-1 {metrics['acc1']:.2%} of "
+                 f"{metrics['count']}")
+        save(confusion_figure(metrics["confusion"], classes, title), cfg.confusion)
+        if not cfg.json:
             print(f"confusion matrix: {cfg.confusion}")
     return metrics

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .checkpoint import atomic_path
@@ -110,10 +111,14 @@ def confusion_figure(matrix, classes: list[str], title: str = ""):
 def png_target_problem(path) -> str | None:
     """Why a figure cannot be written to `path`, or None."""
     path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder: give a file name ending in .png"
     if path.suffix.lower() != ".png":
         return f"{path}: figures are written as PNG; give a file name ending in .png"
     if not path.parent.is_dir():
         return f"{path}: the folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"{path}: no permission to write in {path.parent}"
     return None
 
 

@@ -7,6 +7,7 @@ saves it); the non-finite vote, before it, is the step's own (train.step)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -106,14 +107,22 @@ def written(what: str, path: Path, write, plan) -> None:
     newest = checkpoint.newest_step(plan.ckpt_dir)
     newest = (f"the newest complete checkpoint is {newest}" if newest else f"there is no complete checkpoint in "
               f"{plan.ckpt_dir} yet")
-    raise WriteError(f"could not write {what} {path}: {cause}; {newest}. Make room (or move the run folder to a "
-                     f"disk with room) and continue with `alexnet train --resume auto --out {plan.out}`")
+    text, number = cause
+    fix = {errno.ENOSPC: "Make room (or move the run folder to a disk with room)",
+           errno.EDQUOT: "Make room within your quota (or move the run folder to a disk with room)",
+           errno.EACCES: f"Give yourself permission to write in {path.parent} (or move the run folder)",
+           errno.EPERM: f"Give yourself permission to write in {path.parent} (or move the run folder)",
+           errno.EROFS: "The disk is mounted read-only: move the run folder to one you can write"}.get(
+        number, "Fix the cause")
+    raise WriteError(f"could not write {what} {path}: {text}; {newest}. {fix} and continue with "
+                     f"`alexnet train --resume auto --out {plan.out}`")
 
 
-def _cause(e: BaseException) -> str:
+def _cause(e: BaseException) -> tuple[str, int | None]:
+    """What went wrong, in words, and the OSError's number where there is one."""
     seen = e
     while seen is not None and not isinstance(seen, OSError):
         seen = seen.__cause__ or seen.__context__
     if isinstance(seen, OSError) and seen.strerror:
-        return f"{seen.strerror} (errno {seen.errno})"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{seen.strerror} (errno {seen.errno})", seen.errno
+    return (str(e).splitlines()[0] if str(e) else type(e).__name__), None
