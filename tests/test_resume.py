@@ -109,6 +109,28 @@ def test_two_processes_resume_inside_an_epoch_exactly(exact):
     assert "is not bit-exact" in p.stdout
 
 
+@pytest.mark.parametrize("batch,again", [(8, 0), (6, 2)])
+def test_resume_inside_an_epoch_with_another_batch_goes_on_after_the_images_trained_on(exact, straight, tmp_path,
+                                                                                      batch, again):
+    """Stopped 2 steps of 4 images into epoch 2, the run continued with another batch size takes the epoch's
+    images from the 9th on (the epoch's order is the same whatever the batch); where 8 images are not whole
+    steps of the new batch, the part of a step is trained on again, and said. Before, the steps were kept
+    and the images were not: with a larger batch some were never trained on, with a smaller one some twice."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "step-000000008.pt", out / "checkpoints")
+    full = tmp_path / "full"
+    run_here("train", "--data", exact["data"], "--out", tmp_path / "straight", *RESUME, "--epochs", "2",
+             env={"ALEXNET_TRACE_SAMPLES": str(full)})
+    order = (full / "rank0-epoch1.txt").read_text().split()
+    trace = tmp_path / "trace"
+    p = run_here("train", "--data", exact["data"], "--out", out, *RESUME, "--epochs", "2", "--resume", "auto",
+                 "--batch-size", batch, env={"ALEXNET_TRACE_SAMPLES": str(trace)})
+    assert (trace / "rank0-epoch1.txt").read_text().split() == order[8 - again:]
+    said = f"the epoch goes on after {8 - again} of them, so {again} are seen again"
+    assert (said in p.stdout) == bool(again), p.stdout
+
+
 @pytest.mark.slow
 def test_resume_auto_skips_an_unusable_checkpoint_and_keeps_the_last_k(exact, straight, tmp_path):
     out = tmp_path / "auto"

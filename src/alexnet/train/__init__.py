@@ -142,10 +142,25 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], r
             f"{'; --lr-scaling linear follows it' if cfg.lr_scaling == 'linear' else ''})")
     state = states.from_checkpoint(trainer, saved, source, train_bn=cfg.train_bn, rank=plan.rank, world=plan.world,
                                    say=say)
+    per, accum = saved["config"].get("batch_size", plan.batch_size), saved["config"].get("accum_steps", 1)
+    if state.step_in_epoch and per * before * accum != plan.global_batch:
+        state.step_in_epoch = within_epoch(state.step_in_epoch, per * before * accum, plan.global_batch, say)
     if state.epoch >= cfg.epochs:
         state.resumed = (f"the run is already complete: {source} holds all {saved['epoch']} epoch{'s' if saved['epoch'] != 1 else ''} (--epochs "
                          f"{cfg.epochs}); nothing more to train. To train on, give a larger --epochs with --resume")
     return state
+
+
+def within_epoch(steps: int, before: int, now: int, say) -> int:
+    """Where a run stopped inside an epoch, `steps` steps of global batch `before` in, continues with global
+    batch `now`: after the images it had trained on (the epoch's order is the same whatever the batch); a
+    part of a step left over is trained on again, and said."""
+    done = steps * before
+    again = done % now
+    if again:
+        say(f"WARNING: the run stopped {done} images into the epoch, which is not a whole number of steps of the "
+            f"global batch of {now} now: the epoch goes on after {done - again} of them, so {again} are seen again")
+    return done // now
 
 
 def run_epochs(plan: Plan, trainer: Trainer, data, state, record: Record, say, recorded: dict | None = None) -> dict:
