@@ -24,6 +24,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -107,7 +108,10 @@ def _pool(workers: int):
 def _one_thread() -> None:
     """A packing process's torch on one thread: one process a core already, and torch's operations then run
     inline, never in an OpenMP region, whose thread pool a forked process inherits in a state it cannot use
-    (GNU OpenMP waits there for threads that were not forked: a hang) where this process had used one."""
+    (GNU OpenMP waits there for threads that were not forked: a hang) where this process had used one.
+    Ctrl-C, which the terminal sends to every process of the job, is left to the main process: it says what
+    was kept and ends the pool; each packing process would print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 
