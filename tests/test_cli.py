@@ -7,7 +7,7 @@ import torchvision
 import yaml
 
 from alexnet import checkpoint
-from conftest import TINY, cli, run_cli, run_here
+from conftest import TINY, cli, run_cli, run_here, write_folder
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_sec", "epoch_seconds"}
 
@@ -187,6 +187,27 @@ def test_data_stats(tiny_data, capsys):
     std = yaml.safe_load([l for l in stdout.splitlines() if l.startswith("std:")][0])["std"]
     assert code == 0 and len(mean) == 3 and all(0 < m < 1 for m in mean) and all(0 < s < 0.5 for s in std)
     assert "--mean" in stdout
+
+
+def test_data_stats_leaves_out_unreadable_files_and_refuses_what_it_cannot_measure(tmp_path, capsys):
+    """An unreadable file is left out and said (with its path), as check, pack and train do; a --split that
+    is not there, a negative --max-images and a packed dataset are one line each, not a measurement of
+    something else or a traceback."""
+    from alexnet.data import packed
+    root = write_folder(tmp_path / "data", classes=2, train_per_class=3, val_per_class=2)
+    (root / "train" / "circle" / "fake.jpg").write_text("not a JPEG")
+    code, stdout, _ = cli(capsys, "data", "stats", root)
+    assert code == 0 and f"# 6 images of {root / 'train'}" in stdout
+    assert f"# 1 unreadable file(s) left out (the first: {root / 'train' / 'circle' / 'fake.jpg'}: " in stdout
+    alone = cli(capsys, "data", "stats", root / "train")[1]  # a split folder given itself: the same images
+    assert alone.replace(f"{root / 'train'}", "X") == stdout.replace(f"{root / 'train'}", "X")
+    code, stdout, err = cli(capsys, "data", "stats", root, "--split", "valid")
+    assert code == 2 and stdout == "" and f"{root} has no split folder 'valid' (its folders: train, val)" in err
+    code, _, err = cli(capsys, "data", "stats", root, "--max-images", "-3")
+    assert code == 2 and "--max-images: '-3': must be at least 0" in err and "Traceback" not in err
+    packed.pack(root, tmp_path / "packed", "72", workers=0, log=lambda *a: None)
+    code, _, err = cli(capsys, "data", "stats", tmp_path / "packed")
+    assert code == 2 and "is a packed dataset: data stats measures the images themselves" in err
 
 
 def test_version_and_help(capsys):

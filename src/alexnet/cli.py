@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats = dsub.add_parser("stats", help="per-channel mean and std of a dataset's images (for --mean/--std) and "
                                           "their RGB principal components (for --pca-eigval/--pca-eigvec)")
     stats.add_argument("dir", type=_path, help="ImageFolder root (with train/) or a split folder")
-    stats.add_argument("--split", default="train", help="split to measure (default: train)")
-    stats.add_argument("--max-images", type=int, default=0, help="sample at most this many images (0: all)")
+    stats.add_argument("--split", default=None, help="split to measure (default: train, or DIR itself when it is a "
+                                                     "split folder)")
+    stats.add_argument("--max-images", type=launch.at_least(0), default=0,
+                       help="sample at most this many images (0: all)")
     pk = dsub.add_parser("pack", help="decode and resize a dataset once into a packed, memory-mapped form that "
                                       "alexnet train --data OUT reads with almost no CPU work")
     pk.add_argument("dir", type=_path, help="ImageFolder root: train/<class>/ and val/<class>/ (or valid/, validation/, "
@@ -209,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run
             run(build(BenchConfig, {k: v for k, v in vars(args).items() if k != "command"}), log=log)
         elif args.command == "data" and args.data_command == "stats":
-            from pathlib import Path
-            from .stats import channel_stats
-            root, split = Path(args.dir), args.split
-            if not (root / split).is_dir() and root.is_dir():
-                root, split = root.parent, root.name
+            from .stats import channel_stats, split_to_measure
+            root, split = split_to_measure(args.dir, args.split)
             s = channel_stats(root, split, args.max_images)
             print(f"# {s['images']} images of {root / split}")
+            if s["unreadable"]:
+                path, reason = s["unreadable"][0]
+                print(f"# {len(s['unreadable'])} unreadable file(s) left out (the first: {path}: {reason}); "
+                      f"alexnet data check lists them")
             print(f"mean: [{', '.join(map(str, s['mean']))}]")
             print(f"std: [{', '.join(map(str, s['std']))}]")
             print(f"# as flags: --mean {','.join(map(str, s['mean']))} --std {','.join(map(str, s['std']))}")
