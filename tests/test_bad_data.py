@@ -69,6 +69,23 @@ def test_a_broken_link_is_an_unreadable_file_for_check_pack_and_train(tmp_path, 
     assert f"left out 1 file(s) of {root}'s class folders that are not images by their names (1 .heic)" in p.stdout
 
 
+def test_a_pack_made_with_data_pack_counts_its_unreadable_files_as_one_made_on_first_use(messy, tmp_path, capsys):
+    """The files `alexnet data pack` left out are said at start and counted as bad_images in every epoch, as
+    a pack made on first use counts them; --on-bad-image error stops at them, naming one."""
+    code, _, _ = cli(capsys, "data", "pack", messy, tmp_path / "packed", "--resize", "72", "--workers", "0")
+    assert code == 0
+    out = tmp_path / "run"
+    p = run_here("train", "--data", tmp_path / "packed", "--out", out, *TINY, "--epochs", "2")
+    assert (f"3 unreadable file(s) were left out when {tmp_path / 'packed'} was packed (listed in "
+            f"{tmp_path / 'packed' / 'packed.json'})") in p.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["bad_images"] for m in metrics] == [3, 3] and [m["val_bad_images"] for m in metrics] == [0, 0]
+    p = run_here("train", "--data", tmp_path / "packed", "--out", tmp_path / "r2", *TINY, "--on-bad-image", "error",
+                 check=False)
+    assert p.returncode == 2 and "unreadable image " in p.stderr and "left out when" in p.stderr
+    assert not (tmp_path / "r2").exists()
+
+
 @pytest.mark.slow
 def test_training_skips_and_counts_bad_images(messy, tmp_path):
     out = tmp_path / "run"

@@ -307,3 +307,17 @@ def unreadable(root: Path) -> tuple[int, int]:
     files would have been."""
     splits = packed.read_meta(root)["splits"]
     return len(splits["train"]["skipped"]), len(splits["val"]["skipped"])
+
+
+def given_pack_left_out(root: Path, on_bad_image: str, say) -> tuple[int, int]:
+    """unreadable() of a pack given as --data (one made on first use says it in _use): said at start, and
+    with --on-bad-image error a stop, as the files themselves would be."""
+    train, val = unreadable(root)
+    if train + val:
+        first = next(s["skipped"][0] for s in packed.read_meta(root)["splits"].values() if s["skipped"])
+        if on_bad_image == "error":
+            raise DataError(f"unreadable image {first}, left out when {root} was packed (--on-bad-image skip "
+                            f"counts such files)")
+        say(f"{train + val} unreadable file(s) were left out when {root} was packed (listed in "
+            f"{Path(root) / packed.META}): counted as bad_images and val_bad_images in every epoch")
+    return train, val

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import checkpoint, distributed, logs
 from ..config import TrainConfig
-from ..data import autopack, held
+from ..data import autopack, held, packed
 from ..data.build import build_loaders, changed, describe, disagreement
 from ..data.build import fingerprint as data_fingerprint
 from ..data.synthetic import ensure_dataset
@@ -81,7 +81,10 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     trainer = build_trainer(cfg, plan, device, len(data.classes), say)
     recorded = data_fingerprint(data, sizes=False) if plan.main else None  # what checkpoints record of the data
     state = resume(cfg, plan, trainer, data.classes, recorded, data_root, say)
-    record = Record(plan, say, log, autopack.unreadable(pack) if (pack := autopack.location(cfg)) else (0, 0))
+    left_out = (autopack.unreadable(pack) if (pack := autopack.location(cfg)) else
+                autopack.given_pack_left_out(Path(data_root), cfg.on_bad_image, say) if packed.is_packed(data_root)
+                else (0, 0))
+    record = Record(plan, say, log, left_out)
     record.open(early, state.epoch, held_out=getattr(data.val_set, "held_out", None))
     if state.resumed:
         say(state.resumed)
