@@ -65,6 +65,8 @@ def test_predict_with_onnx_gives_the_checkpoints_top1(shipped, onnx_file, tiny_d
     for image, top in from_ckpt.items():
         assert [t["class"] for t in from_onnx[image]] == [t["class"] for t in top]
         assert from_onnx[image][0]["prob"] == pytest.approx(top[0]["prob"], abs=1e-5)
+    code, _, err = alexnet(capsys, "eval", "--checkpoint", onnx_file[0])
+    assert code == 2 and f"{onnx_file[0]} is an ONNX model, not a checkpoint: `alexnet predict` takes it" in err
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2", "safetensors"])
@@ -82,6 +84,24 @@ def test_other_formats_predict_like_the_checkpoint(shipped, tmp_path, fmt, tiny_
     if fmt == "safetensors":
         from safetensors.torch import load_file
         assert load_file(path).keys() == checkpoint.load_run(ckpt)["model"].keys()
+    # Given where a checkpoint is wanted, the file is named for what it is; predict reads it under any name.
+    for command in (["eval", "--checkpoint", path], ["export", "--checkpoint", path, "--format", "safetensors",
+                                                     "--out", tmp_path / "again.safetensors"]):
+        p = run_cli(*command, check=False)
+        what = {"torchscript": "a TorchScript model", "pt2": "a torch.export program (.pt2)",
+                "safetensors": "a safetensors file"}[fmt]
+        assert p.returncode == 2 and f"{path} is {what}" in p.stderr and "`alexnet predict` takes it" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    renamed = tmp_path / "model.pt"
+    renamed.write_bytes(path.read_bytes())
+    loaded = load_predictor(str(renamed), torch.device("cpu"))
+    assert loaded.kind == fmt and (loaded(images) - want).abs().max() <= 1e-5
+    if fmt == "pt2":  # a file cut short: one line, without torch's logged traceback before it
+        cut = tmp_path / "cut.pt2"
+        cut.write_bytes(path.read_bytes()[:300_000])
+        p = run_cli("predict", "--checkpoint", cut, next((tiny_data / "val").rglob("*.jpg")), check=False)
+        assert p.returncode == 2 and p.stderr.startswith(f"alexnet predict: error: {cut} cannot be read as pt2 (damaged")
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_predict_takes_files_folders_and_globs(shipped, tiny_data, capsys):

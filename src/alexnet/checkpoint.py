@@ -75,6 +75,10 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(not_a_file(path))
+    if exported := exported_kind(path):
+        raise CheckpointError(f"{path} is {_EXPORTED_AS[exported]}, not a checkpoint: `alexnet predict` takes it; "
+                              f"eval, export and --resume take a checkpoint written by `alexnet train` (RUN/checkpoints/"
+                              f"last.pt or best.pt), and --weights that or a state_dict saved by torch.save")
     if what := _not_a_torch_file(path):
         raise CheckpointError(f"{path} is not a checkpoint: it is {what}. Give a .pt file written by "
                               "`alexnet train` (RUN/checkpoints/last.pt or best.pt) or by torch.save")
@@ -90,8 +94,32 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 _MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image",
-          b"RIFF": "a RIFF file (WebP image, WAV sound)", b"\x1f\x8b": "a gzip file", b"%PDF": "a PDF document",
-          b"\x08\x00\x12": "an ONNX model (use it with predict, not as a checkpoint)"}
+          b"RIFF": "a RIFF file (WebP image, WAV sound)", b"\x1f\x8b": "a gzip file", b"%PDF": "a PDF document"}
+_EXPORTED_AS = {"onnx": "an ONNX model", "torchscript": "a TorchScript model", "pt2": "a torch.export program (.pt2)",
+                "safetensors": "a safetensors file (weights alone, without the run's classes and settings)"}
+
+
+def exported_kind(path: str | Path) -> str | None:
+    """Which of export's formats (onnx, torchscript, pt2, safetensors) the file at `path` is in, by its
+    content: a model written by `alexnet export` or by torch, whatever its name; else None."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:1] == b"\x08" and head[2:3] == b"\x12":  # protobuf: ir_version, then producer_name
+        return "onnx"
+    if len(head) > 9 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # the length of its JSON header, then the header
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+        try:
+            with zipfile.ZipFile(path) as z:
+                parts = {part for name in z.namelist() for part in name.split("/")[1:2]}
+        except (zipfile.BadZipFile, OSError):
+            return None  # let torch.load say what is wrong with it
+        if "code" in parts or "constants.pkl" in parts:
+            return "torchscript"
+        if "archive_format" in parts or "models" in parts:
+            return "pt2"
+    return None
 
 
 def _not_a_torch_file(path: Path) -> str | None:
@@ -123,8 +151,9 @@ def load_run(path: str | Path) -> dict[str, Any]:
     """Load one of our checkpoints, checking that it is one."""
     state = load(path)
     if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint of this tool (it lacks format_version and model); "
-                              "to start from plain weights use --weights")
+        raise CheckpointError(f"{path} is not a checkpoint of this tool (it lacks format_version and model): "
+                              "give one written by `alexnet train` (RUN/checkpoints/last.pt or best.pt); to "
+                              "start training from plain weights (a state_dict), give them to train's --weights")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {state['format_version']}; this version reads "
                               f"up to {FORMAT_VERSION}: upgrade the package")

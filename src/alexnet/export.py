@@ -174,6 +174,8 @@ def load_predictor(path: str, device: torch.device, device_asked: bool = False) 
     if not Path(path).is_file():
         raise ConfigError(f"--checkpoint: {checkpoint.not_a_file(Path(path))}")
     kind = kind_of(path)
+    if kind == "checkpoint":  # an exported model under another name (model.pt, say) is read as what it is
+        kind = checkpoint.exported_kind(path) or kind
     try:
         if kind == "checkpoint":
             state = checkpoint.load_run(path)
@@ -188,7 +190,8 @@ def load_predictor(path: str, device: torch.device, device_asked: bool = False) 
             return Predictor(_meta(extra[META_FILE], path), torch.no_grad()(module), device, kind)
         if kind == "pt2":
             extra = {META_FILE: ""}
-            module = torch.export.load(path, extra_files=extra).module().to(device)
+            with _quietly():  # torch logs a damaged file's traceback before it raises
+                module = torch.export.load(path, extra_files=extra).module().to(device)
             return Predictor(_meta(extra[META_FILE], path), torch.no_grad()(module), device, kind)
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -203,7 +206,8 @@ def load_predictor(path: str, device: torch.device, device_asked: bool = False) 
         raise ConfigError(f"reading {path} needs a package that is not installed ({e}): "
                           f"pip install 'alexnet[all]'") from None
     except Exception as e:  # a damaged or foreign file: say which, not a traceback
-        raise checkpoint.CheckpointError(f"{path} cannot be read as {kind}: {str(e).splitlines()[0]}") from None
+        raise checkpoint.CheckpointError(f"{path} cannot be read as {kind} (damaged or cut short? write it again "
+                                         f"with alexnet export): {str(e).splitlines()[0]}") from None
 
 
 def _meta(text: str, path: str) -> dict:
