@@ -109,6 +109,20 @@ def test_a_file_where_the_run_folder_goes_is_a_clear_error(tmp_path, tiny_data, 
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_run_folder_without_permission_to_write_is_refused_at_start(tmp_path, tiny_data, capsys, monkeypatch):
+    """Before any work (a first use's pack of the data, say), naming the folder; root may write anywhere, so
+    the permission is taken away by os.access here."""
+    import os
+    (tmp_path / "ro").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else access(p, mode))
+    code, stdout, stderr = cli(capsys, "train", "--data", tiny_data, "--out", tmp_path / "ro" / "run", *TINY,
+                               "--cache-dir", tmp_path / "cache")
+    assert code == 2 and stderr == (f"alexnet train: error: --out: no permission to write in {tmp_path / 'ro'}; give "
+                                    f"a folder you can write in\n"), stderr
+    assert not (tmp_path / "cache").exists() and stdout == ""
+
+
 def test_linear_lr_scaling_brings_a_warm_up_unless_one_is_given():
     from alexnet.config import resolve_train
     cfg, _ = resolve_train({"data": ".", "lr_scaling": "linear", "epochs": 10})

@@ -501,6 +501,8 @@ def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
     if cfg.out is not None:  # the run folder, or the first of the folders to make for it, must not be a file
         there = next(p for p in (Path(cfg.out), *Path(cfg.out).absolute().parents) if p.exists() or p == p.parent)
         need(there.is_dir(), "out", f"{there} is a file; give a folder for the run (it is made if missing)")
+        need(os.access(there, os.W_OK | os.X_OK), "out", f"no permission to write in {there}; give a folder you "
+                                                           f"can write in")
     _paths_exist(cfg, ("data", "weights", "resume") if check_data else ("weights", "resume"))
 
 
