@@ -383,6 +383,11 @@ def test_a_pack_stopped_by_ctrl_c_says_what_it_kept_and_continues(tmp_path, work
            f"{tmp_path / '.packed.partial'}, and the same command continues from there" in stdout, stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "continuing the interrupted pack" in again.stdout, again.stdout + again.stderr
+    # its first progress line comes after 5% more of its own images (it came after one, at "1 images/s")
+    import re
+    done = int(re.search(r"(\d+) of 1230 images already done", again.stdout).group(1))
+    first = int(re.search(r"  (\d+)/1230 images, \d+ images/s", again.stdout).group(1))
+    assert first - done >= 1230 / 20 or first == 1230, again.stdout
 
 
 @pytest.mark.parametrize("rrc", [False, True])
