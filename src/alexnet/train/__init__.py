@@ -147,7 +147,8 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], r
                                    say=say)
     per, accum = saved["config"].get("batch_size", plan.batch_size), saved["config"].get("accum_steps", 1)
     if state.step_in_epoch and per * before * accum != plan.global_batch:
-        state.step_in_epoch = within_epoch(state.step_in_epoch, per * before * accum, plan.global_batch, say)
+        state.step_in_epoch = min(within_epoch(state.step_in_epoch, per * before * accum, plan.global_batch, say),
+                                  plan.steps_per_epoch)
     if state.epoch >= cfg.epochs:
         state.resumed = (f"the run is already complete: {source} holds all {saved['epoch']} epoch{'s' if saved['epoch'] != 1 else ''} (--epochs "
                          f"{cfg.epochs}); nothing more to train. To train on, give a larger --epochs with --resume")
