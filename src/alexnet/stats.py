@@ -3,9 +3,9 @@ principal components of its RGB pixels (for --pca-eigval and --pca-eigvec)."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
+
+import numpy as np
 
 from .data import packed
 from .data.folder import find_classes, scan
