@@ -112,13 +112,14 @@ def exported_kind(path: str | Path) -> str | None:
         import zipfile
         try:
             with zipfile.ZipFile(path) as z:
-                parts = {part for name in z.namelist() for part in name.split("/")[1:2]}
+                names = z.namelist()
         except (zipfile.BadZipFile, OSError):
             return None  # let torch.load say what is wrong with it
+        parts = {part for name in names for part in name.split("/")[1:2]}  # under the archive's own folder
         if "code" in parts or "constants.pkl" in parts:
             return "torchscript"
-        if "archive_format" in parts or "models" in parts:
-            return "pt2"
+        if "archive_format" in parts or "models" in parts or "serialized_exported_program.json" in names:
+            return "pt2"  # torch 2.6 on, and before (its files at the top)
     return None
 
 
