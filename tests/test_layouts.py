@@ -53,6 +53,12 @@ def test_a_run_given_relative_paths_is_evaluated_from_any_folder(tmp_path, monke
     assert f"last.pt on {tmp_path / 'data-val' / 'val'} (6 images" in e.stdout
     r = run_here("train", "--resume", "../run/checkpoints/last.pt", "--epochs", "2", "--workers", "0")
     assert f"checkpoints in {tmp_path / 'run' / 'checkpoints'}" in r.stdout and not (elsewhere / "run").exists()
+    # A run folder moved elsewhere goes on in its new place (it went back to the old one, made again).
+    (tmp_path / "run").rename(tmp_path / "moved")
+    r = run_here("train", "--resume", "../moved/checkpoints/last.pt", "--epochs", "3", "--workers", "0")
+    assert f"checkpoints in {tmp_path / 'moved' / 'checkpoints'}" in r.stdout and not (tmp_path / "run").exists()
+    assert len((tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()) == 3
+    (tmp_path / "moved").rename(tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     saved["config"]["data"] = "data-val"
     torch.save(saved, tmp_path / "old.pt")

@@ -656,6 +656,9 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
             saved.setdefault("precision", "fp32")  # runs from before --precision were fp32: they stay so
             saved.setdefault("pack", "no")  # and runs from before --pack read their files: so they go on
         values.update(saved)
+        folder = Path(str(resume)).absolute().parent
+        if resume != "auto" and "out" not in explicit and folder.name == "checkpoints":
+            values["out"] = str(folder.parent)  # the run's folder as it is now: moved or copied, it goes on there
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
         values.pop("weights", None)
