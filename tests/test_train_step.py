@@ -75,6 +75,13 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_good_weights():
     with pytest.raises(NonFiniteLoss, match="not finite for 2 steps in a row \\(up to global step 3\\)"):
         train_one_epoch(t, [(nan, y, 0)] * 3, global_step=1, progress=Progress(0, "", enabled=False), input_size=8)
     assert torch.equal(weights(model), w)
+    # Counted across epochs: epochs of one step each (a small fine-tune) stop as well.
+    t = trainer(model, max_nonfinite=3)
+    for step in (1, 2):
+        out = train_one_epoch(t, [(nan, y, 0)], global_step=step, progress=Progress(0, "", enabled=False), input_size=8)
+        assert out["skipped"] == 1
+    with pytest.raises(NonFiniteLoss, match="not finite for 3 steps in a row \\(up to global step 4\\)"):
+        train_one_epoch(t, [(nan, y, 0)], global_step=3, progress=Progress(0, "", enabled=False), input_size=8)
 
 
 def test_a_micro_batch_of_only_unreadable_images_is_counted_and_trains_nothing():
@@ -106,3 +113,18 @@ def test_a_resumed_epoch_continues_its_sums():
     out = epoch(trainer(model), [(x, y, 0)], sums=partial)
     assert out["images"] == 12 and out["skipped"] == 1 and out["bad"] == 2 and out["loss_sum"] > 10.0
     assert out["seconds"] >= 1.0
+
+
+def test_a_run_whose_loss_is_never_finite_stops_across_short_epochs_and_records_no_loss(tmp_path):
+    """3 steps an epoch, every one of them skipped (--lr 1e30): the run stops at the 10th in a row, in its
+    4th epoch, and the epochs that trained nothing record no training loss (NaN, drawn as a gap), not 0."""
+    import json
+    from conftest import TINY, run_here, write_folder
+    data = write_folder(tmp_path / "data", classes=3, train_per_class=4, val_per_class=2)
+    out = tmp_path / "run"
+    p = run_here("train", "--data", data, "--out", out, *TINY, "--batch-size", "4", "--epochs", "6", "--lr", "1e30",
+                 "--max-nonfinite-steps", "10", check=False)
+    assert p.returncode == 1 and "not finite for 10 steps in a row" in p.stderr, p.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows][1:] == [3, 3] and rows[-1]["epoch"] == 3
+    assert all(r["train_loss"] != r["train_loss"] for r in rows[1:])  # NaN

@@ -68,7 +68,9 @@ class Record:
             [t["loss_sum"], t["correct"], t["images"], t["seconds"], t["bad"]])
         validated = bool(v)
         epoch_seconds = seconds / self.plan.world
-        last = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1), "train_acc1": correct / max(images, 1),
+        none = float("nan")  # an epoch whose every step was skipped (not finite) has no training loss to show
+        last = {"epoch": epoch + 1, "train_loss": loss_sum / images if images else none,
+                "train_acc1": correct / images if images else none,
                 **({"val_loss": v["loss"], "val_acc1": v["acc1"], "val_acc5": v["acc5"]} if validated else {}),
                 "lr": lr, "images_per_sec": images / epoch_seconds, "epoch_seconds": epoch_seconds,
                 "global_step": t["global_step"], "skipped_steps": t["skipped"], "bad_images": int(bad) + self.left_out[0],

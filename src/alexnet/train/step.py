@@ -48,6 +48,7 @@ class Trainer:
     clip_grad_norm: float = 0.0
     max_nonfinite: int = 10
     any_rank: object = distributed.any_rank  # the vote on a non-finite loss, taken by every rank each step
+    skipped_in_a_row: int = 0  # steps skipped in a row, counted across epochs (a short epoch ends no run of them)
 
     def __post_init__(self) -> None:
         if self.parallel is None:
@@ -124,20 +125,20 @@ def train_one_epoch(t: Trainer, loader, *, global_step: int, progress: Progress,
     t.parallel.train()
     buffers = [b for b in t.model.buffers() if b.is_floating_point()]
     sums = {k: 0 if k in ("correct", "images", "skipped", "bad") else 0.0 for k in SUM_KEYS} | dict(sums or {})
-    start, in_a_row, stopped = time.perf_counter() - sums["seconds"], 0, False
+    start, stopped = time.perf_counter() - sums["seconds"], False
     batches = iter(loader)
     for _ in range(len(loader) // t.accum_steps):
         lr, outcome, step = one_step(t, batches, global_step, buffers, input_size, augment)
         t.parallel.after_step(global_step)  # local SGD averages the weights here, on its schedule
         sums["bad"] += step["bad"]
         if outcome == "done":
-            in_a_row = 0
+            t.skipped_in_a_row = 0
             for key in ("loss_sum", "correct", "images"):
                 sums[key] += step[key]
         else:
-            sums["skipped"], in_a_row = sums["skipped"] + 1, in_a_row + 1
-            if in_a_row >= t.max_nonfinite:
-                raise NonFiniteLoss(_skip_message(t, outcome, in_a_row, global_step))
+            sums["skipped"], t.skipped_in_a_row = sums["skipped"] + 1, t.skipped_in_a_row + 1
+            if t.skipped_in_a_row >= t.max_nonfinite:
+                raise NonFiniteLoss(_skip_message(t, outcome, t.skipped_in_a_row, global_step))
         global_step += 1
         seen = sums["images"]
         progress.update(loss=sums["loss_sum"] / max(seen, 1), top1=sums["correct"] / max(seen, 1),
