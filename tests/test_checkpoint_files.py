@@ -105,3 +105,16 @@ def test_resume_auto_on_a_finished_run_says_it_is_complete(tiny_data, tmp_path):
     p = run_here("train", "--data", tiny_data, "--out", elsewhere, *TINY, "--resume", out / "checkpoints" / "last.pt")
     assert "the run is already complete" in p.stdout and "nothing trained, so no checkpoint written" in p.stdout
     assert not any((elsewhere / "checkpoints").iterdir())
+
+
+def test_an_earlier_checkpoint_resumed_with_fewer_epochs_changes_nothing(tiny_data, tmp_path):
+    """Resumed from epoch 1's checkpoint with --epochs 1, the run (trained to 2) is complete as asked: its
+    record is left as it was (it lost epoch 2's line, which no later resume would write again)."""
+    from conftest import run_here
+    out = tmp_path / "run"
+    run_here("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2", "--keep-last", "5")
+    first = sorted((out / "checkpoints").glob("step-*.pt"))[0]
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "config.yaml")}
+    p = run_here("train", "--resume", first, "--epochs", "1")
+    assert "the run is already complete" in p.stdout and "removed" not in p.stdout
+    assert {name: (out / name).read_bytes() for name in before} == before

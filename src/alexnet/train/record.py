@@ -41,6 +41,10 @@ class Record:
             return
         out = self.plan.out
         self.plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if epochs_done >= self.plan.resolved.epochs and (out / "metrics.jsonl").exists():
+            # a complete run (a checkpoint at --epochs or past it): nothing is trained, so its record stays
+            self.file = logs.to_file(out / "train.log", early)
+            return
         self._keep_epochs(out / "metrics.jsonl", epochs_done)
         save_yaml(self.plan.resolved, out / "config.yaml")
         if held_out is not None:
