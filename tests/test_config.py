@@ -28,7 +28,18 @@ def test_yaml_then_flags(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     ({"batch_size": "0"}, "--batch-size: must be at least 1"),
     ({"batch_size": "many"}, "--batch-size: 'many' is not a whole number"),
-    ({"lr": "fast"}, "--lr: 'fast' is not a number"),
+    ({"lr": "fast"}, "--lr: 'fast' is not a finite number"),
+    ({"lr": "inf"}, "--lr: 'inf' is not a finite number"),
+    ({"contrast": "inf"}, "--contrast: 'inf' is not a finite number"),
+    ({"mean": "inf,0,0"}, "--mean: 'inf,0,0' is not a list of finite numbers"),
+    ({"seed": "-1"}, "--seed: must be a whole number in [0, 4294967295]"),
+    ({"split_seed": str(2**63)}, "--split-seed: must be a whole number in [0, 4294967295]"),
+    ({"dist_timeout": "1e10"}, "--dist-timeout: must be a positive number of seconds, at most 604,800 (a week)"),
+    ({"epochs": "1000000000000"}, "--epochs: must be at least 1 (and at most 1,000,000)"),
+    ({"data": ""}, "--data: an empty path; give one, or leave the flag out"),
+    ({"weights": " "}, "--weights: an empty path"),
+    ({"resume": ""}, "--resume: an empty path"),
+    ({"recipe": ""}, "--recipe: an empty name; give one of "),
     ({"arch": "resnet"}, "--arch: 'resnet' is not one of alexnet, alexnet2012"),
     ({"crop": "300", "resize": "256"}, "--crop: 300 is larger than the resized image"),
     ({"crop": "32"}, "--crop: 32 is below AlexNet's smallest input, 63"),
@@ -41,7 +52,7 @@ def test_yaml_then_flags(tmp_path):
     ({"warmup_epochs": "20", "epochs": "5"}, "--warmup-epochs"),
     ({"deterministic": "maybe"}, "--deterministic: 'maybe' is not true or false"),
     ({"mixup": "-0.2"}, "--mixup: must be 0 (off) or a positive number"),
-    ({"cutmix": "inf"}, "--cutmix: must be 0 (off) or a positive number"),
+    ({"cutmix": "inf"}, "--cutmix: 'inf' is not a finite number"),
     ({"clip_grad_norm": "-1"}, "--clip-grad-norm: must be 0 (off) or a positive number"),
 ])
 def test_invalid_values_name_the_setting(flags, message):

@@ -328,18 +328,24 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             return [str(v).strip() for v in items if str(v).strip()]
         if isinstance(default, list):
             items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value).strip())
-            return [float(v) for v in items if v != ""]
+            numbers = [float(v) for v in items if v != ""]
+            if not all(math.isfinite(v) for v in numbers):
+                raise ValueError
+            return numbers
         if kind is int:
             if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if kind is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         return str(value)
-    except (TypeError, ValueError):
-        what = "a list of numbers" if isinstance(default, list) else (
+    except (TypeError, ValueError, OverflowError):
+        what = "a list of finite numbers" if isinstance(default, list) else (
             "true or false" if isinstance(default, bool) else
-            {int: "a whole number", float: "a number"}.get(kind, "a value"))
+            {int: "a whole number", float: "a finite number"}.get(kind, "a value"))
         raise ConfigError(f"{name}: {value!r} is not {what}") from None
 
 
@@ -356,6 +362,8 @@ def _path(name: str, value: Any) -> Any:
         return [_path(name, v) for v in value]
     if not isinstance(value, str) or (name == "resume" and value == "auto"):
         return value
+    if not value.strip():  # `--data "$DATA"` with DATA unset: never taken for "not given"
+        raise ConfigError(f"--{name.replace('_', '-')}: an empty path; give one, or leave the flag out")
     value = os.path.expanduser(value)
     return os.path.abspath(value) if name in ABSOLUTE and value else value
 
@@ -403,6 +411,9 @@ def check_split(val_fraction: float, val_dir: str | None) -> None:
                           "folder)")
 
 
+WEEK = 7 * 24 * 3600  # the longest --dist-timeout: longer ones overflow torch's timers
+
+
 def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
     """Refuse settings that cannot work, before any work. `check_data` False: a missing --data is left to
     the workers of a multi-node job, which agree on it with their peers (train.open_data), so that every
@@ -448,7 +459,9 @@ def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
          "the columns must be orthonormal eigenvectors (as `alexnet data stats` prints them)")
     need(cfg.fc_width >= 1, "fc-width", "must be at least 1")
     need(0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)")
-    need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(1 <= cfg.epochs <= 1_000_000, "epochs", "must be at least 1 (and at most 1,000,000)")
+    for name in ("seed", "split_seed", "synthetic_seed"):
+        need(0 <= getattr(cfg, name) < 2**32, name.replace("_", "-"), "must be a whole number in [0, 4294967295]")
     need(cfg.val_every >= 1, "val-every", "must be at least 1 (validate every N epochs)")
     need(cfg.val_every == 1 or cfg.schedule != "plateau", "val-every",
          "the plateau schedule divides the learning rate on the validation loss of every epoch; use --val-every 1")
@@ -476,7 +489,8 @@ def validate_train(cfg: TrainConfig, check_data: bool = True) -> None:
     need(cfg.global_batch_size >= 0, "global-batch-size", "must be 0 (unset) or positive")
     need(cfg.accum_steps >= 1, "accum-steps", "must be at least 1")
     need(cfg.lr_reference_batch >= 1, "lr-reference-batch", "must be at least 1")
-    need(cfg.dist_timeout > 0, "dist-timeout", "must be a positive number of seconds")
+    need(0 < cfg.dist_timeout <= WEEK, "dist-timeout", f"must be a positive number of seconds, at most {WEEK:,} "
+                                                       f"(a week)")
     need(cfg.powersgd_rank >= 1, "powersgd-rank", "must be at least 1")
     need(cfg.powersgd_start_step >= 2, "powersgd-start-step", "must be at least 2 (PowerSGD needs a plain step first)")
     need(cfg.bucket_cap_mb > 0, "bucket-cap-mb", "must be positive")
@@ -544,8 +558,8 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError(f"--crop: {cfg.crop} is below AlexNet's smallest input, {MIN_INPUT_SIZE}")
     if cfg.workers < 0:
         raise ConfigError("--workers: must be 0 or more")
-    if cfg.dist_timeout <= 0:
-        raise ConfigError("--dist-timeout: must be a positive number of seconds")
+    if not 0 < cfg.dist_timeout <= WEEK:
+        raise ConfigError(f"--dist-timeout: must be a positive number of seconds, at most {WEEK:,} (a week)")
     _paths_exist(cfg, ("data",))
     if cfg.confusion is not None:
         from .plots import matplotlib_missing, png_target_problem
@@ -642,6 +656,8 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
     given = {k: _path(k, v) if k in PATHS else v for k, v in flags.items()}
     from_file = load_yaml(given["config"]) if given.get("config") else {}
     from_file = {k: _path(k, v) if k in PATHS else v for k, v in from_file.items()}
+    if given.get("recipe") == "":
+        raise ConfigError(f"--recipe: an empty name; give one of {', '.join(recipe_names())}, or leave the flag out")
     recipe = given.get("recipe") or from_file.get("recipe")
     explicit = {**(load_recipe(recipe) if recipe else {}), **from_file, **given}
     values: dict[str, Any] = {}
