@@ -241,3 +241,13 @@ def test_pack_and_check_refuse_bad_split_settings_as_train_does(tmp_path, capsys
     assert not (tmp_path / "p").exists()
     # --split-seed goes on to the layout check (which shares it holds out cannot change what it finds)
     assert main(["data", "check", str(root), "--val-fraction", "0.2", "--split-seed", "7"]) == 0
+
+
+def test_a_held_out_split_says_the_validation_folder_goes_unused_and_train_is_no_validation_folder(tmp_path):
+    root = renamed(tmp_path, "val")
+    p = run_here("train", "--data", root, "--val-fraction", "0.25", "--out", tmp_path / "run", *SMALL)
+    assert (f"validation split: 3 images held out of {root / 'train'} (--val-fraction 0.25, --split-seed 0); "
+            f"{root / 'val'} is not used") in p.stdout
+    p = run_here("train", "--data", root, "--val-dir", "train", "--out", tmp_path / "r2", *SMALL, check=False)
+    assert p.returncode == 2 and "--val-dir train: that is the training split" in p.stderr
+    assert not (tmp_path / "r2").exists()

@@ -16,7 +16,7 @@ import torch
 from ..errors import DataError
 from . import packed
 from .batch import jpeg_on_gpu, main_process_augment
-from .folder import ImageFolder, held_out_folder, left_out, open_splits, val_dir_of
+from .folder import VAL_DIRS, ImageFolder, held_out_folder, left_out, open_splits, val_dir_of
 from .loader import make_loader
 from .transforms import eval_transform, train_transform
 
@@ -78,8 +78,9 @@ def _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, he
         val_dir = val_dir_of(Path(root), held["val_dir"], hold_out=False) if Path(root).is_dir() else "val"
         splits = [None, ImageFolder(root, val_dir, transforms[1], seed, classes=classes, on_bad_image=on_bad_image)]
     if getattr(splits[1], "held_out", None) is not None:
+        unused = next((f"; {Path(root) / v} is not used" for v in VAL_DIRS if (Path(root) / v).is_dir()), "")
         say(f"validation split: {len(splits[1])} images held out of {Path(root) / splits[1].split} "
-            f"(--val-fraction {held['val_fraction']:g}, --split-seed {held['split_seed']})"
+            f"(--val-fraction {held['val_fraction']:g}, --split-seed {held['split_seed']}){unused}"
             if held["val_files"] is None else f"validation split: the {len(splits[1])} images held out when the "
             f"model was trained")
     elif not packed.is_packed(root) and splits[1].split != "val":

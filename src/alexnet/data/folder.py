@@ -34,6 +34,9 @@ def val_dir_of(root: Path, name: str | None = None, hold_out: bool = True) -> st
             raise DataError(f"--val-dir {name!r}: give the name of a folder inside {root}, not a path")
         if not (root / name).is_dir():
             raise DataError(f"--val-dir {name}: {root / name} does not exist")
+        if name == "train":
+            raise DataError("--val-dir train: that is the training split, which would be validated on the images "
+                            "it trains on; give another folder, or hold out a share of it with --val-fraction")
         return name
     for candidate in VAL_DIRS:
         if (root / candidate).is_dir():
