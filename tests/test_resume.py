@@ -229,11 +229,12 @@ def test_a_signal_stops_at_a_step_saves_and_resume_auto_finishes_the_same(exact,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_to_the_launcher_of_two_processes_stops_them_saved_without_a_traceback(exact, tmp_path, sig):
-    """What a scheduler or `timeout` (SIGTERM to the `alexnet train` launcher) or Ctrl-C (SIGINT to its
-    process group) does to a multi-process run: the workers are sent SIGTERM (torch's agent passes a
-    SIGTERM on; the launcher turns a Ctrl-C into one), stop at a step and save; the launcher says so,
+    """What a scheduler or `timeout` (SIGTERM to the `alexnet train` launcher), Ctrl-C (SIGINT to its
+    process group) or a closed terminal (SIGHUP) does to a multi-process run: the workers are sent SIGTERM
+    (torch's agent passes a SIGTERM or SIGHUP on; the launcher turns a Ctrl-C into a SIGTERM), stop at a
+    step and save; the launcher says so,
     without a traceback, and exits as a signalled process does (128 + the signal); resuming finishes as
     the uninterrupted run."""
     flags = [*RESUME, "--epochs", "12", "--data", exact["data"], "--batch-size", "2", "--nproc-per-node", "2"]
@@ -247,8 +248,9 @@ def test_a_signal_to_the_launcher_of_two_processes_stops_them_saved_without_a_tr
         assert "alexnet train: Ctrl-C: the workers stop at their next step and save a checkpoint" in output
         assert "alexnet train: stopped by Ctrl-C (SIGINT); the workers were sent SIGTERM" in output
     else:
-        assert "alexnet train: stopped by SIGTERM; the workers were sent it too" in output
-    stopped_at = int(output.split("stopped on SIGTERM at global step ")[1].split(",")[0])
+        assert f"alexnet train: stopped by {sig.name}; the workers were sent it too (a training run stops" in output
+    name = "SIGTERM" if sig == signal.SIGINT else sig.name
+    stopped_at = int(output.split(f"stopped on {name} at global step ")[1].split(",")[0])
     assert checkpoint.load_run(out / "checkpoints" / "last.pt")["global_step"] == stopped_at
     assert 12 <= stopped_at < 72
     resumed = run_cli("train", *flags, "--out", out, "--resume", "auto")

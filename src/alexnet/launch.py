@@ -473,7 +473,7 @@ def _run_once(a: argparse.Namespace, command: str, parsed, timeout: float, host:
     except SignalException as e:  # the launcher was signalled: torch's agent has passed it on to the workers
         name = signal.Signals(e.sigval).name
         saved = (" (a training run stops at its next step and saves a checkpoint, and says so above; continue "
-                 "with --resume auto)" if command == "train" else "")
+                 "with --resume auto)" if command == "train" and e.sigval in (signal.SIGTERM, signal.SIGHUP) else "")
         if str(e) == "Ctrl-C":  # CtrlC: the workers were sent SIGTERM
             print(f"alexnet {command}: stopped by Ctrl-C (SIGINT); the workers were sent SIGTERM{saved}",
                   file=sys.stderr)

@@ -19,10 +19,11 @@ from ..errors import WriteError
 
 
 class StopSignal:
-    """Notes a SIGTERM (preemption by Slurm or Kubernetes) or a Ctrl-C (SIGINT) so that the loop stops at a
-    step boundary; `name` is the signal's. A second one ends the process at once."""
+    """Notes a SIGTERM (preemption by Slurm or Kubernetes), a Ctrl-C (SIGINT) or a hang-up (SIGHUP: the
+    terminal closed) so that the loop stops at a step boundary; `name` is the signal's. A second one ends
+    the process at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.requested, self.name = False, ""
