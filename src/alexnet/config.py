@@ -143,7 +143,7 @@ class TrainConfig:
                                  "the per-process batch is derived from it (0: use --batch-size)")
     accum_steps: int = opt(1, "gradient accumulation: micro-batches per optimizer step (no all-reduce but on the last)")
     lr_scaling: str = opt("none", "linear: multiply --lr by global batch / --lr-reference-batch (Goyal et al.; "
-                          "then --warmup-epochs defaults to 5)",
+                          "then --warmup-epochs defaults to 5, or --epochs when fewer)",
                           ("none", "linear"))
     lr_reference_batch: int = opt(256, "global batch size at which --lr is meant, for --lr-scaling linear")
     backend: str = opt("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
