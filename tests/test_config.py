@@ -198,3 +198,9 @@ def test_a_resumed_runs_data_folder_that_is_not_here_is_said_to_come_from_its_ch
     cfg, _ = resolve_train({"resume": "last.pt", "data": str(tmp_path)},
                            checkpoint_config=lambda resume, out: {"data": "tiny"})
     assert cfg.data == str(tmp_path)
+
+
+def test_a_config_file_that_names_another_is_refused(tmp_path):
+    (tmp_path / "run.yaml").write_text("config: other.yaml\nepochs: 2\n")
+    with pytest.raises(ConfigError, match="run.yaml names another config file"):
+        resolve_train({"config": str(tmp_path / "run.yaml")})

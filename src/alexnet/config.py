@@ -656,6 +656,9 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
     given = {k: _path(k, v) if k in PATHS else v for k, v in flags.items()}
     from_file = load_yaml(given["config"]) if given.get("config") else {}
     from_file = {k: _path(k, v) if k in PATHS else v for k, v in from_file.items()}
+    if "config" in from_file:
+        raise ConfigError(f"config: {given['config']} names another config file ({from_file['config']}); one file "
+                          f"holds the settings: copy them into it (a recipe may be named with `recipe:`)")
     if given.get("recipe") == "":
         raise ConfigError(f"--recipe: an empty name; give one of {', '.join(recipe_names())}, or leave the flag out")
     recipe = given.get("recipe") or from_file.get("recipe")
