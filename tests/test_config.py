@@ -204,3 +204,5 @@ def test_a_config_file_that_names_another_is_refused(tmp_path):
     (tmp_path / "run.yaml").write_text("config: other.yaml\nepochs: 2\n")
     with pytest.raises(ConfigError, match="run.yaml names another config file"):
         resolve_train({"config": str(tmp_path / "run.yaml")})
+    (tmp_path / "run.yaml").write_text("config: null\nepochs: 2\n")  # as a run's config.yaml has it: no other
+    assert resolve_train({"config": str(tmp_path / "run.yaml")})[0].epochs == 2

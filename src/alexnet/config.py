@@ -286,8 +286,8 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except UnicodeDecodeError:
-        raise ConfigError(f"config: {p} is not a YAML file (not even text: give the run's settings file, such "
-                          f"as a run folder's config.yaml)") from None
+        raise ConfigError(f"config: {p} is not a YAML file (not even text): give a file of settings, one "
+                          f"`name: value` a line, such as those in configs/") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # where the parser stopped, 0-based; its message spans lines
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -656,8 +656,8 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
     given = {k: _path(k, v) if k in PATHS else v for k, v in flags.items()}
     from_file = load_yaml(given["config"]) if given.get("config") else {}
     from_file = {k: _path(k, v) if k in PATHS else v for k, v in from_file.items()}
-    if "config" in from_file:
-        raise ConfigError(f"config: {given['config']} names another config file ({from_file['config']}); one file "
+    if (other := from_file.pop("config", None)) is not None:
+        raise ConfigError(f"config: {given['config']} names another config file ({other}); one file "
                           f"holds the settings: copy them into it (a recipe may be named with `recipe:`)")
     if given.get("recipe") == "":
         raise ConfigError(f"--recipe: an empty name; give one of {', '.join(recipe_names())}, or leave the flag out")
