@@ -74,7 +74,7 @@ class TrainConfig:
                             "--random-resized-crop or --val-fraction, nor for the built-in dataset",
                     ("auto", "raw", "jpeg", "no"))
     synthetic_seed: int = opt(0, "seed of the built-in generated dataset")
-    cache_dir: str | None = opt(None, "where the built-in dataset is generated and image folders packed (default "
+    cache_dir: str | None = opt(None, "where the built-in dataset is generated and image folders packed (default: "
                                       "$ALEXNET_CACHE or ~/.cache/alexnet)")
     on_bad_image: str = opt("skip", "an unreadable image: skip it (counted in metrics.jsonl, with a warning) or stop with an error",
                             ("skip", "error"))
@@ -168,7 +168,7 @@ class TrainConfig:
     gradient_as_bucket_view: bool = opt(False, "DDP: gradients as views into the buckets (saves a copy)")
     static_graph: bool = opt(False, "DDP: the graph is the same every step (lets DDP skip some work)")
     # running
-    out: str | None = opt(None, "run folder (default runs/<arch>-<date>-<time>)")
+    out: str | None = opt(None, "run folder (default: runs/<arch>-<date>-<time>)")
     resume: str | None = opt(None, "continue from this checkpoint, or auto: from the newest usable checkpoint in "
                              "--out's checkpoints/ (a fresh start when there is none)")
     checkpoint_every: str = opt("0", "also checkpoint inside epochs: every N steps (500) or minutes (10m); 0: at epoch ends only")
@@ -225,7 +225,7 @@ class EvalConfig:
     workers: int = opt(2, "data loader worker processes")
     jpeg_decode: str = jpeg_decode_opt()
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
-    cache_dir: str | None = opt(None, "cache folder of the built-in dataset")
+    cache_dir: str | None = opt(None, "cache folder of the built-in dataset (default: the run's, else $ALEXNET_CACHE or ~/.cache/alexnet)")
     json: bool = opt(False, "print the metrics as JSON")
     tta: str = opt("none", "test-time augmentation: none (centre crop), flip (and its mirror) or 10crop (the four "
                            "corners and the centre, and their mirrors), softmax outputs averaged", TTA_MODES)
