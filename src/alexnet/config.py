@@ -225,7 +225,8 @@ class EvalConfig:
     workers: int = opt(2, "data loader worker processes")
     jpeg_decode: str = jpeg_decode_opt()
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
-    cache_dir: str | None = opt(None, "cache folder of the built-in dataset (default: the run's, else $ALEXNET_CACHE or ~/.cache/alexnet)")
+    cache_dir: str | None = opt(None, "cache folder of the built-in dataset (default: the run's, else $ALEXNET_CACHE "
+                                      "or ~/.cache/alexnet)")
     json: bool = opt(False, "print the metrics as JSON")
     tta: str = opt("none", "test-time augmentation: none (centre crop), flip (and its mirror) or 10crop (the four "
                            "corners and the centre, and their mirrors), softmax outputs averaged", TTA_MODES)
