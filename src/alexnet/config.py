@@ -366,7 +366,7 @@ def _path(name: str, value: Any) -> Any:
     if not value.strip():  # `--data "$DATA"` with DATA unset: never taken for "not given"
         raise ConfigError(f"--{name.replace('_', '-')}: an empty path; give one, or leave the flag out")
     value = os.path.expanduser(value)
-    return os.path.abspath(value) if name in ABSOLUTE and value else value
+    return os.path.abspath(value) if name in ABSOLUTE else value
 
 
 def build(cls, values: dict[str, Any]):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import packed
-from .data.folder import find_classes, scan
+from .data.folder import find_classes, not_a_data_folder, scan
 from .data.images import DECODE_ERRORS, load_rgb, reason
 from .errors import DataError
 from .progress import Progress
@@ -19,7 +19,7 @@ def split_to_measure(folder: str | Path, split: str | None) -> tuple[Path, str]:
     or DIR itself where DIR is a split folder (its class folders hold the images) and no --split is given."""
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}")
+        raise not_a_data_folder(root)
     if packed.is_packed(root):
         raise DataError(f"{root} is a packed dataset: data stats measures the images themselves; give the image "
                         f"folder it was packed from")

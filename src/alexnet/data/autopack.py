@@ -293,10 +293,9 @@ def _use(cfg, encoding: str, log, packed_now: bool = False):
     if not packed_now and os.environ.get("RANK", "0") == "0":
         if note := left_out(Counter(meta.get("left_out", {})), cfg.data):
             log(f"{note}, when it was packed")
-    skipped = sum(len(s["skipped"]) for s in meta["splits"].values())
+    skipped = sum(_left_out_unreadable(meta))
     if skipped and cfg.on_bad_image == "error":
-        first = next(s["skipped"][0] for s in meta["splits"].values() if s["skipped"])
-        raise DataError(f"unreadable image {first} (--on-bad-image skip skips such files)")
+        raise DataError(f"unreadable image {_first_unreadable(meta)} (--on-bad-image skip skips such files)")
     log(f"training from the pack of {cfg.data} in {out} ({'raw pixels' if encoding == 'raw' else 'JPEG'}"
         + (f"; {skipped} unreadable file(s) left out, listed in {out / packed.META}" if skipped else "") + ")")
     return replace(cfg, pack=encoding)
@@ -305,19 +304,27 @@ def _use(cfg, encoding: str, log, packed_now: bool = False):
 def unreadable(root: Path) -> tuple[int, int]:
     """(training, validation) files a pack left out as unreadable: counted in every epoch's metrics as the
     files would have been."""
-    splits = packed.read_meta(root)["splits"]
+    return _left_out_unreadable(packed.read_meta(root))
+
+
+def _left_out_unreadable(meta: dict) -> tuple[int, int]:
+    splits = meta["splits"]
     return len(splits["train"]["skipped"]), len(splits["val"]["skipped"])
+
+
+def _first_unreadable(meta: dict) -> str:
+    return next(s["skipped"][0] for s in meta["splits"].values() if s["skipped"])
 
 
 def given_pack_left_out(root: Path, on_bad_image: str, say) -> tuple[int, int]:
     """unreadable() of a pack given as --data (one made on first use says it in _use): said at start, and
     with --on-bad-image error a stop, as the files themselves would be."""
-    train, val = unreadable(root)
+    meta = packed.read_meta(root)
+    train, val = _left_out_unreadable(meta)
     if train + val:
-        first = next(s["skipped"][0] for s in packed.read_meta(root)["splits"].values() if s["skipped"])
         if on_bad_image == "error":
-            raise DataError(f"unreadable image {first}, left out when {root} was packed (--on-bad-image skip "
-                            f"counts such files)")
+            raise DataError(f"unreadable image {_first_unreadable(meta)}, left out when {root} was packed "
+                            f"(--on-bad-image skip counts such files)")
         say(f"{train + val} unreadable file(s) were left out when {root} was packed (listed in "
             f"{Path(root) / packed.META}): counted as bad_images and val_bad_images in every epoch")
     return train, val
