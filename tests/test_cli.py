@@ -279,6 +279,21 @@ def test_an_invalid_choice_is_one_line_like_any_invalid_value(args, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err and "usage:" not in err, err
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["data", "pack", "", "{tmp}/p"], "dir"), (["data", "pack", "{tmp}", " "], "out"),
+    (["data", "check", ""], "dir"), (["data", "stats", ""], "dir"),
+    (["export", "--checkpoint", "", "--out", "{tmp}/p.pt2"], "--checkpoint"),
+    (["export", "--checkpoint", "{tmp}/x.pt", "--out", ""], "--out"),
+    (["plot", ""], "RUN_DIR"), (["plot", "{tmp}", "--out", ""], "--out"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, flag, tmp_path, capsys, monkeypatch):
+    """`alexnet data pack "$SRC" out` with SRC unset packed the folder it ran in."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and f"error: argument {flag}: an empty path; give a file or folder" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists() and not (tmp_path / "p.pt2").exists()
+
+
 @pytest.mark.parametrize("args,said", [
     (["bench", "--data", "{tmp}/gone"], "alexnet bench: error: --data: '{tmp}/gone' does not exist"),
     (["bench", "--packed", "{tmp}/gone"], "alexnet bench: error: --packed: '{tmp}/gone' does not exist"),

@@ -43,7 +43,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _path(text: str) -> str:
     """A file or folder named on the command line, with `~` expanded as the shell does (it does not in
-    --out=~/x)."""
+    --out=~/x); an empty one (an unset variable, `alexnet data pack "$SRC" out`) is refused, not read as
+    the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
     return os.path.expanduser(text)
 
 
