@@ -14,6 +14,7 @@ from .config import (BenchConfig, EvalConfig, PredictConfig, TrainConfig, build,
 from .errors import (BenchError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
                      NonFiniteLoss, WriteError, message)
 from .export import FORMATS
+from .runtime import out_of_memory
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
@@ -155,6 +156,11 @@ def _settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("launch_")}
 
 
+LESS_MEMORY = {  # what to lower when a command runs out of memory
+    "train": "lower --batch-size (--accum-steps keeps the global batch), --crop or --fc-width",
+    "eval": "lower --batch-size", "predict": "lower --batch-size", "bench": "lower --batch-size or --image-size"}
+
+
 def entry() -> int:
     """The `alexnet` command as installed (and `python -m alexnet`, as the launcher starts its workers): main,
     with what is alive at start (torch and the other imports) and at the end kept out of the cyclic garbage
@@ -273,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alexnet {args.command}{who}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
+        if (asked := out_of_memory(e)) is not None:
+            advice = f": {LESS_MEMORY[args.command]}" if args.command in LESS_MEMORY else ""
+            gpu = " (nvidia-smi shows what else holds the GPU)" if "CUDA" in str(e) else ""
+            print(f"alexnet {args.command}{who}: error: out of memory{asked}{advice}{gpu}", file=sys.stderr)
+            return 1
         if not distributed.is_collective_failure(e):
             raise
         print(f"alexnet {args.command}{who}: error: lost contact with the other processes: "

@@ -7,6 +7,7 @@ import ctypes
 import os
 import platform
 import random
+import re
 import sys
 
 import numpy as np
@@ -80,6 +81,21 @@ def make_sgd(params, impl: str, device: torch.device, **kw) -> torch.optim.SGD:
         return torch.optim.SGD(params, **kw, fused=True)
     except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
         return torch.optim.SGD(params, **kw, foreach=device.type == "cuda")
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """When `e` is a failed allocation (the CPU allocator's "can't allocate memory", or a GPU's out of
+    memory): what it asked for, in words (" (it asked for 343.3 GiB more)"; empty when the error does not
+    say); else None."""
+    text = str(e)
+    if not (isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    if found := re.search(r"allocate (\d+) bytes", text):
+        return f" (it asked for {int(found.group(1)) / 2**30:.1f} GiB more)"
+    if found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text):
+        return f" (it asked for {found.group(1)} more)"
+    return ""
 
 
 def seed_everything(seed: int) -> None:
