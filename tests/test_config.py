@@ -64,8 +64,24 @@ def test_invalid_values_name_the_setting(flags, message):
 def test_unknown_yaml_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("epochz: 3\n")
-    with pytest.raises(ConfigError, match="unknown setting 'epochz'"):
+    with pytest.raises(ConfigError) as e:
         resolve_train({"config": str(f)})
+    assert str(e.value) == f"config {f}: unknown setting 'epochz' (did you mean 'epochs'?)"
+
+
+@pytest.mark.parametrize("text,said", [
+    ("epochs: ten\n", "epochs: 'ten' is not a whole number"), ("fc_width: 1.5\n", "fc_width: 1.5 is not a whole number"),
+    ("lr: [0.1]\n", "lr: [0.1] is not a finite number"), ("nesterov: maybe\n", "nesterov: 'maybe' is not true or false"),
+    ("data: ''\n", "data: an empty path; give one, or leave the line out"),
+])
+def test_a_config_file_mistake_is_said_as_the_file_has_it_not_as_a_flag(tmp_path, text, said):
+    """`epochs: ten` in a config file was said as "--epochs: 'ten' ...", a flag the user never typed."""
+    for source, flags in (("config", {"config": str(tmp_path / "c.yaml")}),
+                          ("--recipe", {"recipe": str(tmp_path / "c.yaml")})):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            resolve_train(flags)
+        assert str(e.value) == f"{source} {tmp_path / 'c.yaml'}: {said}"
 
 
 def test_yaml_not_a_mapping(tmp_path):

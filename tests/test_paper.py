@@ -134,7 +134,7 @@ def test_flags_and_config_files_override_a_recipe(tmp_path):
     assert (cfg.epochs, cfg.batch_size, cfg.global_batch_size, cfg.pca_lighting) == (7, 16, 0, 0.0)
     assert cfg.arch == "alexnet2012"
     (tmp_path / "bad.yaml").write_text("arch: alexnet\nlearning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="unknown settings: learning_rate"):
+    with pytest.raises(ConfigError, match=f"--recipe {tmp_path / 'bad.yaml'}: unknown setting 'learning_rate'; known "):
         resolve_train({"recipe": str(tmp_path / "bad.yaml"), "data": "."})
     with pytest.raises(ConfigError, match="paper2012"):
         resolve_train({"recipe": "paper2013", "data": "."})

@@ -8,6 +8,7 @@ setting and what is allowed. The resolved config is saved in every run folder an
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -299,9 +300,10 @@ def load_yaml(path: str | Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Turn a YAML or flag value into the field's type, or raise ConfigError naming the setting."""
-    name = "--" + f.name.replace("_", "-")
+def _coerce(f: dataclasses.Field, value: Any, name: str = "") -> Any:
+    """Turn a YAML or flag value into the field's type, or raise ConfigError naming the setting (`name`; by
+    default as its flag)."""
+    name = name or "--" + f.name.replace("_", "-")
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     kind = type(default) if default is not None else None
     if f.type in ("str | None",) or (default is None and f.type.startswith("str")):
@@ -367,6 +369,21 @@ def _path(name: str, value: Any) -> Any:
         raise ConfigError(f"--{name.replace('_', '-')}: an empty path; give one, or leave the flag out")
     value = os.path.expanduser(value)
     return os.path.abspath(value) if name in ABSOLUTE else value
+
+
+def check_file(values: dict[str, Any], source: str) -> None:
+    """The settings of a YAML file (a --config file or a recipe; `source` names it) each checked on its
+    own, so that a mistake is said as the file has it, `FILE: epochs: 'ten' is not a whole number`, not as
+    a flag the user never typed; an unknown name gets the closest known one."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    for k, v in values.items():
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
+            raise ConfigError(f"{source}: unknown setting {k!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                                 f"; known settings: {', '.join(sorted(known))}"))
+        if k in PATHS and isinstance(v, str) and not v.strip():
+            raise ConfigError(f"{source}: {k}: an empty path; give one, or leave the line out")
+        _coerce(known[k], v, f"{source}: {k}")
 
 
 def build(cls, values: dict[str, Any]):
@@ -616,9 +633,7 @@ def load_recipe(name: str) -> dict:
         raise ConfigError(f"--recipe: {name!r} is neither a recipe ({', '.join(recipe_names()) or 'none found'} "
                           f"in {RECIPES}) nor a YAML file")
     values = load_yaml(path)
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"--recipe {name}: {path} sets unknown settings: {', '.join(unknown)}")
+    check_file(values, f"--recipe {name}" if path == Path(name) else f"--recipe {name} ({path})")
     if values.get("recipe") or values.get("config"):
         raise ConfigError(f"--recipe {name}: a recipe cannot name another recipe or config file")
     values.pop("recipe", None)
@@ -656,6 +671,7 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
     names of the settings the user gave."""
     given = {k: _path(k, v) if k in PATHS else v for k, v in flags.items()}
     from_file = load_yaml(given["config"]) if given.get("config") else {}
+    check_file({k: v for k, v in from_file.items() if k != "config"}, f"config {given.get('config')}")
     from_file = {k: _path(k, v) if k in PATHS else v for k, v in from_file.items()}
     if (other := from_file.pop("config", None)) is not None:
         raise ConfigError(f"config: {given['config']} names another config file ({other}); one file "
