@@ -7,7 +7,7 @@ from alexnet.data import packed
 from alexnet.data.build import build_loaders, describe
 from alexnet.errors import DataError
 
-from conftest import write_folder
+from conftest import TINY, run_cli, write_folder
 
 CPU = torch.device("cpu")
 TRAIN = dict(resize="72", crop=64, mean=[0.5] * 3, std=[0.25] * 3)
@@ -60,3 +60,15 @@ def test_validation_alone_for_evaluation(folders, kind):
 def test_a_missing_folder_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_loaders(tmp_path / "nothing", CPU, train=TRAIN, val=VAL, batch_size=5, eval_batch=5, workers=0)
+
+
+def test_more_workers_than_cores_is_one_warning_of_ours_not_torchs(tiny_data, tmp_path):
+    """torch's own warning came once for each loader, from its source line, and named no flag."""
+    workers = packed.available_cores() + 1
+    proc = run_cli("train", "--data", tiny_data, "--out", tmp_path / "r", *TINY, "--workers", workers,
+                   env={"ALEXNET_CACHE": str(tmp_path / "cache")})
+    said = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "WARNING: --workers" in line]
+    assert len(said) == 1 and said[0].endswith(
+        f"WARNING: --workers {workers} is more than the {workers - 1} core{'s' * (workers > 2)} this process may use: "
+        f"the loader processes take turns on them with the model's threads, so {workers - 1} or fewer is usually faster")
+    assert "worker processes in total" not in proc.stderr

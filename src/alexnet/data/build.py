@@ -48,6 +48,9 @@ def build_loaders(root: str | Path, device: torch.device, *, train: dict | None,
     if val_fraction and packed.is_packed(root):
         raise DataError(f"--val-fraction: {root} is a packed dataset, whose validation split was chosen when it "
                         f"was packed (`alexnet data pack DIR OUT --val-fraction F`); drop --val-fraction")
+    if workers > (cores := packed.available_cores()):
+        say(f"WARNING: --workers {workers} is more than the {cores} core{'s' * (cores > 1)} this process may use: the "
+            f"loader processes take turns on them with the model's threads, so {cores} or fewer is usually faster")
     held = dict(val_dir=val_dir, val_fraction=val_fraction, split_seed=split_seed, val_files=val_files)
     splits = _open(root, device, train, val, seed, on_bad_image, jpeg_decode, classes, held, say)
     packed.hold_on_device([s for s in splits if s is not None], device, data_on_device, say)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .packed import collate_batch
+
+# More workers than cores: build_loaders says so in one line of its own, where torch's warning (from its
+# source line, once for each loader) names no flag.
+warnings.filterwarnings("ignore", message="This DataLoader will create .* worker processes in total",
+                        category=UserWarning)
 
 
 class EpochSampler(Sampler):
