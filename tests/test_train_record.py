@@ -1,6 +1,12 @@
 """train.record: the run folder, one metrics.jsonl line and one log line per epoch, the end of a run."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import torch
 import yaml
@@ -8,6 +14,7 @@ import yaml
 from alexnet.config import TrainConfig
 from alexnet.train.plan import make_plan
 from alexnet.train.record import Record
+from conftest import TINY, run_cli
 
 T = {"loss_sum": 20.0, "correct": 6, "images": 10, "seconds": 2.0, "bad": 1, "skipped": 2, "global_step": 5}
 V = {"loss": 0.5, "acc1": 0.75, "acc5": 1.0, "bad_images": 0}
@@ -70,3 +77,33 @@ def test_the_end_of_a_run(tmp_path):
         r.close()
     assert said[0].startswith("epochs (* best top-1):") and said[-1].startswith("done: best val top-1 75.00%")
     assert logged[-1].startswith("final weights sha256 ") and logged[-1].endswith("(rank 0 of 1)")
+
+
+def test_a_second_run_in_a_folder_another_run_is_writing_is_refused_and_changes_nothing(tiny_data, tmp_path):
+    """Two runs in one --out (a job submitted twice; --resume auto while the first still runs) both trained,
+    interleaving their metrics.jsonl lines and checkpoints, and both exited 0."""
+    out, env = tmp_path / "run", {**os.environ, "ALEXNET_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--data", str(tiny_data), "--out", str(out),
+                              *TINY, "--epochs", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.pt").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "slow"
+            time.sleep(0.2)
+        config = (out / "config.yaml").read_bytes()
+        second = run_cli("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2000", "--resume", "auto",
+                         env=env, check=False)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.startswith(f"alexnet train: error: --out {out} is in use by another run (pid {first.pid} "
+                                        f"on {socket.gethostname()}, since "), second.stderr
+        assert (out / "config.yaml").read_bytes() == config  # epochs: 1000, not the second run's 2000
+        first.send_signal(signal.SIGTERM)  # it saves and ends: the folder is free again
+        assert first.wait(timeout=60) == 0
+    finally:
+        first.kill()
+        first.wait()
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # one run's lines, none twice
+    run_cli("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", len(epochs) + 1, "--resume", "auto",
+            env=env)

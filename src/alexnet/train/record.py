@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 from .. import distributed, logs, report
 from ..config import save_yaml, to_dict
+from ..errors import ConfigError
 from .hooks import written
 
 
@@ -24,12 +27,39 @@ def check_writable(folder: Path) -> None:
         raise PermissionError(13, "Permission denied", str(existing))
 
 
+LOCK = ".run.lock"  # in the run folder: held by the process that writes the folder while it runs
+
+
+def hold(out: Path) -> int | None:
+    """Take the run folder `out` for this process (an fcntl record lock on out/.run.lock, which the system
+    lets go of when the process ends, however it ends, and which forked loader workers do not share); the
+    lock's descriptor, or None where the file system has no locks. A folder another live run holds is
+    refused: two runs in one folder would interleave their metrics.jsonl lines and checkpoints."""
+    import fcntl
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(f"--out {out} is in use by another run ({holder or 'which process, it did not say'}): let "
+                          f"it finish, or stop it (it saves a checkpoint on SIGTERM) and continue with --resume "
+                          f"auto; or give another --out") from None
+    except OSError:  # a file system without locks: the run goes on unguarded, as before
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+    return fd
+
+
 class Record:
     def __init__(self, plan, say, log, left_out: tuple[int, int] = (0, 0)) -> None:
         """`left_out`: the (training, validation) files that the pack made on first use (data.autopack) left
         out as unreadable, counted in every epoch as the files themselves would be."""
         self.plan, self.say, self.log, self.left_out = plan, say, log, left_out
-        self.file, self.scalars = None, logs.Scalars(None)
+        self.file, self.scalars, self.lock = None, logs.Scalars(None), None
 
     def open(self, early, epochs_done: int = 0, held_out: list[str] | None = None) -> None:
         """Make the run folder: once data, model and checkpoint are known to work, so that errors before
@@ -41,6 +71,7 @@ class Record:
             return
         out = self.plan.out
         self.plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = hold(out)  # before anything in the folder changes
         if epochs_done >= self.plan.resolved.epochs and (out / "metrics.jsonl").exists():
             # a complete run (a checkpoint at --epochs or past it): nothing is trained, so its record stays
             self.file = logs.to_file(out / "train.log", early)
@@ -118,6 +149,9 @@ class Record:
     def close(self) -> None:
         self.scalars.close()
         logs.close_file(self.file)
+        if self.lock is not None:
+            os.close(self.lock)  # lets go of the run folder
+            self.lock = None
 
 
 def _epoch_of(line: str) -> float:
