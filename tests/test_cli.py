@@ -1,5 +1,11 @@
 import json
+import os
+import select
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,6 +123,57 @@ def test_predict_prints_top_classes(trained, tiny_data, capsys):
                           tiny_data / "val")
     rows = [json.loads(x) for x in stdout.strip().splitlines()]
     assert len(rows) == 12 and all(len(r["top"]) == 1 and 0 < r["top"][0]["prob"] <= 1 for r in rows)
+
+
+def test_predict_prints_each_batch_as_it_is_done_so_an_interrupt_keeps_them(trained, tiny_data, tmp_path):
+    """predict held every result until the last image: Ctrl-C on a large folder printed nothing at all. Here
+    the third image is a pipe that nothing writes to (named on purpose, as `<(curl -s URL)` would be): the
+    first two are said while the third is awaited."""
+    out, _ = trained
+    images = sorted((tiny_data / "val").rglob("*.jpg"))[:2]
+    os.mkfifo(tmp_path / "later.jpg")
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet", "predict", "--checkpoint",
+                             str(out / "checkpoints" / "best.pt"), "--batch-size", "1", *map(str, images),
+                             str(tmp_path / "later.jpg")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = []
+        for _ in images:
+            assert select.select([proc.stdout], [], [], 60)[0], "nothing said while the run waits"
+            said.append(proc.stdout.readline())
+        assert [line.split(":")[0] for line in said] == list(map(str, images)) and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "alexnet predict: interrupted" and rest == "", err
+
+
+def test_predict_reads_a_pipe_named_on_purpose_and_leaves_out_those_in_a_folder(trained, tiny_data, tmp_path):
+    """A pipe named like an image inside a folder made predict wait forever for a writer."""
+    out, _ = trained
+    image = sorted((tiny_data / "val").rglob("*.jpg"))[0]
+    shutil.copy(image, tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    proc = run_cli("predict", "--checkpoint", out / "checkpoints" / "best.pt", tmp_path, timeout=60)
+    assert proc.stdout.startswith(f"{tmp_path / 'a.jpg'}: ") and len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == (f"{tmp_path}: 1 entry named like images but not regular files (pipes, sockets, devices) "
+                           f"left out, such as {tmp_path / 'pipe.jpg'}\n")
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m alexnet predict --checkpoint "
+                          f"{shlex.quote(str(out / 'checkpoints' / 'best.pt'))} <(cat {shlex.quote(str(image))})",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("/dev/fd/"), proc.stderr
+
+
+def test_predict_into_a_pipe_closed_early_ends_quietly(trained, tiny_data):
+    """`alexnet predict --json DIR | head -1` said "error: Broken pipe" and exited 1."""
+    out, _ = trained
+    for fmt in ([], ["--json"]):
+        proc = subprocess.run(f"{shlex.quote(sys.executable)} -m alexnet predict --checkpoint "
+                              f"{shlex.quote(str(out / 'checkpoints' / 'best.pt'))} {' '.join(fmt)} --batch-size 1 "
+                              f"{' '.join([shlex.quote(str(tiny_data / 'val'))] * 50)} | head -1; "
+                              f"echo \"status ${{PIPESTATUS[0]}}\"", shell=True, executable="/bin/bash",
+                              capture_output=True, text=True, timeout=120)
+        assert proc.stdout.splitlines()[-1] == "status 141" and proc.stderr == "", proc.stderr
 
 
 def test_predict_missing_image(trained, tmp_path, capsys):

@@ -26,11 +26,16 @@ def expand(paths) -> list[str]:
     for p in paths:
         if os.path.isdir(p):
             found = [(r, f) for r, _, fs in os.walk(p) for f in fs]
-            files += sorted(os.path.join(r, f) for r, f in found if is_image_name(f))
+            named = [os.path.join(r, f) for r, f in found if is_image_name(f)]
+            special = [f for f in named if os.path.exists(f) and not os.path.isfile(f)]  # a broken link: unreadable
+            files += sorted(set(named) - set(special))
             others = Counter(extension_of(f) for _, f in found if not is_image_name(f) and not f.startswith("."))
             if note := left_out(others, p, class_folders=False):
                 print(note, file=sys.stderr, flush=True)
-        elif os.path.isfile(p):
+            if special:  # a pipe would wait for a writer forever
+                print(f"{p}: {len(special)} entr{'ies' if len(special) > 1 else 'y'} named like images but not regular "
+                      f"files (pipes, sockets, devices) left out, such as {special[0]}", file=sys.stderr, flush=True)
+        elif os.path.exists(p):  # a file; or named on purpose, a pipe: `alexnet predict <(curl -s URL)`
             files.append(p)
         elif glob.has_magic(p):
             matched = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f) and is_image_name(f))
@@ -64,13 +69,10 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
         probs = predictor(batch).float().softmax(dim=1)
         top = probs.topk(k, dim=1)
         for (f, _), p, idx in zip(opened, top.values.tolist(), top.indices.tolist()):
-            results.append({"image": f, "top": [{"class": classes[j], "prob": q} for j, q in zip(idx, p)]})
-    for r in results:
-        if cfg.json:
-            json.dump(r, sys.stdout)
-            print()
-        else:
-            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+            r = {"image": f, "top": [{"class": classes[j], "prob": q} for j, q in zip(idx, p)]}
+            results.append(r)
+            print(json.dumps(r) if cfg.json else f"{f}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+        sys.stdout.flush()  # each batch as it is done: an interrupted run keeps what it predicted
     if skipped == len(files):
         raise DataError(f"{files[0] if len(files) == 1 else f'none of the {len(files)} images'} could not be read "
                         f"(see above)")
