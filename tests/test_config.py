@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from alexnet.config import ConfigError, SYNTHETIC_DEFAULTS, TrainConfig, resolve_train
@@ -222,3 +224,25 @@ def test_a_config_file_that_names_another_is_refused(tmp_path):
         resolve_train({"config": str(tmp_path / "run.yaml")})
     (tmp_path / "run.yaml").write_text("config: null\nepochs: 2\n")  # as a run's config.yaml has it: no other
     assert resolve_train({"config": str(tmp_path / "run.yaml")})[0].epochs == 2
+
+
+@pytest.mark.parametrize("file,flags,batch,global_batch", [
+    ("global_batch_size: 32\n", {"batch_size": 8}, 8, 0),  # refused before: the flag could not win over the file
+    ("global_batch_size: 32\n", {"batch_size": 8, "global_batch_size": 0}, 8, 0),
+    ("global_batch_size: 32\n", {}, None, 32),
+    ("batch_size: 4\n", {"global_batch_size": 16}, None, 16),
+    ("batch_size: 4\n", {"recipe": "paper2012"}, 4, 0),  # the file over the recipe's global batch of 128
+])
+def test_a_batch_flag_wins_over_the_config_files_as_every_flag_does(tmp_path, file, flags, batch, global_batch):
+    (tmp_path / "c.yaml").write_text(file)
+    cfg = resolve_train({"config": str(tmp_path / "c.yaml"), "data": str(tmp_path), **flags})[0]
+    assert cfg.global_batch_size == global_batch and (batch is None or cfg.batch_size == batch)
+
+
+def test_both_batches_at_one_level_are_refused_naming_where(tmp_path):
+    (tmp_path / "c.yaml").write_text("global_batch_size: 32\nbatch_size: 8\n")
+    for flags, said in (({"config": str(tmp_path / "c.yaml")}, f"config {tmp_path / 'c.yaml'}: batch_size and "
+                                                                "global_batch_size: give one, not both"),
+                        ({"batch_size": 8, "global_batch_size": 16}, "--batch-size and --global-batch-size: give one")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            resolve_train(flags)

@@ -698,12 +698,15 @@ def resolve_train(flags: dict[str, Any], checkpoint_config=None, check_data: boo
         # The run's own weights are in the checkpoint: the starting weights are not needed again.
         values.pop("config", None)
         values.pop("weights", None)
-    user = {**from_file, **given}  # a recipe's global batch gives way to a per-process batch given here
-    if user.get("global_batch_size") and "batch_size" in user:
-        raise ConfigError("--batch-size and --global-batch-size: give one, not both (--batch-size is per "
-                          "process; --global-batch-size is split over processes and accumulation steps)")
+    for level, source in ((given, "--batch-size and --global-batch-size"),
+                          (from_file, f"config {given.get('config')}: batch_size and global_batch_size")):
+        if level.get("global_batch_size") and "batch_size" in level:
+            raise ConfigError(f"{source}: give one, not both (the batch is per process; the global batch is split "
+                              f"over processes and accumulation steps)")
     values.update(explicit)
-    if "batch_size" in user:
+    # The batch given last wins: flags over the config file, over a recipe or the resumed run.
+    batch = next((level for level in (given, from_file) if "batch_size" in level or "global_batch_size" in level), {})
+    if "batch_size" in batch or "global_batch_size" in batch and not batch["global_batch_size"]:
         values["global_batch_size"] = 0  # a per-process batch given now wins over a resumed or recipe's global one
     if values.get("global_batch_size"):
         values.pop("batch_size", None)  # derived from the global batch at start, once the world size is known
