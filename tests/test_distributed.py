@@ -18,7 +18,7 @@ from alexnet import checkpoint, distributed, launch
 from alexnet.config import ConfigError
 from alexnet.data import EpochSampler
 from alexnet.models import add_batchnorm, create_model
-from conftest import EXACT, final_weights, max_diff, run_cli, run_here, shas, tolerance, train_run, write_folder
+from conftest import EXACT, cli, final_weights, max_diff, run_cli, run_here, shas, tolerance, train_run, write_folder
 
 # --------------------------------------------------------------------------------------------- sharding
 
@@ -445,3 +445,24 @@ def test_an_unreachable_endpoint_is_a_clear_error(exact):
     assert p.returncode == 1
     assert f"could not reach the rendezvous at 127.0.0.1:{port} within 10 s" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+    (["--master-port", "29555"], "--master-port goes with --master-addr"),
+    (["--rdzv-endpoint", "127.0.0.1:abc"], "--rdzv-endpoint: '127.0.0.1:abc' is not HOST or HOST:PORT"),
+    (["--device", "cuda", "--max-restarts", "2"], "--device: 'cuda' asks for CUDA, which is not available"),
+    (["--backend", "nccl"], "--backend nccl needs CUDA devices"),
+])
+def test_a_launch_mistake_is_said_before_the_folder_is_packed_and_once(flags, said, tmp_path, capsys, monkeypatch):
+    """These were said after packing the whole folder on first use (hours, on ImageNet); --device cuda on a
+    CPU machine was said by every worker of every restart."""
+    if torch.cuda.is_available() and ("cuda" in flags or "nccl" in flags):
+        pytest.skip("CUDA is here")
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    data = write_folder(tmp_path / "d")
+    code, _, err = cli(capsys, "train", "--data", data, "--out", tmp_path / "r", "--cache-dir", tmp_path / "cache",
+                       "--nproc-per-node", "2", *flags)
+    assert code == 2 and err.startswith(f"alexnet train: error: {said}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()

@@ -194,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                 # A node of a multi-node job whose --data is missing says so through the ranks' agreement on
                 # the data (train.open_data), which stops its peers too, not here, where they would wait for it.
                 agreed = launch.nodes(args)[1] > 1 if launch.requested(args) else ranked
+                if launch.requested(args):
+                    launch.check(args)
                 cfg, _ = resolve_train(_settings(args), saved_config, check_data=not agreed)
+                if launch.requested(args):
+                    launch.check(args, cfg.device, cfg.backend)
                 if not cfg.resume and not restarted() and (earlier := earlier_run(cfg.out)):
                     raise ConfigError(earlier)
                 from .data import autopack  # packed on first use here, before any process group is joined
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = build(EvalConfig, _settings(args))
             validate_eval(cfg)
             if launch.requested(args):
+                launch.check(args, cfg.device, cfg.backend)
                 return launch.run(args, "eval", argv[argv.index("eval") + 1:], cfg.dist_timeout, log)
             run(cfg, log=log)
         elif args.command == "predict":

@@ -26,6 +26,7 @@ from torch import nn
 from .errors import DistributedError
 
 _device = torch.device("cpu")  # where collective tensors live (CUDA for NCCL)
+NCCL_NEEDS_CUDA = "--backend nccl needs CUDA devices; use --backend gloo (or auto) on CPU"
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -172,7 +173,7 @@ def setup(device: torch.device, backend: str = "auto", timeout_s: float = 300, l
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise DistributedError("--backend nccl needs CUDA devices; use --backend gloo (or auto) on CPU")
+        raise DistributedError(NCCL_NEEDS_CUDA)
     master = os.environ.get("MASTER_ADDR")
     if master and os.environ.get("ALEXNET_NETWORK_SET") != "1":  # under torchrun; our launcher did it already
         several_nodes = int(os.environ["WORLD_SIZE"]) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))

@@ -22,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .errors import ConfigError
+from .runtime import resolve_device
 
 C10D_PORT = 29400
 STATIC_PORT = 29500
@@ -143,23 +146,36 @@ def _endpoint(a: argparse.Namespace) -> tuple[str, int, bool]:
     return "127.0.0.1", 0, False  # one node: a store on a free local port
 
 
-def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], timeout: float, log) -> list[str]:
-    """The torch.distributed.run command line for this node, after choosing the network settings (and making
-    the rendezvous of older torch versions publish the chosen address: _advertise)."""
+def check(a: argparse.Namespace, device: str = "auto", backend: str = "auto") -> None:
+    """The launch flags, and the device and backend the workers will ask for, checked before any work (a
+    first use's packing included), so that a mistake is said at once and not by every worker of every
+    restart."""
     if distributed.launched():
         raise ConfigError("this process is already a worker of a distributed launch (torchrun sets RANK); "
                           "drop --nproc-per-node, --nnodes and the rendezvous flags")
-    nproc = a.launch_nproc_per_node or 1  # at least 1 when given (at_least, the flag's type)
     low, nnodes = nodes(a)
     if nnodes > 1 and not (a.launch_rdzv_endpoint or a.launch_master_addr):
         raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (or --master-addr HOST "
                           "--master-port PORT): the address of one of the nodes, the same on every node")
-    host, port, static = _endpoint(a)
+    _, _, static = _endpoint(a)
     if static and low < nnodes:
         raise ConfigError("--nnodes MIN:MAX (elastic) needs the c10d rendezvous: --rdzv-endpoint HOST:PORT, not "
                           "--master-addr with --node-rank")
     if static and not 0 <= a.launch_node_rank < nnodes:
         raise ConfigError(f"--node-rank {a.launch_node_rank} must be in [0, {nnodes - 1}] for --nnodes {nnodes}")
+    if device.startswith("cuda"):  # only where CUDA is asked for: the launcher itself stays off the GPU
+        resolve_device(device)
+    if backend == "nccl" and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+        raise ConfigError(distributed.NCCL_NEEDS_CUDA)
+
+
+def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], timeout: float, log) -> list[str]:
+    """The torch.distributed.run command line for this node, after choosing the network settings (and making
+    the rendezvous of older torch versions publish the chosen address: _advertise)."""
+    check(a)
+    nproc = a.launch_nproc_per_node or 1  # at least 1 when given (at_least, the flag's type)
+    low, nnodes = nodes(a)
+    host, port, static = _endpoint(a)
     try:
         net = distributed.configure_network(host, log, multi_node=nnodes > 1)
     except distributed.DistributedError as e:
