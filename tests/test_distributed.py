@@ -466,3 +466,22 @@ def test_a_launch_mistake_is_said_before_the_folder_is_packed_and_once(flags, sa
                        "--nproc-per-node", "2", *flags)
     assert code == 2 and err.startswith(f"alexnet train: error: {said}") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags,flag", [(["--rdzv-endpoint", "127.0.0.1:{port}"], "--rdzv-endpoint HOST:PORT"),
+                                        (["--master-addr", "127.0.0.1", "--master-port", "{port}"], "--master-port PORT"),
+                                        (["--master-addr", "127.0.0.1", "--master-port", "{port}", "--node-rank", "0"],
+                                         "--master-port PORT")])
+def test_a_rendezvous_port_another_process_holds_is_said_so(flags, flag, tmp_path, capsys, monkeypatch):
+    """It was said as "could not reach the rendezvous ... is port P open in its firewall?"."""
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = cli(capsys, "train", "--out", tmp_path / "r", "--nproc-per-node", "2",
+                           *[f.format(port=port) for f in flags])
+    assert code == 2 and err == (f"alexnet train: error: port {port} of this node (127.0.0.1), where the rendezvous "
+                                 f"would be hosted, is in use by another process (another job's rendezvous?): give "
+                                 f"another port with {flag}, the same on every node\n"), err

@@ -8,6 +8,7 @@ world of 1 and every helper here answers accordingly, so the training loop has o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import ipaddress
@@ -129,6 +130,18 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def port_in_use(port: int) -> bool:
+    """Whether another process listens on TCP `port` of this machine, where the rendezvous store would (on
+    every address, as torch's store does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free to reuse
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
 
 
 def configure_network(host: str, log=None, multi_node: bool = False) -> dict:

@@ -202,6 +202,11 @@ def torchrun_args(a: argparse.Namespace, command: str, worker_argv: list[str], t
         # agent's: with the shared one, an agent that holds rank 0 across a round does not publish the
         # workers' address again, and a node that comes back waits for it until the read timeout.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    if hosting and port and distributed.port_in_use(port):
+        flag = "--master-port PORT" if a.launch_master_addr else "--rdzv-endpoint HOST:PORT"
+        raise ConfigError(f"port {port} of this node ({host}), where the rendezvous would be hosted, is in use by "
+                          f"another process (another job's rendezvous?): give another port with {flag}, the same on "
+                          f"every node")
     if log:
         log(f"launch: {f'{low} to {nnodes}' if low < nnodes else nnodes} node(s) x {nproc} process(es); rendezvous "
             f"{'static' if static else 'c10d'} at {f'{host}:{port}' if port else f'{host}, on a free port'}, "
