@@ -3,6 +3,8 @@
 import re
 import statistics
 
+import pytest
+
 from alexnet.bench import BenchConfig, Pipeline, run
 
 from conftest import cli, max_diff, run_cli, train_run, write_folder
@@ -127,3 +129,27 @@ def test_reference_is_the_imagenet_example(tiny_data):
     assert next(ref.model.parameters()).dtype == torch.float32
     images, _ = ref.ready(next(iter(ref.loader)))
     assert images.is_contiguous() and images.dtype == torch.float32  # NCHW fp32
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--threads", "-3"], "--threads: must be 0 or more"),  # a traceback from torch.set_num_threads
+    (["--warmup", "-1"], "--warmup: must be 0 or more"),
+    (["--what", ""], "--what: give each of data, model, end-to-end at most once, and at least one"),  # an empty table
+    (["--pipelines", "ours,ours"], "--pipelines: give each of ours, reference at most once"),
+    (["--pipelines", "theirs"], "--pipelines: 'theirs' is not one of ours, reference"),
+    (["--profile", "{tmp}/gone/p"], "--profile: the folder {tmp}/gone does not exist"),  # said after every round
+    (["--profile", "{tmp}/file"], "--profile: {tmp}/file is a file; give a folder"),
+])
+def test_bench_settings_are_checked_before_any_measurement(args, said, tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, out, err = cli(capsys, "bench", "--data", tiny_data, "--batch-size", "8", "--image-size", "64",
+                         "--steps", "1", "--rounds", "1", "--workers", "0", *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and err.startswith(f"alexnet bench: error: {said.format(tmp=tmp_path)}") and out == "", err
+
+
+def test_bench_packed_without_its_source_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """It made the built-in dataset (seconds) and then said the pack's classes differ from it."""
+    monkeypatch.setenv("ALEXNET_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "p").mkdir()
+    code, _, err = cli(capsys, "bench", "--packed", tmp_path / "p")
+    assert code == 2 and "--packed goes with --data SRC" in err and not (tmp_path / "cache").exists(), err

@@ -299,7 +299,7 @@ def profile(pipe: Ours, cfg: BenchConfig, device: torch.device, folder: Path, lo
     """`steps` end-to-end steps of our pipeline under torch.profiler: a Chrome trace (open it in
     chrome://tracing or Perfetto) and a table of the operations that took the most time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)  # its parent was checked at start (config.validate_bench)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     it = _endless(pipe)
     pipe.run_steps(_Stream(it, max(cfg.warmup, 1)))

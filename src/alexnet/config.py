@@ -592,17 +592,29 @@ def validate_bench(cfg: BenchConfig) -> None:
     for name in ("batch_size", "steps", "rounds"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be 1 or more")
-    if cfg.warmup < 0 or cfg.workers < 0:
-        raise ConfigError("--warmup and --workers: must be 0 or more")
+    for name in ("warmup", "workers", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name}: must be 0 or more")
     check_choices(cfg)
     _check_device(cfg.device)
-    for p in cfg.pipelines:
-        if p not in BENCH_PIPELINES:
-            raise ConfigError(f"--pipelines: {p!r} is not ours or reference")
-    for w in cfg.what:
-        if w not in BENCH_WHAT:
-            raise ConfigError(f"--what: {w!r} is not one of {', '.join(BENCH_WHAT)}")
+    for flag, given, known in (("pipelines", cfg.pipelines, BENCH_PIPELINES), ("what", cfg.what, BENCH_WHAT)):
+        for item in given:
+            if item not in known:
+                raise ConfigError(f"--{flag}: {item!r} is not one of {', '.join(known)}")
+        if not given or len(set(given)) < len(given):
+            raise ConfigError(f"--{flag}: give each of {', '.join(known)} at most once, and at least one")
     _paths_exist(cfg, ("data", "packed"))
+    if cfg.packed and not cfg.data:
+        raise ConfigError("--packed goes with --data SRC, the image folder it was packed from (the reference reads "
+                          "its files; ours is checked against it)")
+    if cfg.profile is not None:
+        target = Path(cfg.profile)
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"--profile: {target} is a file; give a folder (it gets trace.json and top-ops.txt)")
+        if not target.parent.is_dir():
+            raise ConfigError(f"--profile: the folder {target.parent} does not exist")
+        if not os.access(target if target.is_dir() else target.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--profile: no permission to write in {target if target.is_dir() else target.parent}")
 
 
 def validate_predict(cfg: PredictConfig) -> None:
