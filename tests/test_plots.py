@@ -101,3 +101,18 @@ def test_a_confusion_file_that_cannot_be_written_is_refused_at_start_and_loses_n
     code, stdout, err = cli(capsys, *flags, "--json", "--confusion", tmp_path / "c.png")
     assert code != 0 and json.loads(stdout.strip().splitlines()[-1])["count"] == 12
     assert "No space left on device" in err and "Traceback" not in err
+
+
+def test_a_last_line_cut_short_is_left_out_and_said_but_a_damaged_line_before_it_is_refused(tmp_path, capsys):
+    """A run in progress (the README: plot works on it) or ended by a crash has its last line half written:
+    the whole run was refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = json.dumps({"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "val_acc1": 0.2, "val_acc5": 0.6, "lr": 0.01,
+                        "images_per_sec": 80.0})
+    (run / "metrics.jsonl").write_text(whole + "\n" + whole[:30])
+    assert [m["epoch"] for m in load_runs([run])[0][1]] == [1]
+    assert capsys.readouterr().err == f"{run / 'metrics.jsonl'}: its last line is cut short, left out\n"
+    (run / "metrics.jsonl").write_text(whole[:30] + "\n" + whole + "\n")
+    code, _, err = cli(capsys, "plot", run, "--out", tmp_path / "c.png")
+    assert code == 2 and f"{run / 'metrics.jsonl'} line 1 is not a metrics record" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from .checkpoint import atomic_path
@@ -42,13 +43,18 @@ def load_runs(folders) -> list[tuple[str, list[dict]]]:
         if not metrics.is_file():
             raise ConfigError(f"{p} has no metrics.jsonl (give the run folders of alexnet train, the --out folders)")
         history = []
-        for n, line in enumerate(metrics.read_text().splitlines(), 1):
+        text = metrics.read_text()
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 m = json.loads(line)
                 history.append({**m, "epoch": int(m["epoch"])})
             except (ValueError, KeyError, TypeError):
+                if n == len(lines) and not text.endswith("\n"):  # a line being written, or cut by a crash
+                    print(f"{metrics}: its last line is cut short, left out", file=sys.stderr)
+                    continue
                 raise ConfigError(f"{metrics} line {n} is not a metrics record") from None
         if not history:
             raise ConfigError(f"{metrics} has no finished epoch yet")
