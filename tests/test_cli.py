@@ -310,6 +310,18 @@ def test_weights_that_do_not_fit_are_a_clear_error(trained, tiny_data, tmp_path,
     assert code == 2 and "--weights" in stderr and "--fc-width" in stderr
 
 
+@pytest.mark.parametrize("command,args", [("eval", []), ("predict", ["x.jpg"])])
+def test_the_checkpoint_is_shown_and_refused_as_required(command, args, capsys):
+    """Usage showed [--checkpoint CHECKPOINT] (default: None), an optional flag."""
+    code, _, err = cli(capsys, command, *args)
+    assert code == 2 and "the following arguments are required: --checkpoint" in err
+    code, usage, _ = cli(capsys, command, "--help")
+    assert code == 0
+    assert f"usage: alexnet {command} [-h] --checkpoint CHECKPOINT " in usage
+    shown = usage[usage.index("  --checkpoint CHECKPOINT"):]
+    assert "(default: None)" not in shown[:shown.index("\n  --", 3)]
+
+
 @pytest.mark.parametrize("command,args,message", [
     ("eval", ["--batch-size", "0"], "--batch-size: must be at least 1"),
     ("eval", ["--device", "tpu"], "--device: 'tpu' is not auto"),

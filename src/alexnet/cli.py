@@ -26,8 +26,11 @@ def _add_fields(parser: argparse.ArgumentParser, cls, suppress: bool) -> None:
             continue
         name = "--" + f.name.replace("_", "-")
         shown = ",".join(str(v) for v in default) if isinstance(default, list) else default
-        help_text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {shown})"
+        help_text = meta["help"] if "default:" in meta["help"] or meta.get("required") else \
+            f"{meta['help']} (default: {shown})"
         kw = {"default": argparse.SUPPRESS} if suppress else {"default": default}
+        if meta.get("required"):
+            kw["required"] = True
         if isinstance(default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text, **kw)
         else:

@@ -44,9 +44,10 @@ def images_per_eval_batch(batch_size: int, tta: str) -> int:
 
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True):
+def opt(default: Any, help: str, choices: tuple | None = None, flag: bool = True, required: bool = False):
+    """A setting: its default, its help, its choices; `required`: a flag the command cannot run without."""
     kw = {"default_factory": (lambda d=default: list(d))} if isinstance(default, (list, tuple)) else {"default": default}
-    return field(metadata={"help": help, "choices": choices, "flag": flag}, **kw)
+    return field(metadata={"help": help, "choices": choices, "flag": flag, "required": required}, **kw)
 
 
 def jpeg_decode_opt():
@@ -217,7 +218,7 @@ SMALL_IMAGE_DEFAULTS = {"resize": "72", "crop": 64}
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = opt(None, "checkpoint (.pt) to evaluate")
+    checkpoint: str = opt(None, "checkpoint (.pt) to evaluate", required=True)
     data: str | None = opt(None, "ImageFolder root whose validation split is evaluated (default: the data the model was trained on)")
     val_dir: str | None = opt(None, "the validation split's folder under --data (default: the run's own, else the first "
                                     "of val, valid, validation and test that exists)")
@@ -244,7 +245,7 @@ class EvalConfig:
 class PredictConfig:
     images: list = opt((), "image files, folders or glob patterns ('photos/**/*.jpg')", flag=False)
     checkpoint: str = opt(None, "model to predict with: a checkpoint (.pt) or a file of alexnet export "
-                                "(.onnx, .ts, .pt2, .safetensors)")
+                                "(.onnx, .ts, .pt2, .safetensors)", required=True)
     topk: int = opt(5, "number of classes shown per image")
     batch_size: int = opt(64, "images per batch")
     device: str = opt("auto", "device: auto, cpu, cuda or cuda:N")
