@@ -141,3 +141,26 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
                               "--out", tmp_path / "m.safetensors")
     assert code == 2 and f"{junk} is not a checkpoint: it is a text file" in stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_export_keeps_a_json_that_is_not_its_own_and_one_another_export_still_needs(shipped, tmp_path, capsys):
+    """export replaced package.json beside package.onnx, and the m.json of m.ts when another checkpoint was
+    exported as m.safetensors, without a word."""
+    ckpt = shipped[0] / "checkpoints" / "best.pt"
+    (tmp_path / "package.json").write_text('{"name": "my-app"}\n')
+    code, _, err = alexnet(capsys, "export", "--checkpoint", ckpt, "--format", "safetensors",
+                           "--out", tmp_path / "package.safetensors")
+    assert code == 2 and f"{tmp_path / 'package.json'} exists and is not the metadata of an export" in err, err
+    assert (tmp_path / "package.json").read_text() == '{"name": "my-app"}\n'
+    assert not (tmp_path / "package.safetensors").exists()
+    for fmt in ("torchscript", "safetensors"):  # one checkpoint in two formats share m.json, as intended
+        assert alexnet(capsys, "export", "--checkpoint", ckpt, "--format", fmt, "--out",
+                       tmp_path / f"m{FORMATS[fmt]}")[0] == 0
+    side = (tmp_path / "m.json").read_text()
+    other = checkpoint.load_run(ckpt)
+    other["epoch"] += 5  # another checkpoint of the run
+    torch.save(other, tmp_path / "other.pt")
+    code, _, err = alexnet(capsys, "export", "--checkpoint", tmp_path / "other.pt", "--format", "safetensors",
+                           "--out", tmp_path / "m.safetensors")
+    assert code == 2 and f"{tmp_path / 'm.json'} describes m.ts, another model or another checkpoint of it" in err
+    assert (tmp_path / "m.json").read_text() == side

@@ -56,6 +56,25 @@ def _batch_dim():
     return {"x": {0: torch.export.Dim("batch", min=1, max=65536)}}
 
 
+def _side_problem(out: Path, meta: dict) -> str | None:
+    """Why <out stem>.json cannot be written: a file that is not an export's metadata (package.json beside
+    package.onnx), or the metadata of another model that an export of another format beside it still needs."""
+    side = out.with_suffix(".json")
+    if not side.exists():
+        return None
+    try:
+        old = json.loads(side.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and {"arch", "classes", "input", "output"} <= old.keys()):
+        return f"{side} exists and is not the metadata of an export, which would replace it"
+    others = [p for ext in FORMATS.values() if (p := out.with_suffix(ext)) != out and p.is_file()]
+    if others and old != meta:
+        return (f"{side} describes {others[0].name}, another model or another checkpoint of it ({old.get('arch')}, "
+                f"{len(old.get('classes') or [])} classes, epoch {old.get('epoch')}), which would lose its metadata")
+    return None
+
+
 def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     """Write the checkpoint's model in `fmt` to `out` and `<out stem>.json`; returns the metadata. ONNX is
     checked against PyTorch with onnxruntime on a batch of 3 (when onnxruntime is installed)."""
@@ -73,6 +92,8 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     state = checkpoint.load_run(checkpoint_path)
     meta = metadata(state)
     text = json.dumps(meta)
+    if problem := _side_problem(out_path, json.loads(text)):
+        raise ConfigError(f"--out {out}: {problem}; give another --out name (the metadata goes to <name>.json)")
     model = model_from_checkpoint(state).float().eval()
     example = torch.randn(3, 3, meta["crop"], meta["crop"], generator=torch.Generator().manual_seed(0))
     checked = None
