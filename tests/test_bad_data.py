@@ -136,3 +136,18 @@ def test_data_check_in_a_pipe_writes_a_few_progress_lines_not_one_an_image(messy
     cli(capsys, "data", "check", messy)  # capsys: not a terminal, as in a pipe
     code, _, err = cli(capsys, "data", "check", messy)
     assert len([line for line in err.splitlines() if line.startswith("checking ")]) == 1  # 39 files: the last line
+
+
+@pytest.mark.parametrize("pack", ["auto", "no"])
+def test_a_sliver_whose_resize_would_be_billions_of_pixels_is_an_unreadable_file(tmp_path, capsys, pack):
+    """A 256-byte PNG of 60000x1 passed the 40-million-pixel limit, and its resize to 72 on the shorter side
+    (4,320,000x72) took gigabytes."""
+    from PIL import Image
+    root = write_folder(tmp_path / "data")
+    Image.new("RGB", (60000, 1)).save(root / "train" / "circle" / "sliver.png")
+    out = tmp_path / "run"
+    p = run_here("train", "--data", root, "--out", out, "--cache-dir", tmp_path / "cache", "--pack", pack, *TINY)
+    assert json.loads((out / "metrics.jsonl").read_text())["bad_images"] == 1 and "Traceback" not in p.stderr
+    assert "60000x1 resized to 72 would be 4320000x72, more than the 40 million pixels" in p.stdout + p.stderr
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt", root / "train")
+    assert code == 1 and "sliver.png: 60000x1 resized to 72 would be" in err and len(stdout.splitlines()) == 24

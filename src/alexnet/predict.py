@@ -61,11 +61,11 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
     results, skipped = [], 0
     for i in range(0, len(files), cfg.batch_size):
         asked = files[i:i + cfg.batch_size]
-        opened = [(f, img) for f in asked if (img := _open(f)) is not None]
+        opened = [(f, x) for f in asked if (x := _open(f, transform)) is not None]
         skipped += len(asked) - len(opened)
         if not opened:
             continue
-        batch = torch.stack([transform(img) for _, img in opened]).to(device)
+        batch = torch.stack([x for _, x in opened]).to(device)
         probs = predictor(batch).float().softmax(dim=1)
         top = probs.topk(k, dim=1)
         for (f, _), p, idx in zip(opened, top.values.tolist(), top.indices.tolist()):
@@ -82,10 +82,11 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
     return results, skipped
 
 
-def _open(path: str):
-    """The image at `path`; None, said on stderr, when it cannot be read (the others are still predicted)."""
+def _open(path: str, transform) -> torch.Tensor | None:
+    """The image at `path` as the model takes it; None, said on stderr, when it cannot be read, or its resize
+    would be too large (the others are still predicted)."""
     try:
-        return load_rgb(path)
+        return transform(load_rgb(path))
     except DECODE_ERRORS as e:
         unreadable(path, e, strict=False)
         return None

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import DECODE_ERRORS, EXTENSIONS, is_image_name, load_rgb, unreadable
+from .images import DECODE_ERRORS, EXTENSIONS, TooLarge, is_image_name, load_rgb, unreadable
 from .jpeg import read_encoded
 from .transforms import Compose, sample_generator
 
@@ -205,9 +205,13 @@ class ImageFolder(Dataset):
             unreadable(path, e, strict=self.on_bad_image == "error")
             return None
         g = sample_generator(self.seed, epoch, index)
-        if self.batch is not None:
-            return self.batch.sample(self.batch.resize(img), g), label
-        return self.transform(img, g), label
+        try:
+            if self.batch is not None:
+                return self.batch.sample(self.batch.resize(img), g), label
+            return self.transform(img, g), label
+        except TooLarge as e:  # a sliver whose resize would be billions of pixels
+            unreadable(path, e, strict=self.on_bad_image == "error")
+            return None
 
 
 def pool_dir(root: Path) -> str:

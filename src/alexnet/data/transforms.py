@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from .images import MAX_PIXELS, TooLarge
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -62,6 +63,10 @@ class Resize:
         target = self.target(*img.size)
         if target == img.size:
             return img
+        if target[0] * target[1] > MAX_PIXELS:  # 60000x1 resized to 256 on its shorter side: 4 billion pixels
+            raise TooLarge(f"{img.size[0]}x{img.size[1]} resized to {self.size} would be {target[0]}x{target[1]}, "
+                           f"more than the {MAX_PIXELS / 1e6:.0f} million pixels one image may have "
+                           f"(ALEXNET_MAX_IMAGE_PIXELS raises the limit)")
         return img.resize(target, Image.BILINEAR, reducing_gap=None)
 
     def __repr__(self):
