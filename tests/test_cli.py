@@ -68,6 +68,19 @@ def test_eval_prints_loss_top1_top5(trained, tiny_data, capsys):
     assert code == 0 and "top-1" in stdout and "top-5" in stdout
 
 
+def test_eval_says_how_many_unreadable_images_it_left_out(trained, tiny_data, tmp_path, capsys):
+    """Only --json showed bad_images: the line read as if every image had been scored."""
+    out, _ = trained
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    (data / "val" / "ring" / "empty.jpg").write_bytes(b"")
+    (data / "val" / "ring" / "text.jpg").write_text("not an image")
+    code, stdout, _ = cli(capsys, "eval", "--checkpoint", out / "checkpoints" / "last.pt", "--data", data,
+                          "--workers", "0")
+    assert code == 0 and f" on {data / 'val'} (12 images; 2 unreadable, left out (alexnet data check lists them), " \
+        "resize 72" in stdout, stdout
+
+
 def test_eval_at_another_resize_and_crop(trained, tiny_data, capsys, monkeypatch):
     """--resize and --crop replace the run's own for this evaluation: the model gets inputs of the asked
     size, the result says which, the run's values reproduce the default, and a crop that does not fit is

@@ -138,7 +138,9 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
         print(flush=True)
     else:
         views = {"none": "", "flip": ", 2 views each", "10crop": ", 10 views each"}[cfg.tta]
-        print(f"{cfg.checkpoint} on {split_name(loaders.val_set)} ({metrics['count']} images, resize {resize}, "
+        skipped = (f"; {metrics['bad_images']} unreadable, left out (alexnet data check lists them)"
+                   if metrics["bad_images"] else "")
+        print(f"{cfg.checkpoint} on {split_name(loaders.val_set)} ({metrics['count']} images{skipped}, resize {resize}, "
               f"crop {crop}{views}): "
               f"loss {metrics['loss']:.4f}  "
               f"top-1 {metrics['acc1']:.2%}  top-5 {metrics['acc5']:.2%}", flush=True)
