@@ -246,3 +246,19 @@ def test_both_batches_at_one_level_are_refused_naming_where(tmp_path):
                         ({"batch_size": 8, "global_batch_size": 16}, "--batch-size and --global-batch-size: give one")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             resolve_train(flags)
+
+
+@pytest.mark.parametrize("text,said", [
+    ("epochs: 2\nlr: 0.1\nepochs: 1\n", "is not valid YAML (line 3, column 1: 'epochs' is given twice)"),  # kept the last
+    ("nproc_per_node: 2\n", "nproc_per_node is a setting of the launch, not of the training: give it on the command "
+                            "line, --nproc-per-node"),
+])
+def test_a_config_file_with_a_key_twice_or_a_launch_setting_is_refused_saying_why(tmp_path, text, said):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        resolve_train({"config": str(tmp_path / "c.yaml")})
+
+
+def test_a_config_that_is_a_folder_is_said_so(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"config: {tmp_path} is a folder; give a YAML file")):
+        resolve_train({"config": str(tmp_path)})

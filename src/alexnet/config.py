@@ -282,12 +282,27 @@ def fields(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config: {p} is a folder; give a YAML file of settings, such as those in configs/")
     if not p.is_file():
         raise ConfigError(f"config: file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_Loader) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config: {p} is not a YAML file (not even text): give a file of settings, one "
                           f"`name: value` a line, such as those in configs/") from None
@@ -379,6 +394,10 @@ def check_file(values: dict[str, Any], source: str) -> None:
     known = {f.name: f for f in fields(TrainConfig)}
     for k, v in values.items():
         if k not in known:
+            from .launch import FLAGS
+            if k in FLAGS:
+                raise ConfigError(f"{source}: {k} is a setting of the launch, not of the training: give it on the "
+                                  f"command line, --{k.replace('_', '-')}")
             close = difflib.get_close_matches(k, known, n=1)
             raise ConfigError(f"{source}: unknown setting {k!r}" + (f" (did you mean {close[0]!r}?)" if close else
                                                                  f"; known settings: {', '.join(sorted(known))}"))
