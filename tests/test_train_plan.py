@@ -2,6 +2,7 @@
 themselves are never changed."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,11 @@ def test_a_large_unused_tail_is_warned_with_a_batch_that_uses_the_data():
 def test_a_run_on_little_data_says_what_it_leaves_out(tiny_data, tmp_path):
     p = run_here("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY, "--batch-size", "16")
     assert "WARNING: 8 of 24 training images (33%) are left out of every epoch: 1 step of 16" in p.stdout
+
+
+def test_a_batch_larger_than_the_training_set_is_said_as_the_one_short_step_it_is(tiny_data, tmp_path):
+    """The log said "100 per process ... 1 step an epoch" over 24 images, with no warning."""
+    p = run_here("train", "--data", tiny_data, "--out", tmp_path / "r", *TINY, "--batch-size", "100", "--no-quiet")
+    assert ("WARNING: the batch (100 per process, 100 global) is more than the 24 training images: an epoch is one "
+            "step, of the 24 images each process has (24 in all)") in p.stdout + p.stderr
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text())["global_step"] == 1

@@ -93,8 +93,13 @@ def _train(cfg: TrainConfig, plan: Plan, device, threads: int, say, log, early) 
     if warning := precision_warning(trainer.amp_dtype, device):
         say(f"WARNING: {warning}")
     say(plan.describe())
-    if tail := unused_images(len(data.train_set), plan.steps_per_epoch, plan.global_batch,
-                             plan.world * cfg.accum_steps):
+    if len(data.train.sampler) < plan.batch_size:  # the loader keeps the short batch: the only one there is
+        say(f"WARNING: the batch ({plan.batch_size} per process, {plan.global_batch} global) is more than the "
+            f"{len(data.train_set)} training images: an epoch is one step, of the {len(data.train.sampler)} images "
+            f"each process has ({len(data.train.sampler) * plan.world} in all); a smaller --batch-size (or "
+            f"--global-batch-size) makes more steps an epoch")
+    elif tail := unused_images(len(data.train_set), plan.steps_per_epoch, plan.global_batch,
+                               plan.world * cfg.accum_steps):
         say(f"WARNING: {tail}")
     try:
         return run_epochs(plan, trainer, data, state, record, say, recorded)
