@@ -8,6 +8,7 @@ from alexnet.errors import NonFiniteLoss
 from alexnet.progress import Progress
 from alexnet.train.schedule import Schedule
 from alexnet.train.step import Trainer, train_one_epoch
+from conftest import TINY, run_here
 
 CPU = torch.device("cpu")
 
@@ -128,3 +129,15 @@ def test_a_run_whose_loss_is_never_finite_stops_across_short_epochs_and_records_
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows][1:] == [3, 3] and rows[-1]["epoch"] == 3
     assert all(r["train_loss"] != r["train_loss"] for r in rows[1:])  # NaN
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--parallel", "hybrid", "--backend", "gloo"],
+     "note: --parallel hybrid, --backend gloo have no effect here: they act between processes, and this run has one"),
+    (["--local-sgd-period", "4"], "note: --local-sgd-period has no effect here: it acts between processes"),
+    (["--local-sgd-warmup", "3"], "note: --local-sgd-warmup has no effect here: it acts between processes"),
+])
+def test_settings_for_several_processes_given_to_one_are_noted(flags, said, tiny_data, tmp_path):
+    """They were taken without a word, and saved in the run's config as if they had acted."""
+    p = run_here("train", "--data", tiny_data, "--out", tmp_path / "r", *TINY, "--no-quiet", *flags)
+    assert said in p.stdout + p.stderr

@@ -91,7 +91,17 @@ def wrap(cfg: TrainConfig, plan, model: nn.Module, device: torch.device, say):
     fewer bytes a step among those the other settings allow; local SGD with --local-sgd-period."""
     name, why = choose(cfg.parallel, plan.world, plan.batch_size, model, cfg.accum_steps, cfg.local_sgd_period)
     if cfg.parallel == "auto" and name == "hybrid" and (cfg.compile or cfg.comm_hook == "powersgd"):
-        name, why = "ddp", f"{why}; ddp, as --compile and PowerSGD need it"
+        need = " and ".join(n for n, on in (("--compile", cfg.compile), ("PowerSGD", cfg.comm_hook == "powersgd")) if on)
+        name, why = "ddp", f"{why}; ddp, as {need} need{'s' * (' and ' not in need)} it"
+    if idle := [f for f, on in (("--parallel " + cfg.parallel, cfg.parallel != "auto" and plan.world == 1),
+                                ("--local-sgd-period", cfg.local_sgd_period and plan.world == 1),
+                                ("--local-sgd-warmup", cfg.local_sgd_warmup and not (cfg.local_sgd_period and plan.world > 1)),
+                                ("--comm-hook " + cfg.comm_hook, cfg.comm_hook != "none" and plan.world == 1),
+                                ("--backend " + cfg.backend, cfg.backend != "auto" and plan.world == 1)) if on]:
+        one = len(idle) == 1
+        say(f"note: {', '.join(idle)} {'has' if one else 'have'} no effect here: " + (
+            "it goes with --local-sgd-period" if plan.world > 1 else
+            f"{'it acts' if one else 'they act'} between processes, and this run has one"))
     if cfg.local_sgd_period and plan.world > 1:
         averaged = "the convolutions' weights" if name == "hybrid" else "weights"
         name = "hybrid" if name == "hybrid" else "local-sgd"
