@@ -81,6 +81,21 @@ def test_eval_says_how_many_unreadable_images_it_left_out(trained, tiny_data, tm
         "resize 72" in stdout, stdout
 
 
+@pytest.mark.parametrize("command", [["eval"], ["export", "--format", "torchscript", "--out", "{tmp}/m.ts"],
+                                     ["predict", "{data}/val"]])
+def test_a_checkpoint_whose_weights_do_not_fit_its_own_settings_is_one_line(trained, tiny_data, tmp_path, capsys,
+                                                                            command):
+    """eval and export ended in load_state_dict's traceback."""
+    state = checkpoint.load_run(trained[0] / "checkpoints" / "last.pt")
+    state["classes"] = state["classes"] + ["extra"]  # edited by hand
+    torch.save(state, tmp_path / "edited.pt")
+    args = [a.format(tmp=tmp_path, data=tiny_data) for a in command]
+    code, _, err = cli(capsys, args[0], "--checkpoint", tmp_path / "edited.pt", *args[1:])
+    assert code == 2 and err.startswith(f"alexnet {args[0]}: error: the checkpoint's weights do not fit its own "
+                                        "settings (alexnet, fc width 32, 4 classes): size mismatch for "
+                                        "classifier.6.weight") and len(err.splitlines()) == 1, err
+
+
 def test_eval_at_another_resize_and_crop(trained, tiny_data, capsys, monkeypatch):
     """--resize and --crop replace the run's own for this evaluation: the model gets inputs of the asked
     size, the result says which, the run's values reproduce the default, and a crop that does not fit is

@@ -184,5 +184,11 @@ def model_from_checkpoint(saved: dict) -> nn.Module:
     """The trained model of a checkpoint (the plain architecture, with torchvision's keys), in eval mode."""
     cfg = saved["config"]
     model = create_model(cfg["arch"], len(saved["classes"]), cfg["dropout"], cfg["fc_width"])
-    model.load_state_dict(saved["model"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as e:  # weights that are not those its own settings and classes describe: edited by hand
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"the checkpoint's weights do not fit its own settings ({cfg['arch']}, fc width "
+                              f"{cfg['fc_width']}, {len(saved['classes'])} classes): {first.rstrip('.')}; it was "
+                              f"changed since it was saved: use another checkpoint of the run") from None
     return model.eval()
