@@ -485,3 +485,19 @@ def test_a_rendezvous_port_another_process_holds_is_said_so(flags, flag, tmp_pat
     assert code == 2 and err == (f"alexnet train: error: port {port} of this node (127.0.0.1), where the rendezvous "
                                  f"would be hosted, is in use by another process (another job's rendezvous?): give "
                                  f"another port with {flag}, the same on every node\n"), err
+
+
+def test_a_rank_killed_by_a_signal_is_named_before_those_that_then_lost_contact(monkeypatch):
+    """After SIGKILL of rank 1, the restart line said "rank 0 failed (exit code 1)", the rank that only lost
+    contact with it."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failing(_):
+        raise ChildFailedError("alexnet", {0: ProcessFailure(0, 11, 1, "/nonexistent"),
+                                           1: ProcessFailure(1, 12, -9, "/nonexistent")})
+    monkeypatch.setattr(torchrun, "run", failing)
+    with pytest.raises(launch._Failed) as e:
+        launch._run_once(_launch_args(), "train", None, 30, "127.0.0.1", 0)
+    assert e.value.message == ("rank 1 was stopped (signal 9); rank 0 failed (exit code 1); the workers' messages "
+                               "are above") and e.value.code == 1

@@ -400,7 +400,7 @@ def _run(a: argparse.Namespace, command: str, args: list[str], timeout: float, h
             restarts, restarted_at, since = restarts - 1, time.monotonic(), time.time()
             args = _joining_within(first, max(1, int(timeout)))
             if log:
-                log(f"launch: {failed.message.split(';')[0]}; starting this node's workers again, from the newest "
+                log(f"launch: {failed.message.rsplit('; ', 1)[0]}; starting this node's workers again, from the newest "
                     f"checkpoint ({restarts} restart(s) left)")
         except (RendezvousConnectionError, RendezvousClosedError):  # closed: a failed agent closes it on its way out
             if restarts > 0 and _joined_after(notes, since):  # the job had been running again: a failure of its own
@@ -483,8 +483,8 @@ def _run_once(a: argparse.Namespace, command: str, parsed, timeout: float, host:
     except (RendezvousConnectionError, RendezvousClosedError):
         raise
     except ChildFailedError as e:
-        parts = []
-        for r, f in sorted(e.failures.items()):
+        parts = []  # a rank killed by a signal first: those that exited then had lost contact with it
+        for r, f in sorted(e.failures.items(), key=lambda rf: (rf[1].exitcode >= 0, rf[0])):
             code = f.exitcode
             parts.append(f"rank {r} failed (exit code {code})" if code > 0 else
                          f"rank {r} was stopped (signal {-code})" if code < 0 else f"rank {r} ended")
