@@ -2,6 +2,7 @@
 writes, images, folders and globs."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     code, _, stderr = alexnet(capsys, "predict", "--checkpoint", junk, tiny_data / "val")
-    assert code == 2 and "cannot be read as onnx" in stderr
+    assert code == 2 and f"{junk} holds no onnx model and no checkpoint: its content is of none of the formats" in stderr
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
                               "--out", tmp_path / "missing" / "m.onnx")
     assert code == 2 and "does not exist" in stderr
@@ -164,3 +165,21 @@ def test_export_keeps_a_json_that_is_not_its_own_and_one_another_export_still_ne
                            "--out", tmp_path / "m.safetensors")
     assert code == 2 and f"{tmp_path / 'm.json'} describes m.ts, another model or another checkpoint of it" in err
     assert (tmp_path / "m.json").read_text() == side
+
+
+def test_predict_reads_a_model_or_checkpoint_named_as_another_format_by_its_content(shipped, tmp_path, tiny_data,
+                                                                                  capsys):
+    """A checkpoint copied to m.onnx was "damaged or cut short? write it again with alexnet export"."""
+    out, _ = shipped
+    image = sorted((tiny_data / "val").rglob("*.jpg"))[0]
+    code, expected, _ = alexnet(capsys, "predict", "--checkpoint", out / "checkpoints" / "last.pt", image)
+    assert code == 0
+    shutil.copy(out / "checkpoints" / "last.pt", tmp_path / "ckpt.onnx")
+    assert alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "torchscript",
+                   "--out", tmp_path / "m.ts")[0] == 0
+    shutil.copy(tmp_path / "m.ts", tmp_path / "ts.onnx")
+    for named in ("ckpt.onnx", "ts.onnx"):
+        code, said, err = alexnet(capsys, "predict", "--checkpoint", tmp_path / named, image)
+        assert code == 0 and said.split(": ")[0] == expected.split(": ")[0], err
+        assert [p.split()[0] for p in said.split(": ", 1)[1].split(", ")] == \
+            [p.split()[0] for p in expected.split(": ", 1)[1].split(", ")]

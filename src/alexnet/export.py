@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,24 @@ def kind_of(path: str) -> str:
     return next((fmt for fmt, ext in FORMATS.items() if ext == suffix), "checkpoint")
 
 
+def _kind(path: str) -> str:
+    """What the file at `path` holds, by its content where that tells: an exported model under another name
+    (model.pt) or under another format's (m.onnx written as TorchScript), a checkpoint under an export's
+    name; by its name where the content does not tell (a damaged archive: its reader then says what is
+    wrong). A file of none of them is said so, not taken for a damaged export."""
+    named, found = kind_of(path), checkpoint.exported_kind(path)
+    if found or named == "checkpoint":
+        return found or named
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" or head == b"PK\x03\x04" and zipfile.is_zipfile(path):
+        return "checkpoint"  # torch.save's zip or pickle: neither TorchScript's nor torch.export's archive
+    if head == b"PK\x03\x04":
+        return named
+    raise checkpoint.CheckpointError(f"{path} holds no {named} model and no checkpoint: its content is of none of "
+                                     f"the formats alexnet export writes ({', '.join(FORMATS)}), nor torch.save's")
+
+
 def load_predictor(path: str, device: torch.device, device_asked: bool = False) -> Predictor:
     """A checkpoint (.pt, or any other name) or an exported file (.onnx, .ts, .pt2, .safetensors). An ONNX
     file runs on the GPU when onnxruntime has CUDA; otherwise on the CPU, or an error if the GPU was asked
@@ -194,9 +213,7 @@ def load_predictor(path: str, device: torch.device, device_asked: bool = False) 
     from .models import create_model
     if not Path(path).is_file():
         raise ConfigError(f"--checkpoint: {checkpoint.not_a_file(Path(path))}")
-    kind = kind_of(path)
-    if kind == "checkpoint":  # an exported model under another name (model.pt, say) is read as what it is
-        kind = checkpoint.exported_kind(path) or kind
+    kind = _kind(path)
     try:
         if kind == "checkpoint":
             state = checkpoint.load_run(path)
