@@ -328,6 +328,8 @@ def test_resume_with_another_width_is_a_clear_error(trained, tmp_path, capsys):
     code, _, stderr = cli(capsys, "train", "--resume", out / "checkpoints" / "last.pt", "--fc-width", "16",
                           "--out", tmp_path / "x", "--workers", "0")
     assert code == 2 and "does not fit this model" in stderr
+    # the particular, not load_state_dict's heading "Error(s) in loading state_dict for AlexNet:" alone
+    assert stderr.rstrip().endswith("the shape in current model is torch.Size([16, 9216])"), stderr
     assert not (tmp_path / "x").exists()  # no run folder is left behind
 
 

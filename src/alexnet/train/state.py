@@ -94,7 +94,7 @@ def from_checkpoint(trainer, saved: dict, source, *, train_bn: bool, rank: int, 
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(
             f"--resume {source}: the checkpoint does not fit this model (was --arch, --fc-width, "
-            f"--train-bn or --bias-decay changed?): {str(e).splitlines()[0]}") from None
+            f"--train-bn or --bias-decay changed?): {_first_detail(e)}") from None
     trainer.schedule.load_state_dict(saved["schedule"])
     if trainer.scaler is not None and saved.get("scaler"):
         trainer.scaler.load_state_dict(saved["scaler"])
@@ -187,8 +187,14 @@ def model_from_checkpoint(saved: dict) -> nn.Module:
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as e:  # weights that are not those its own settings and classes describe: edited by hand
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CheckpointError(f"the checkpoint's weights do not fit its own settings ({cfg['arch']}, fc width "
-                              f"{cfg['fc_width']}, {len(saved['classes'])} classes): {first.rstrip('.')}; it was "
+                              f"{cfg['fc_width']}, {len(saved['classes'])} classes): {_first_detail(e)}; it was "
                               f"changed since it was saved: use another checkpoint of the run") from None
     return model.eval()
+
+
+def _first_detail(e: Exception) -> str:
+    """load_state_dict's first particular ("size mismatch for classifier.1.weight: ..."), not its heading
+    ("Error(s) in loading state_dict for AlexNet:")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]).rstrip(".")
