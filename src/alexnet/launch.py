@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import os
 import re
 import shlex
@@ -262,6 +263,10 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     # which it never removes
     args = ["--log-dir", os.path.join(scratch, "torchelastic"), *args]
     ctrl_c = CtrlC(command, agent_takes_it="--signals-to-handle" not in args)
+    # torch's agent logs each worker it stops ("Sending process N closing signal SIGTERM") and each failure
+    # ("failed (exitcode: 1) local_rank: 0 ..."), in its own format among our lines: the launcher says the
+    # outcome itself, once, rank by rank (_run_once).
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     os.environ["ALEXNET_SIGINT"] = "launcher"  # for the workers: they leave Ctrl-C to the launcher
     try:
         return _run(a, command, args, timeout, host, port, log, notes)
