@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from alexnet import checkpoint
-from conftest import final_weights, max_diff, run_cli, run_here, write_folder
+from conftest import TINY, final_weights, max_diff, run_cli, run_here, write_folder
 
 # Deterministic, with dropout on (so the random state matters), 24 images in batches of 4: 6 steps an epoch.
 RESUME = ["--resize", "72", "--crop", "64", "--fc-width", "32", "--batch-size", "4", "--workers", "0", "--quiet",
@@ -371,3 +371,21 @@ def test_a_run_resumed_on_changed_data_says_how_it_changed(tmp_path):
     run_here("train", *flags, "--out", tmp_path / "held", "--epochs", "1")
     p = run_here("train", *flags, "--out", tmp_path / "held", "--resume", "auto", "--epochs", "2", "--split-seed", "1")
     assert "; the validation split is chosen otherwise now (--split-seed)" in p.stdout
+
+
+@pytest.mark.parametrize("batch,said", [
+    (["--global-batch-size", "16"], "the global batch is 16 now (it was 8), the peak learning rate 0.01 "
+                                    "(--global-batch-size sets it)"),
+    (["--global-batch-size", "8"], "the global batch is 8 as before, the peak learning rate 0.01 "
+                                   "(--global-batch-size keeps it)"),
+    ([], "the global batch is 16 now (it was 8), the peak learning rate 0.01 (--batch-size is per process)"),
+])
+def test_a_resume_on_another_number_of_processes_says_what_the_global_batch_became(tiny_data, tmp_path, batch, said):
+    """--global-batch-size 16 from a run of 8 was said "(--global-batch-size keeps the global batch)"."""
+    out = tmp_path / "r"
+    run_here("train", "--data", tiny_data, "--out", out, *TINY)
+    at = TINY.index("--batch-size")
+    flags = TINY[:at] + TINY[at + 2:] if batch else TINY  # the per-process batch of 8 left to the checkpoint
+    p = run_cli("train", "--data", tiny_data, "--out", out, *flags, "--epochs", "2", "--resume", "auto",
+                "--nproc-per-node", "2", *batch)
+    assert f"the world size changed from 1 to 2 processes: {said}" in p.stdout + p.stderr, p.stdout + p.stderr

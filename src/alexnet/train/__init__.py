@@ -144,10 +144,12 @@ def resume(cfg: TrainConfig, plan: Plan, trainer: Trainer, classes: list[str], r
     before = saved.get("world_size", plan.world)
     if before != plan.world:  # an elastic job that lost or regained a node, or a resume on another machine
         per, accum = saved["config"].get("batch_size", plan.batch_size), saved["config"].get("accum_steps", 1)
-        say(f"the world size changed from {before} to {plan.world} processes: the global batch is now "
-            f"{plan.global_batch} (it was {per * before * accum}), the peak learning rate {plan.peak_lr:g} "
-            f"({'--global-batch-size keeps the global batch' if cfg.global_batch_size else '--batch-size is per process'}"
-            f"{'; --lr-scaling linear follows it' if cfg.lr_scaling == 'linear' else ''})")
+        was = per * before * accum
+        why = ((f"--global-batch-size {'keeps' if was == plan.global_batch else 'sets'} it") if cfg.global_batch_size
+               else "--batch-size is per process")
+        say(f"the world size changed from {before} to {plan.world} processes: the global batch is "
+            f"{plan.global_batch} {'as before' if was == plan.global_batch else f'now (it was {was})'}, the peak "
+            f"learning rate {plan.peak_lr:g} ({why}{'; --lr-scaling linear follows it' if cfg.lr_scaling == 'linear' else ''})")
     state = states.from_checkpoint(trainer, saved, source, train_bn=cfg.train_bn, rank=plan.rank, world=plan.world,
                                    say=say)
     per, accum = saved["config"].get("batch_size", plan.batch_size), saved["config"].get("accum_steps", 1)
