@@ -207,6 +207,9 @@ def test_a_run_with_val_fraction_records_its_split_and_eval_uses_it_again(tmp_pa
     assert '"count": 6' in e.stdout and "validation split: the 6 images held out when the model was trained" in e.stderr
     e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0")
     assert f"last.pt on the images of {root} held out from training (6 images" in e.stdout
+    moved = shutil.copytree(root, tmp_path / "moved")  # the folder moved or copied: --data finds the same files
+    e = run_here("eval", "--checkpoint", out / "checkpoints" / "last.pt", "--workers", "0", "--data", moved)
+    assert f"last.pt on the images of {moved} held out from training (6 images" in e.stdout
     (root / held[0]).unlink()  # a held-out file gone: said, not silently another split
     code = main(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--workers", "0"])
     assert code == 2

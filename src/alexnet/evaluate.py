@@ -17,6 +17,7 @@ from .config import EvalConfig, check_crop, eval_crop, images_per_eval_batch
 from .data import packed
 from .data.batch import on_device
 from .data.build import build_loaders
+from .data.folder import VAL_DIRS, pool_dir
 from .data.synthetic import ensure_dataset
 from .errors import CheckpointError, ConfigError
 from .runtime import autocast, resolve_device, resolve_precision, tune_allocator
@@ -69,6 +70,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     return metrics
 
 
+def _moved(given: str | None, held_out: list[str] | None) -> bool:
+    """Whether --data is the run's folder moved or copied: it has no validation folder, and holds every file
+    the run held out for validation (--val-fraction), which are then what is evaluated."""
+    if not given or held_out is None or not Path(given).is_dir() or packed.is_packed(given):
+        return False
+    root = Path(given)
+    pool = root / pool_dir(root)
+    return not any((root / name).is_dir() for name in VAL_DIRS) and all((pool / f).is_file() for f in held_out)
+
+
 def _same_data(given: str | None, trained_on: str | None) -> bool:
     """Whether --data (None: not given) is the folder the model was trained on."""
     return given is None or trained_on is not None and Path(given).resolve() == Path(trained_on).resolve()
@@ -119,8 +130,8 @@ def run(cfg: EvalConfig, log=print) -> dict[str, float]:
                           workers=cfg.workers, rank=distributed.rank(), world=distributed.world_size(),
                           jpeg_decode=cfg.jpeg_decode, classes=list(state["classes"]),
                           val_dir=cfg.val_dir or (tcfg.get("val_dir") if cfg.data is None else None),
-                          val_files=state.get("val_files") if _same_data(cfg.data, tcfg["data"]) and not cfg.val_dir
-                          else None,
+                          val_files=state.get("val_files") if not cfg.val_dir and (
+                              _same_data(cfg.data, tcfg["data"]) or _moved(cfg.data, state.get("val_files"))) else None,
                           say=_say)
     if loaders.val_set.classes != list(state["classes"]):
         raise CheckpointError(f"{cfg.checkpoint} was trained on other classes than {data} holds")
