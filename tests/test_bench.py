@@ -139,6 +139,7 @@ def test_reference_is_the_imagenet_example(tiny_data):
     (["--pipelines", "theirs"], "--pipelines: 'theirs' is not one of ours, reference"),
     (["--profile", "{tmp}/gone/p"], "--profile: the folder {tmp}/gone does not exist"),  # said after every round
     (["--profile", "{tmp}/file"], "--profile: {tmp}/file is a file; give a folder"),
+    (["--device", "cpu", "--jpeg-decode", "device"], "--jpeg-decode device decodes on a GPU; this bench runs on cpu"),
 ])
 def test_bench_settings_are_checked_before_any_measurement(args, said, tiny_data, tmp_path, capsys):
     (tmp_path / "file").write_text("x")

@@ -329,6 +329,8 @@ def run(cfg: BenchConfig, log=print) -> dict:
     tune_allocator()  # ours as `alexnet train` runs it; the reference's own process keeps the default
     threads = configure(False, cfg.threads)
     device = resolve_device(cfg.device)
+    if cfg.jpeg_decode == "device" and device.type != "cuda":  # as eval and train refuse it
+        raise ConfigError(f"--jpeg-decode device decodes on a GPU; this bench runs on {device.type}: use auto or workers")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     source = Path(cfg.data) if cfg.data else ensure_dataset(log=log)
@@ -367,11 +369,11 @@ def _run(cfg: BenchConfig, pipes: list, device: torch.device, threads: int, sour
     amp = resolve_precision(cfg.precision, device, False)
     log(f"bench on {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
         f"{threads} threads, {cfg.workers} loader workers: batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} "
-        f"crops of {resize} images from {source}; ours: {'fp32' if amp is None else str(amp).split('.')[-1]}, "
+        f"crops of images resized to {resize} px, from {source}; ours: {'fp32' if amp is None else str(amp).split('.')[-1]}, "
         f"channels_last{', compiled' if cfg.compile else ''}"
         f"{_held_words(device) if any(getattr(p, 'held', False) for p in pipes) else ''}; "
-        f"reference: fp32, NCHW; {cfg.rounds} rounds of "
-        f"{cfg.steps} steps after {cfg.warmup}, alternating")
+        f"reference: fp32, NCHW; {cfg.rounds} round{'s' * (cfg.rounds != 1)} of {cfg.steps} "
+        f"step{'s' * (cfg.steps != 1)} after {cfg.warmup}, alternating")
     if warning := precision_warning(amp, device):
         log(f"WARNING: {warning}")
     rates = {(p.name, w): [] for p in pipes for w in cfg.what}
