@@ -84,12 +84,12 @@ def test_a_second_run_in_a_folder_another_run_is_writing_is_refused_and_changes_
     interleaving their metrics.jsonl lines and checkpoints, and both exited 0."""
     out, env = tmp_path / "run", {**os.environ, "ALEXNET_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--data", str(tiny_data), "--out", str(out),
-                              *TINY, "--epochs", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=env)
+                              *TINY, "--epochs", "1000"], stdout=(tmp_path / "first.txt").open("w"),
+                             stderr=subprocess.STDOUT, env=env)  # a file: a pipe nobody reads would fill
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoints" / "last.pt").exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else "slow"
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.txt").read_text()
             time.sleep(0.2)
         config = (out / "config.yaml").read_bytes()
         second = run_cli("train", "--data", tiny_data, "--out", out, *TINY, "--epochs", "2000", "--resume", "auto",

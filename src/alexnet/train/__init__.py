@@ -15,10 +15,11 @@ from ..data import autopack, held, packed
 from ..data.build import build_loaders, changed, describe, disagreement
 from ..data.build import fingerprint as data_fingerprint
 from ..data.synthetic import ensure_dataset
-from ..errors import CheckpointError, DataError, DistributedError, NonFiniteLoss
+from ..errors import CheckpointError, ConfigError, DataError, DistributedError, NonFiniteLoss
 from ..evaluate import evaluate
 from ..progress import Progress
 from ..runtime import configure, precision_warning, resolve_device, seed_everything, tune_allocator
+from . import record as record_lock
 from . import state as states
 from .hooks import Hooks
 from .plan import Plan, augmentation, batch_sizes, default_out, evaluation, learning_rate, make_plan, unused_images
@@ -39,6 +40,7 @@ def fit(cfg: TrainConfig, log=print, early=None) -> dict:
     finally:
         logs.drop_early(early)
         held.release()  # on every exit, an error before the first epoch too: no held split stays mapped
+        record_lock.let_go()
 
 
 def _fit(cfg: TrainConfig, log, early) -> dict:
@@ -118,8 +120,18 @@ def set_up(cfg: TrainConfig, log, early) -> tuple[Plan, object, int, object]:
     if rank != 0:
         logs.drop_early(early)  # no run folder here to write them to
     out = Path(distributed.broadcast_object(cfg.out or str(default_out(cfg))))  # one folder, rank 0's name
+    problem = None
     if rank == 0:
         check_writable(out)  # before any work, without leaving an empty folder behind on a later error
+        try:  # a run folder another run is writing (--resume auto while it runs): refused before any work
+            if out.is_dir():
+                record_lock.hold(out)
+        except ConfigError as e:
+            problem = str(e)
+    if world > 1:  # every rank stops with rank 0's message, not with a lost peer
+        problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
     return make_plan(cfg, rank, world, out), device, threads, say
 
 

@@ -28,30 +28,46 @@ def check_writable(folder: Path) -> None:
 
 
 LOCK = ".run.lock"  # in the run folder: held by the process that writes the folder while it runs
+_HELD: dict[Path, int] = {}  # run folder -> the lock's descriptor, in this process
 
 
-def hold(out: Path) -> int | None:
+def hold(out: Path) -> None:
     """Take the run folder `out` for this process (an fcntl record lock on out/.run.lock, which the system
-    lets go of when the process ends, however it ends, and which forked loader workers do not share); the
-    lock's descriptor, or None where the file system has no locks. A folder another live run holds is
-    refused: two runs in one folder would interleave their metrics.jsonl lines and checkpoints."""
+    lets go of when the process ends, however it ends, and which forked loader workers do not share); a
+    folder this process holds already stays held. A folder another live run holds is refused: two runs in
+    one folder would interleave their metrics.jsonl lines and checkpoints. Where the lock cannot be taken
+    (a file system without locks, a lock file of another user's), the run goes on unguarded, as before."""
     import fcntl
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    if out in _HELD:
+        return
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every other file
+    except OSError:
+        return
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.close(fd)
+        host = holder.split(" on ")[-1].split(",")[0] if " on " in holder else ""
+        stale = (f"; if {host} is down, its lock may outlive it on a network file system: delete {out / LOCK}"
+                 if host and host != socket.gethostname() else "")
         raise ConfigError(f"--out {out} is in use by another run ({holder or 'which process, it did not say'}): let "
                           f"it finish, or stop it (it saves a checkpoint on SIGTERM) and continue with --resume "
-                          f"auto; or give another --out") from None
-    except OSError:  # a file system without locks: the run goes on unguarded, as before
+                          f"auto; or give another --out{stale}") from None
+    except OSError:
         os.close(fd)
-        return None
+        return
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
               .encode(), 0)
-    return fd
+    _HELD[out] = fd
+
+
+def let_go() -> None:
+    """Let go of every run folder this process holds (at the end of a run, however it ends)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
 
 
 class Record:
@@ -59,7 +75,7 @@ class Record:
         """`left_out`: the (training, validation) files that the pack made on first use (data.autopack) left
         out as unreadable, counted in every epoch as the files themselves would be."""
         self.plan, self.say, self.log, self.left_out = plan, say, log, left_out
-        self.file, self.scalars, self.lock = None, logs.Scalars(None), None
+        self.file, self.scalars = None, logs.Scalars(None)
 
     def open(self, early, epochs_done: int = 0, held_out: list[str] | None = None) -> None:
         """Make the run folder: once data, model and checkpoint are known to work, so that errors before
@@ -71,7 +87,7 @@ class Record:
             return
         out = self.plan.out
         self.plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = hold(out)  # before anything in the folder changes
+        hold(out)  # before anything in the folder changes (set_up took it already where the folder was there)
         if epochs_done >= self.plan.resolved.epochs and (out / "metrics.jsonl").exists():
             # a complete run (a checkpoint at --epochs or past it): nothing is trained, so its record stays
             self.file = logs.to_file(out / "train.log", early)
@@ -149,9 +165,7 @@ class Record:
     def close(self) -> None:
         self.scalars.close()
         logs.close_file(self.file)
-        if self.lock is not None:
-            os.close(self.lock)  # lets go of the run folder
-            self.lock = None
+        let_go()
 
 
 def _epoch_of(line: str) -> float:
