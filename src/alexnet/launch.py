@@ -247,6 +247,14 @@ def _advertise(address: str) -> None:
     info.build = staticmethod(_store_info_builder(address))
 
 
+class _SaidByUs(logging.Filter):
+    """Leaves out torch's agent's lines about stopping and failed workers, which the launcher says itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith(("Sending process", "Closing process")) or "failed (exitcode" in text)
+
+
 def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, log=print) -> int:
     """Launch the workers for this node and wait for them. Returns the exit status for the command line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -265,8 +273,10 @@ def run(a: argparse.Namespace, command: str, argv: list[str], timeout: float, lo
     ctrl_c = CtrlC(command, agent_takes_it="--signals-to-handle" not in args)
     # torch's agent logs each worker it stops ("Sending process N closing signal SIGTERM") and each failure
     # ("failed (exitcode: 1) local_rank: 0 ..."), in its own format among our lines: the launcher says the
-    # outcome itself, once, rank by rank (_run_once).
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # outcome itself, once, rank by rank (_run_once). Its other lines (a worker that had to be killed) stay.
+    agent = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    if not any(isinstance(f, _SaidByUs) for f in agent.filters):
+        agent.addFilter(_SaidByUs())
     os.environ["ALEXNET_SIGINT"] = "launcher"  # for the workers: they leave Ctrl-C to the launcher
     try:
         return _run(a, command, args, timeout, host, port, log, notes)
@@ -494,8 +504,9 @@ def _run_once(a: argparse.Namespace, command: str, parsed, timeout: float, host:
             parts.append(f"rank {r} failed (exit code {code})" if code > 0 else
                          f"rank {r} was stopped (signal {-code})" if code < 0 else f"rank {r} ended")
         codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        # exit 2 is a mistake in the command or its files (errors.py): starting again would repeat it
         raise _Failed(f"{'; '.join(parts)}; the workers' messages are above", max(codes) if codes else 1,
-                      restartable=True) from None
+                      restartable=2 not in codes) from None
     except SignalException as e:  # the launcher was signalled: torch's agent has passed it on to the workers
         name = signal.Signals(e.sigval).name
         saved = (" (a training run stops at its next step and saves a checkpoint, and says so above; continue "
