@@ -38,7 +38,7 @@ class StopSignal:
 
         # A worker whose launcher (torch's agent, ours) is killed outright, SIGKILL or the OOM killer, is
         # left to itself and would train on, into a run folder a new launch will want: it stops as on SIGTERM.
-        self._parent = os.getppid() if distributed.launched() else 1
+        self._parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else 1  # started by torch's agent
 
     def check(self) -> bool:
         """Whether a stop was requested: a signal, or the end of this worker's launcher."""

@@ -27,6 +27,7 @@ from ..parallel import DataParallel, choose, local, make
 from ..progress import Progress
 from ..runtime import autocast, make_sgd, resolve_precision
 from .schedule import Schedule
+from .state import restarted
 
 SUM_KEYS = ("loss_sum", "correct", "images", "seconds", "skipped", "bad")
 
@@ -86,6 +87,20 @@ def build_trainer(cfg: TrainConfig, plan, device: torch.device, classes: int, sa
                    mix=mix, clip_grad_norm=cfg.clip_grad_norm, max_nonfinite=cfg.max_nonfinite_steps)
 
 
+def _idle(cfg: TrainConfig, world: int) -> list[str]:
+    """The settings given for several processes that this run cannot use (not said for a resumed run, whose
+    settings are its checkpoint's, not given now)."""
+    if cfg.resume is not None or restarted():
+        return []
+    one = world == 1
+    return [flag for flag, idle in (
+        ("--parallel " + cfg.parallel, cfg.parallel != "auto" and one),
+        ("--local-sgd-period", cfg.local_sgd_period and one),
+        ("--local-sgd-warmup", cfg.local_sgd_warmup and not (cfg.local_sgd_period and not one)),
+        ("--comm-hook " + cfg.comm_hook, cfg.comm_hook != "none" and one),
+        ("--backend " + cfg.backend, cfg.backend != "auto" and one)) if idle]
+
+
 def wrap(cfg: TrainConfig, plan, model: nn.Module, device: torch.device, say):
     """The parallelism strategy (alexnet.parallel) around `model`: --parallel, or for auto the one that sends
     fewer bytes a step among those the other settings allow; local SGD with --local-sgd-period."""
@@ -93,11 +108,7 @@ def wrap(cfg: TrainConfig, plan, model: nn.Module, device: torch.device, say):
     if cfg.parallel == "auto" and name == "hybrid" and (cfg.compile or cfg.comm_hook == "powersgd"):
         need = " and ".join(n for n, on in (("--compile", cfg.compile), ("PowerSGD", cfg.comm_hook == "powersgd")) if on)
         name, why = "ddp", f"{why}; ddp, as {need} need{'s' * (' and ' not in need)} it"
-    if idle := [f for f, on in (("--parallel " + cfg.parallel, cfg.parallel != "auto" and plan.world == 1),
-                                ("--local-sgd-period", cfg.local_sgd_period and plan.world == 1),
-                                ("--local-sgd-warmup", cfg.local_sgd_warmup and not (cfg.local_sgd_period and plan.world > 1)),
-                                ("--comm-hook " + cfg.comm_hook, cfg.comm_hook != "none" and plan.world == 1),
-                                ("--backend " + cfg.backend, cfg.backend != "auto" and plan.world == 1)) if on]:
+    if idle := _idle(cfg, plan.world):
         one = len(idle) == 1
         say(f"note: {', '.join(idle)} {'has' if one else 'have'} no effect here: " + (
             "it goes with --local-sgd-period" if plan.world > 1 else
