@@ -286,12 +286,15 @@ class _Loader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last, silently)."""
 
     def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # `<<: *defaults` merged first, as YAML's own loader does
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            name = str(key).replace("-", "_")  # batch-size and batch_size are one setting
+            if name in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
-            seen.add(key)
+            seen.add(name)
         return super().construct_mapping(node, deep)
 
 
