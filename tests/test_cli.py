@@ -162,18 +162,21 @@ def test_predict_prints_each_batch_as_it_is_done_so_an_interrupt_keeps_them(trai
     os.mkfifo(tmp_path / "later.jpg")
     proc = subprocess.Popen([sys.executable, "-m", "alexnet", "predict", "--checkpoint",
                              str(out / "checkpoints" / "best.pt"), "--batch-size", "1", *map(str, images),
-                             str(tmp_path / "later.jpg")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "later.jpg")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     try:
-        said = []
-        for _ in images:
-            assert select.select([proc.stdout], [], [], 60)[0], "nothing said while the run waits"
-            said.append(proc.stdout.readline())
-        assert [line.split(":")[0] for line in said] == list(map(str, images)) and proc.poll() is None
+        said = b""
+        while said.count(b"\n") < len(images):  # the pipe's bytes as they come, without a reader's buffer
+            assert select.select([proc.stdout], [], [], 60)[0], f"nothing more said while the run waits: {said!r}"
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"the run ended: {proc.stderr.read()!r}"
+            said += chunk
+        lines = said.decode().splitlines()
+        assert [line.split(":")[0] for line in lines] == list(map(str, images)) and proc.poll() is None
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and err.strip() == "alexnet predict: interrupted" and rest == "", err
+    assert proc.returncode == 130 and err.decode().strip() == "alexnet predict: interrupted" and rest == b"", err
 
 
 def test_predict_reads_a_pipe_named_on_purpose_and_leaves_out_those_in_a_folder(trained, tiny_data, tmp_path):

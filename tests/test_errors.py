@@ -63,8 +63,10 @@ def test_a_model_too_big_for_memory_is_one_line_not_a_traceback(tiny_data, tmp_p
      "allocate 368640000000 bytes. Error code 12 (Cannot allocate memory)", " (it asked for 343.3 GiB more)"),
     ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB",
      " (it asked for 20.00 GiB more)"),
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes.", " (it asked for 4.0 KiB more)"),
     ("out of memory", ""),
     ("shape '[-1, 3]' is invalid for input of size 100000", None),
 ])
 def test_out_of_memory_is_told_from_other_errors(text, said):
     assert out_of_memory(RuntimeError(text)) == said
+    assert out_of_memory(MemoryError()) == ""  # Python's own (numpy, PIL): one line too

@@ -279,9 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     except (DistributedError, NonFiniteLoss, ExportError, BenchError, WriteError) as e:
         print(f"alexnet {args.command}{who}: error: {message(e)}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `alexnet predict DIR | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return 141  # as a process ended by SIGPIPE
     except OSError as e:  # an unwritable run folder, a full disk, an unreadable file
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"alexnet {args.command}{who}: error: {e.strerror or e}{where}", file=sys.stderr)
@@ -289,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"alexnet {args.command}{who}: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
         if (asked := out_of_memory(e)) is not None:
             advice = f": {LESS_MEMORY[args.command]}" if args.command in LESS_MEMORY else ""
             gpu = " (nvidia-smi shows what else holds the GPU)" if "CUDA" in str(e) else ""

@@ -13,7 +13,7 @@ import torch
 from .config import PredictConfig
 from .data import eval_transform, load_rgb
 from .data.folder import extension_of, left_out
-from .data.images import DECODE_ERRORS, is_image_name, unreadable
+from .data.images import DECODE_ERRORS, TooLarge, is_image_name, unreadable
 from .export import load_predictor
 from .errors import ConfigError, DataError
 from .runtime import resolve_device
@@ -71,8 +71,8 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
         for (f, _), p, idx in zip(opened, top.values.tolist(), top.indices.tolist()):
             r = {"image": f, "top": [{"class": classes[j], "prob": q} for j, q in zip(idx, p)]}
             results.append(r)
-            print(json.dumps(r) if cfg.json else f"{f}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
-        sys.stdout.flush()  # each batch as it is done: an interrupted run keeps what it predicted
+            _say(json.dumps(r) if cfg.json else f"{f}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+        _say(None)  # each batch as it is done: an interrupted run keeps what it predicted
     if skipped == len(files):
         raise DataError(f"{files[0] if len(files) == 1 else f'none of the {len(files)} images'} could not be read "
                         f"(see above)")
@@ -82,11 +82,29 @@ def run(cfg: PredictConfig) -> tuple[list[dict], int]:
     return results, skipped
 
 
+def _say(line: str | None) -> None:
+    """A line of predictions on stdout (None: flush them). When the reader has closed the pipe (`alexnet
+    predict DIR | head`), the command ends quietly, as a process ended by SIGPIPE does."""
+    try:
+        if line is None:
+            sys.stdout.flush()
+        else:
+            print(line)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        raise SystemExit(141) from None
+
+
 def _open(path: str, transform) -> torch.Tensor | None:
     """The image at `path` as the model takes it; None, said on stderr, when it cannot be read, or its resize
     would be too large (the others are still predicted)."""
     try:
-        return transform(load_rgb(path))
+        img = load_rgb(path)
     except DECODE_ERRORS as e:
+        unreadable(path, e, strict=False)
+        return None
+    try:
+        return transform(img)
+    except TooLarge as e:  # its resize would be too large; any other error of the transform is not the file's
         unreadable(path, e, strict=False)
         return None

@@ -84,15 +84,17 @@ def make_sgd(params, impl: str, device: torch.device, **kw) -> torch.optim.SGD:
 
 
 def out_of_memory(e: BaseException) -> str | None:
-    """When `e` is a failed allocation (the CPU allocator's "can't allocate memory", or a GPU's out of
-    memory): what it asked for, in words (" (it asked for 343.3 GiB more)"; empty when the error does not
-    say); else None."""
+    """When `e` is a failed allocation (the CPU allocator's "can't allocate memory", a GPU's out of
+    memory, Python's MemoryError): what it asked for, in words (" (it asked for 343.3 GiB more)"; empty
+    when the error does not say); else None."""
     text = str(e)
-    if not (isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
+    if not (isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", ()))) or "can't allocate memory" in text
             or "out of memory" in text.lower()):
         return None
     if found := re.search(r"allocate (\d+) bytes", text):
-        return f" (it asked for {int(found.group(1)) / 2**30:.1f} GiB more)"
+        size = int(found.group(1))
+        unit = next(u for u in range(4, -1, -1) if size >= 1024 ** u or u == 0)
+        return f" (it asked for {size / 1024 ** unit:.1f} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB')[unit]} more)"
     if found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text):
         return f" (it asked for {found.group(1)} more)"
     return ""
