@@ -128,7 +128,10 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     code, _, stderr = alexnet(capsys, "predict", "--checkpoint", junk, tiny_data / "val")
-    assert code == 2 and f"{junk} holds no onnx model and no checkpoint: its content is of none of the formats" in stderr
+    assert code == 2 and "cannot be read as onnx" in stderr
+    shutil.copy(sorted(tiny_data.rglob("*.jpg"))[0], tmp_path / "photo.onnx")
+    code, _, stderr = alexnet(capsys, "predict", "--checkpoint", tmp_path / "photo.onnx", tiny_data / "val")
+    assert code == 2 and f"{tmp_path / 'photo.onnx'} is a JPEG image, not an ONNX model" in stderr, stderr
     code, _, stderr = alexnet(capsys, "export", "--checkpoint", out / "checkpoints" / "last.pt", "--format", "onnx",
                               "--out", tmp_path / "missing" / "m.onnx")
     assert code == 2 and "does not exist" in stderr
@@ -144,7 +147,8 @@ def test_export_and_predict_refuse_bad_input_clearly(shipped, tmp_path, tiny_dat
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_export_keeps_a_json_that_is_not_its_own_and_one_another_export_still_needs(shipped, tmp_path, capsys):
+def test_export_keeps_a_json_that_is_not_its_own_and_says_when_it_replaces_another_exports(shipped, tmp_path,
+                                                                                          tiny_data, capsys):
     """export replaced package.json beside package.onnx, and the m.json of m.ts when another checkpoint was
     exported as m.safetensors, without a word."""
     ckpt = shipped[0] / "checkpoints" / "best.pt"
@@ -161,10 +165,13 @@ def test_export_keeps_a_json_that_is_not_its_own_and_one_another_export_still_ne
     other = checkpoint.load_run(ckpt)
     other["epoch"] += 5  # another checkpoint of the run
     torch.save(other, tmp_path / "other.pt")
-    code, _, err = alexnet(capsys, "export", "--checkpoint", tmp_path / "other.pt", "--format", "safetensors",
-                           "--out", tmp_path / "m.safetensors")
-    assert code == 2 and f"{tmp_path / 'm.json'} describes m.ts, another model or another checkpoint of it" in err
-    assert (tmp_path / "m.json").read_text() == side
+    code, said, _ = alexnet(capsys, "export", "--checkpoint", tmp_path / "other.pt", "--format", "safetensors",
+                            "--out", tmp_path / "m.safetensors")
+    assert code == 0 and (f"WARNING: {tmp_path / 'm.json'} described m.ts, another model or another checkpoint of it, "
+                          "and now describes m.safetensors; m.ts keeps its own metadata inside it") in said
+    assert json.loads((tmp_path / "m.json").read_text())["epoch"] == json.loads(side)["epoch"] + 5
+    image = sorted(tiny_data.rglob("*.jpg"))[0]  # m.ts still predicts, from the metadata inside it
+    assert alexnet(capsys, "predict", "--checkpoint", tmp_path / "m.ts", image)[0] == 0
 
 
 def test_predict_reads_a_model_or_checkpoint_named_as_another_format_by_its_content(shipped, tmp_path, tiny_data,

@@ -76,7 +76,7 @@ def load(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(not_a_file(path))
     if exported := exported_kind(path):
-        raise CheckpointError(f"{path} is {_EXPORTED_AS[exported]}, not a checkpoint: `alexnet predict` takes it; "
+        raise CheckpointError(f"{path} is {EXPORTED_AS[exported]}, not a checkpoint: `alexnet predict` takes it; "
                               f"eval, export and --resume take a checkpoint written by `alexnet train` (RUN/checkpoints/"
                               f"last.pt or best.pt), and --weights that or a state_dict saved by torch.save")
     if what := _not_a_torch_file(path):
@@ -93,9 +93,9 @@ def load(path: str | Path) -> dict[str, Any]:
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image",
+MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image",
           b"RIFF": "a RIFF file (WebP image, WAV sound)", b"\x1f\x8b": "a gzip file", b"%PDF": "a PDF document"}
-_EXPORTED_AS = {"onnx": "an ONNX model", "torchscript": "a TorchScript model", "pt2": "a torch.export program (.pt2)",
+EXPORTED_AS = {"onnx": "an ONNX model", "torchscript": "a TorchScript model", "pt2": "a torch.export program (.pt2)",
                 "safetensors": "a safetensors file (weights alone, without the run's classes and settings)"}
 
 
@@ -132,7 +132,7 @@ def _not_a_torch_file(path: Path) -> str | None:
         return "empty (0 bytes)"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a pickle (legacy)
         return None
-    for magic, what in _MAGIC.items():
+    for magic, what in MAGIC.items():
         if head.startswith(magic):
             return what
     for cut in range(4):  # the 512 bytes may end inside a character

@@ -57,23 +57,21 @@ def _batch_dim():
     return {"x": {0: torch.export.Dim("batch", min=1, max=65536)}}
 
 
-def _side_problem(out: Path, meta: dict) -> str | None:
-    """Why <out stem>.json cannot be written: a file that is not an export's metadata (package.json beside
-    package.onnx), or the metadata of another model that an export of another format beside it still needs."""
+def _side_problem(out: Path, meta: dict) -> tuple[str | None, str | None]:
+    """(why <out stem>.json cannot be written, or None: a file that is not an export's metadata, package.json
+    beside package.onnx; the export of another model or checkpoint beside it that the file described, or
+    None: that one keeps its own copy inside, so the file is replaced, with a warning)."""
     side = out.with_suffix(".json")
     if not side.exists():
-        return None
+        return None, None
     try:
         old = json.loads(side.read_text())
     except (OSError, ValueError):
         old = None
     if not (isinstance(old, dict) and {"arch", "classes", "input", "output"} <= old.keys()):
-        return f"{side} exists and is not the metadata of an export, which would replace it"
-    others = [p for ext in FORMATS.values() if (p := out.with_suffix(ext)) != out and p.is_file()]
-    if others and old != meta:
-        return (f"{side} describes {others[0].name}, another model or another checkpoint of it ({old.get('arch')}, "
-                f"{len(old.get('classes') or [])} classes, epoch {old.get('epoch')}), which would lose its metadata")
-    return None
+        return f"{side} exists and is not the metadata of an export, which would replace it", None
+    others = [p.name for ext in FORMATS.values() if (p := out.with_suffix(ext)) != out and p.is_file()]
+    return None, others[0] if others and old != meta else None
 
 
 def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
@@ -93,7 +91,8 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     state = checkpoint.load_run(checkpoint_path)
     meta = metadata(state)
     text = json.dumps(meta)
-    if problem := _side_problem(out_path, json.loads(text)):
+    problem, replaced = _side_problem(out_path, json.loads(text))
+    if problem:
         raise ConfigError(f"--out {out}: {problem}; give another --out name (the metadata goes to <name>.json)")
     model = model_from_checkpoint(state).float().eval()
     example = torch.randn(3, 3, meta["crop"], meta["crop"], generator=torch.Generator().manual_seed(0))
@@ -114,6 +113,9 @@ def export(checkpoint_path: str, fmt: str, out: str, log=print) -> dict:
     with checkpoint.atomic_path(side) as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
     log(f"wrote {out_path} ({fmt}, {out_path.stat().st_size / 2**20:.1f} MiB) and {side}")
+    if replaced:
+        log(f"WARNING: {side} described {replaced}, another model or another checkpoint of it, and now describes "
+            f"{out_path.name}; {replaced} keeps its own metadata inside it, which predict reads")
     if fmt == "onnx":
         log("onnxruntime is not installed: the file was not checked (pip install 'alexnet[onnx]')" if checked is None
             else f"checked with onnxruntime: max |difference| to PyTorch {checked:.2e} on a batch of 3")
@@ -191,18 +193,27 @@ def _kind(path: str) -> str:
     """What the file at `path` holds, by its content where that tells: an exported model under another name
     (model.pt) or under another format's (m.onnx written as TorchScript), a checkpoint under an export's
     name; by its name where the content does not tell (a damaged archive: its reader then says what is
-    wrong). A file of none of them is said so, not taken for a damaged export."""
+    wrong). A file that is plainly something else (an image, a document) is said so."""
     named, found = kind_of(path), checkpoint.exported_kind(path)
     if found or named == "checkpoint":
         return found or named
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:1] == b"\x80" or head == b"PK\x03\x04" and zipfile.is_zipfile(path):
-        return "checkpoint"  # torch.save's zip or pickle: neither TorchScript's nor torch.export's archive
-    if head == b"PK\x03\x04":
-        return named
-    raise checkpoint.CheckpointError(f"{path} holds no {named} model and no checkpoint: its content is of none of "
-                                     f"the formats alexnet export writes ({', '.join(FORMATS)}), nor torch.save's")
+        head = f.read(8)
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" and _saved_by_torch(path):
+        return "checkpoint"  # torch.save's zip or pickle, under an export's name
+    if what := next((what for magic, what in checkpoint.MAGIC.items() if head.startswith(magic)), None):
+        raise checkpoint.CheckpointError(f"{path} is {what}, not {checkpoint.EXPORTED_AS[named]}: give a file of "
+                                         f"alexnet export ({', '.join(FORMATS)}) or a checkpoint")
+    return named
+
+
+def _saved_by_torch(path: str) -> bool:
+    """Whether the zip archive at `path` is torch.save's (<name>/data.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.split("/")[1:] == ["data.pkl"] for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def load_predictor(path: str, device: torch.device, device_asked: bool = False) -> Predictor:
