@@ -1,16 +1,11 @@
 """train.hooks: checkpoints inside epochs (every N steps or minutes), the agreed stop on SIGTERM."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from alexnet.logs import Scalars
 from alexnet.train.hooks import Hooks
 from alexnet.train.state import TrainState
-from conftest import TINY
 
 
 def hooks(every: str, steps_per_epoch: int = 5, global_step: int = 0):
@@ -95,54 +90,3 @@ def test_a_write_that_fails_says_what_to_do_for_its_cause(tmp_path):
         assert f"could not write the checkpoint {path}: " in str(e.value) and fix in str(e.value), str(e.value)
         assert f"(errno {number})" in str(e.value) and ("Make room" in str(e.value)) == (number == errno.ENOSPC)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except OSError:
-        return False
-
-
-def _workers_of(pid: int) -> list[int]:
-    """The `python -m alexnet` processes whose parent is `pid`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and b"alexnet" in cmd:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def test_workers_whose_launcher_is_killed_stop_at_a_step_and_save(tiny_data, tmp_path):
-    """SIGKILL of `alexnet train --nproc-per-node 2` (the OOM killer, kill -9) left its workers training on by
-    themselves, into the run folder a new launch would use."""
-    out = tmp_path / "r"
-    launcher = subprocess.Popen([sys.executable, "-m", "alexnet", "train", "--data", str(tiny_data), "--out", str(out),
-                                 *TINY, "--batch-size", "4", "--epochs", "1000", "--nproc-per-node", "2"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "ALEXNET_CACHE": str(tmp_path / "cache")})
-    workers = []
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "checkpoints" / "last.pt").exists():
-            assert launcher.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        workers += _workers_of(launcher.pid)
-        assert len(workers) == 2
-        launcher.kill()
-        launcher.wait()
-        deadline = time.monotonic() + 60
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(map(_alive, workers)), "the workers train on without their launcher"
-    finally:
-        launcher.kill()
-        for pid in filter(_alive, workers):  # a failed test leaves no worker training
-            os.kill(pid, signal.SIGKILL)
-    last = (out / "train.log").read_text().splitlines()[-1]
-    assert f"stopped on the end of its launcher (pid {launcher.pid}) at global step " in last
-    assert f"checkpoint saved; continue with `alexnet train --resume auto --out {out}`" in last

@@ -36,16 +36,6 @@ class StopSignal:
         except ValueError:  # not the main thread
             self._previous = {}
 
-        # A worker whose launcher (torch's agent, ours) is killed outright, SIGKILL or the OOM killer, is
-        # left to itself and would train on, into a run folder a new launch will want: it stops as on SIGTERM.
-        self._parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else 1  # started by torch's agent
-
-    def check(self) -> bool:
-        """Whether a stop was requested: a signal, or the end of this worker's launcher."""
-        if not self.requested and self._parent > 1 and os.getppid() != self._parent:
-            self.requested, self.name = True, f"the end of its launcher (pid {self._parent})"
-        return self.requested
-
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second one: the user (or the launcher tearing the workers down) means now
             raise SystemExit(128 + signum)
@@ -85,9 +75,9 @@ class Hooks:
         self.state.global_step = step
         timed = self.every_minutes > 0 and time.monotonic() - self.last_save >= self.every_minutes * 60
         if self.world > 1:  # the ranks must take the same decision at the same step
-            stop, timed = (v > 0 for v in distributed.sum_all([float(self.preempted.check()), float(timed)]))
+            stop, timed = (v > 0 for v in distributed.sum_all([float(self.preempted.requested), float(timed)]))
         else:
-            stop = self.preempted.check()
+            stop = self.preempted.requested
         in_epoch = self.in_epoch(step)
         if step % self.log_every == 0:
             self.scalars.add(step, {"train/loss": sums["loss_sum"] / max(sums["images"], 1),
