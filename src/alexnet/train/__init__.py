@@ -125,7 +125,7 @@ def set_up(cfg: TrainConfig, log, early) -> tuple[Plan, object, int, object]:
         check_writable(out)  # before any work, without leaving an empty folder behind on a later error
         try:  # a run folder another run is writing (--resume auto while it runs): refused before any work
             if out.is_dir():
-                record_lock.hold(out)
+                record_lock.hold(out, start=False)  # the folder as it is, until the run starts writing it
         except ConfigError as e:
             problem = str(e)
     if world > 1:  # every rank stops with rank 0's message, not with a lost peer

@@ -31,7 +31,7 @@ LOCK = ".run.lock"  # in the run folder: held by the process that writes the fol
 _HELD: dict[Path, int] = {}  # run folder -> the lock's descriptor, in this process
 
 
-def hold(out: Path) -> None:
+def hold(out: Path, start: bool = True) -> None:
     """Take the run folder `out` for this process (an fcntl record lock on out/.run.lock, which the system
     lets go of when the process ends, however it ends, and which forked loader workers do not share); a
     folder this process holds already stays held. A folder another live run holds is refused: two runs in
@@ -39,9 +39,11 @@ def hold(out: Path) -> None:
     (a file system without locks, a lock file of another user's), the run goes on unguarded, as before."""
     import fcntl
     if out in _HELD:
+        if start:
+            _mark(_HELD[out])
         return
-    try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every other file
+    try:  # `start` False: checked before any work, where nothing in the folder may change yet
+        fd = os.open(out / LOCK, os.O_RDWR | (os.O_CREAT if start else 0), 0o666)  # the umask decides
     except OSError:
         return
     try:
@@ -58,10 +60,16 @@ def hold(out: Path) -> None:
     except OSError:
         os.close(fd)
         return
+    _HELD[out] = fd
+    if start:
+        _mark(fd)
+
+
+def _mark(fd: int) -> None:
+    """Write this process into the lock file, for the message of a run refused while it holds the folder."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
               .encode(), 0)
-    _HELD[out] = fd
 
 
 def let_go() -> None:
