@@ -197,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
                 # A node of a multi-node job whose --data is missing says so through the ranks' agreement on
                 # the data (train.open_data), which stops its peers too, not here, where they would wait for it.
                 agreed = launch.nodes(args)[1] > 1 if launch.requested(args) else ranked
-                if launch.requested(args):
-                    launch.check(args)
                 cfg, _ = resolve_train(_settings(args), saved_config, check_data=not agreed)
                 if launch.requested(args):
                     launch.check(args, cfg.device, cfg.backend)
